@@ -12,7 +12,7 @@ from jdistill.train.objective import DistillObjective, distill_loss_names
 from jdistill.train.optim import OPTIMIZERS, SCHEDULES
 from jdistill.train.schedules import SCHEDULE_KINDS
 
-MODES = ("train", "distill", "compare")
+MODES = ("train", "distill", "compare", "tune")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -59,11 +59,20 @@ class Config:
   ce_weight_end: float | None = None
   kd_weight_schedule: str = "constant"
   kd_weight_end: float | None = None
+  temperature_schedule_steps: int = 0
+  ce_weight_schedule_steps: int = 0
+  kd_weight_schedule_steps: int = 0
+  aux_loss: str | None = None
+  aux_weight: float = 1.0
+  aux_temperature: float | None = None
+  aux_loss_kwargs: tuple[tuple[str, float], ...] = ()
   log_every: int = 100
   eval_every: int = 0
   checkpoint_every: int = 500
   max_to_keep: int = 3
   methods: tuple[str, ...] = ()
+  tune_grid: str | None = None
+  tune_output_dir: str | None = None
   num_devices: int = 0
   coordinator_address: str | None = None
   num_processes: int = 1
@@ -110,9 +119,18 @@ class Config:
       _check(bool(self.teacher_checkpoint), "--teacher_checkpoint",
              self.teacher_checkpoint,
              "the workdir of a --mode=train run (required by --mode=distill)")
-    if self.mode == "compare":
+    if self.mode in ("compare", "tune"):
       _check(len(self.seeds) > 0, "--seeds", self.seeds,
              "at least one seed")
+    if self.mode == "tune":
+      _check(self.validation_fraction > 0, "--validation_fraction",
+             self.validation_fraction, "a fraction in (0, 1) with "
+             "--mode=tune, which must not choose on the test set")
+      _check(len(self.methods) > 0, "--methods", self.methods,
+             "the method flagfiles to tune (required by --mode=tune)")
+      _check(bool(self.tune_grid), "--tune_grid", self.tune_grid,
+             "a JSON file of candidate values per method (required by "
+             "--mode=tune)")
     for path in self.methods:
       _check(path.endswith(".flags"), "--methods", path,
              "paths of method flagfiles ending in .flags")
@@ -139,14 +157,21 @@ class Config:
         ce_weight_end=self.ce_weight_end,
         kd_weight_schedule=self.kd_weight_schedule,
         kd_weight_end=self.kd_weight_end,
-        schedule_steps=self.num_steps)
+        schedule_steps=self.num_steps,
+        temperature_schedule_steps=self.temperature_schedule_steps,
+        ce_weight_schedule_steps=self.ce_weight_schedule_steps,
+        kd_weight_schedule_steps=self.kd_weight_schedule_steps,
+        aux_loss=self.aux_loss, aux_weight=self.aux_weight,
+        aux_temperature=self.aux_temperature,
+        aux_loss_kwargs=self.aux_loss_kwargs)
 
   def replace(self, **changes) -> "Config":
     return dataclasses.replace(self, **changes)
 
   def to_json(self) -> dict:
     d = dataclasses.asdict(self)
-    for key in ("model_kwargs", "teacher_model_kwargs", "loss_kwargs"):
+    for key in ("model_kwargs", "teacher_model_kwargs", "loss_kwargs",
+                "aux_loss_kwargs"):
       d[key] = dict(d[key])
     d["seeds"] = list(d["seeds"])
     d["methods"] = list(d["methods"])
@@ -177,7 +202,8 @@ def _freeze(v):
   return tuple(_freeze(x) for x in v) if isinstance(v, list) else v
 
 
-def parse_loss_kwargs(items: list[str]) -> tuple[tuple[str, float], ...]:
+def parse_loss_kwargs(items: list[str], flag: str = "--loss_kwargs"
+                      ) -> tuple[tuple[str, float], ...]:
   """``["beta=0.5"]`` -> ``(("beta", 0.5),)``."""
   out = []
   for item in items or ():
@@ -187,7 +213,7 @@ def parse_loss_kwargs(items: list[str]) -> tuple[tuple[str, float], ...]:
         raise ValueError
       out.append((key.strip(), float(value)))
     except ValueError:
-      raise ValueError(f"--loss_kwargs: expected name=number items such as "
+      raise ValueError(f"{flag}: expected name=number items such as "
                        f"beta=0.5; got {item!r}") from None
   return tuple(sorted(out))
 
@@ -201,7 +227,9 @@ def define_flags() -> None:
   F.DEFINE_enum("mode", d.mode, MODES,
                 "train: a teacher or a from-labels baseline; distill: logit "
                 "KD from --teacher_checkpoint; compare: teacher, students "
-                "from labels and distilled students over --seeds, as a table.")
+                "from labels and distilled students over --seeds, as a table; "
+                "tune: choose each method's hyperparameters on the validation "
+                "split from --tune_grid and write tuned method flagfiles.")
   F.DEFINE_string("workdir", d.workdir, "Run directory: checkpoints, "
                   "metrics.jsonl, model.json. A rerun resumes from it.")
   F.DEFINE_string("dataset", d.dataset, "mnist1d, digits, digits_flat or "
@@ -262,10 +290,25 @@ def define_flags() -> None:
                   f"--{name}_end at --num_steps.")
     F.DEFINE_float(f"{name}_end", None, f"Final value of {what} for a "
                    "linear or cosine schedule.")
+    F.DEFINE_integer(f"{name}_schedule_steps", 0, f"Length of the schedule "
+                     f"of {what} in steps; it holds --{name}_end afterwards "
+                     "(0: --num_steps).")
+  F.DEFINE_string("aux_loss", None, "Optional second logit loss added to "
+                  "--loss (e.g. SinKD: --loss=kd --aux_loss=sinkhorn).")
+  F.DEFINE_float("aux_weight", d.aux_weight, "Weight of --aux_loss.")
+  F.DEFINE_float("aux_temperature", None, "Temperature of --aux_loss "
+                 "(default: that of --loss).")
+  F.DEFINE_list("aux_loss_kwargs", [], "Hyperparameters of --aux_loss as "
+                "name=value.")
   F.DEFINE_list("methods", [], "--mode=compare: method flagfiles (loss "
                 "flags only, e.g. experiments/flags/methods/dkd.flags)"
                 "; each is distilled over --seeds and gets a row of the table."
                 " Empty: one method, the loss flags of this run.")
+  F.DEFINE_string("tune_grid", None, "--mode=tune: JSON file mapping a "
+                  "method name (its flagfile's name) to {flag: [candidate "
+                  "values]}; every combination is tried.")
+  F.DEFINE_string("tune_output_dir", None, "--mode=tune: where the tuned "
+                  "method flagfiles go (default: <workdir>/methods).")
   F.DEFINE_integer("log_every", d.log_every, "Progress line every N steps.")
   F.DEFINE_integer("eval_every", d.eval_every,
                    "Evaluate every N steps (0: at the end only).")
@@ -331,11 +374,21 @@ def config_from_flags(FLAGS=flags.FLAGS) -> Config:
       ce_weight_end=FLAGS.ce_weight_end,
       kd_weight_schedule=FLAGS.kd_weight_schedule,
       kd_weight_end=FLAGS.kd_weight_end,
+      temperature_schedule_steps=FLAGS.temperature_schedule_steps,
+      ce_weight_schedule_steps=FLAGS.ce_weight_schedule_steps,
+      kd_weight_schedule_steps=FLAGS.kd_weight_schedule_steps,
+      aux_loss=FLAGS.aux_loss or None,
+      aux_weight=FLAGS.aux_weight,
+      aux_temperature=FLAGS.aux_temperature,
+      aux_loss_kwargs=parse_loss_kwargs(FLAGS.aux_loss_kwargs,
+                                        "--aux_loss_kwargs"),
       log_every=FLAGS.log_every,
       eval_every=FLAGS.eval_every,
       checkpoint_every=FLAGS.checkpoint_every,
       max_to_keep=FLAGS.max_to_keep,
       methods=tuple(FLAGS.methods),
+      tune_grid=FLAGS.tune_grid,
+      tune_output_dir=FLAGS.tune_output_dir,
       num_devices=FLAGS.num_devices,
       coordinator_address=FLAGS.coordinator_address,
       num_processes=FLAGS.num_processes,
@@ -348,7 +401,8 @@ _NOT_PER_METHOD = {"mode", "workdir", "seeds", "methods", "dataset",
                    "data_dir", "model", "model_kwargs", "teacher_model",
                    "teacher_model_kwargs", "teacher_checkpoint",
                    "teacher_num_steps", "teacher_learning_rate",
-                   "validation_fraction", "num_steps", "coordinator_address",
+                   "validation_fraction", "num_steps", "tune_grid",
+                   "tune_output_dir", "coordinator_address",
                    "num_processes", "process_id"}
 
 
@@ -358,37 +412,53 @@ def apply_method_file(cfg: Config, path: str, FLAGS=flags.FLAGS) -> Config:
   Values are parsed by the same absl flag definitions as the command line.
   Lines starting with ``#`` are comments.
   """
+  return apply_method_lines(cfg, read_method_lines(path), path, FLAGS)
+
+
+def read_method_lines(path: str) -> list[str]:
+  """The ``--name=value`` lines of method flagfile ``path`` (no comments)."""
   try:
     with open(path) as f:
       lines = [l.strip() for l in f]
   except OSError as e:
     raise ValueError(f"--methods: cannot read method flagfile {path} "
                      f"({e.strerror})") from None
+  return [l for l in lines if l and not l.startswith("#")]
+
+
+def apply_method_lines(cfg: Config, lines: list[str], source: str,
+                       FLAGS=flags.FLAGS) -> Config:
+  """``cfg`` with method flag ``lines`` (``--name=value``) from ``source``
+  (a path, named in errors). Later lines override earlier ones."""
   changes: dict[str, Any] = {}
   for line in lines:
-    if not line or line.startswith("#"):
-      continue
     name, sep, value = line[2:].partition("=") if line.startswith("--") else (
         "", "", "")
     if not name:
-      raise ValueError(f"{path}: expected lines of the form --name=value; got "
-                       f"{line!r}")
+      raise ValueError(f"{source}: expected lines of the form --name=value; "
+                       f"got {line!r}")
     if not sep and name.startswith("no") and name[2:] in FLAGS:
       name, value = name[2:], "false"
     elif not sep:
       value = "true"
     if name not in FLAGS or not hasattr(cfg, name):
-      raise ValueError(f"{path}: unknown flag --{name}")
+      raise ValueError(f"{source}: unknown flag --{name}")
     if name in _NOT_PER_METHOD:
-      raise ValueError(f"{path}: --{name} cannot differ between methods; "
+      raise ValueError(f"{source}: --{name} cannot differ between methods; "
                        "set it in the main flagfile")
     try:
       parsed = FLAGS[name].parser.parse(value)
     except ValueError as e:
-      raise ValueError(f"{path}: --{name}={value}: {e}") from None
-    if name == "loss_kwargs":
-      parsed = parse_loss_kwargs(parsed)
+      raise ValueError(f"{source}: --{name}={value}: {e}") from None
+    if name in ("loss_kwargs", "aux_loss_kwargs"):
+      parsed = parse_loss_kwargs(parsed, f"{source}: --{name}")
+    if name == "aux_loss":
+      parsed = parsed or None
     changes[name] = parsed
-  if "loss" in changes and "loss_kwargs" not in changes:
-    changes["loss_kwargs"] = ()  # Another loss's options do not carry over.
+  if "loss" in changes and "aux_loss" not in changes:
+    changes["aux_loss"] = None  # A method names all of its losses.
+  for loss in ("loss", "aux_loss"):
+    if loss in changes and f"{loss}_kwargs" not in changes:
+      # Another loss's options do not carry over.
+      changes[f"{loss}_kwargs"] = ()
   return cfg.replace(**changes)

@@ -175,8 +175,9 @@ def _train(cfg: Config, dataset: jdata.Dataset, mesh, spec: dict,
   summary.update(model=spec["name"], workdir=cfg.workdir,
                  devices=int(mesh.devices.size),
                  processes=jax.process_count())
+  split = "validation" if cfg.validation_fraction else "test"
   _log(f"[{name}] done: {summary['steps_run']} steps in "
-       f"{summary['wall_s']:.1f}s, test accuracy "
+       f"{summary['wall_s']:.1f}s, {split} accuracy "
        f"{summary['test']['accuracy']:.4f} ({summary['test']['count']} "
        f"examples) -> {cfg.workdir}")
   return summary
@@ -267,23 +268,14 @@ def run_compare(cfg: Config) -> dict:
   methods = compare_methods(cfg)  # Validates the method files first.
   dataset = load_data(cfg)
   root = cfg.workdir
-  teacher_dir = os.path.join(root, "teacher")
-  teacher_cfg = cfg.replace(
-      mode="train", workdir=teacher_dir, model=cfg.teacher_model,
-      model_kwargs=cfg.teacher_model_kwargs, seed=cfg.seed,
-      num_steps=cfg.teacher_num_steps or cfg.num_steps,
-      learning_rate=cfg.teacher_learning_rate or cfg.learning_rate)
-  rows = {"teacher": [run_train(teacher_cfg, dataset)["test"]["accuracy"]],
-          "student (labels)": []}
+  teacher_dir, teacher_accuracy = _train_teacher(cfg, dataset)
+  rows = {"teacher": [teacher_accuracy], "student (labels)": []}
   settings = {"teacher": "", "student (labels)": ""}
   for name, mcfg in methods:
     rows[f"student ({name})"] = []
     settings[f"student ({name})"] = describe_method(mcfg)
   for s in cfg.seeds:
-    rows["student (labels)"].append(run_train(cfg.replace(
-        mode="train", seed=s,
-        workdir=os.path.join(root, f"student_labels_seed{s}")),
-        dataset)["test"]["accuracy"])
+    rows["student (labels)"].append(_train_from_labels(cfg, dataset, s))
     for name, mcfg in methods:
       rows[f"student ({name})"].append(run_distill(mcfg.replace(
           mode="distill", seed=s, teacher_checkpoint=teacher_dir,
@@ -298,12 +290,173 @@ def run_compare(cfg: Config) -> dict:
                           "std": float(np.std(v))}
                       for k, v in rows.items()}}
   if jax.process_index() == 0:
-    with open(os.path.join(root, "results.json"), "w") as f:
-      json.dump(results, f, indent=2)
-    with open(os.path.join(root, "results.md"), "w") as f:
-      f.write(table + "\n")
+    _write_atomic(os.path.join(root, "results.json"),
+                  json.dumps(results, indent=2))
+    _write_atomic(os.path.join(root, "results.md"), table + "\n")
   _log("\n" + table)
   return results
+
+
+def _train_teacher(cfg: Config, dataset: jdata.Dataset) -> tuple[str, float]:
+  """Trains (or resumes) the teacher of a comparison under
+  ``<workdir>/teacher``; returns its directory and evaluation accuracy."""
+  teacher_dir = os.path.join(cfg.workdir, "teacher")
+  teacher_cfg = cfg.replace(
+      mode="train", workdir=teacher_dir, model=cfg.teacher_model,
+      model_kwargs=cfg.teacher_model_kwargs, seed=cfg.seed,
+      num_steps=cfg.teacher_num_steps or cfg.num_steps,
+      learning_rate=cfg.teacher_learning_rate or cfg.learning_rate)
+  return teacher_dir, run_train(teacher_cfg, dataset)["test"]["accuracy"]
+
+
+def _train_from_labels(cfg: Config, dataset: jdata.Dataset, seed: int
+                       ) -> float:
+  return run_train(cfg.replace(
+      mode="train", seed=seed,
+      workdir=os.path.join(cfg.workdir, f"student_labels_seed{seed}")),
+      dataset)["test"]["accuracy"]
+
+
+def load_tune_grid(path: str, method_names) -> dict[str, list[list[str]]]:
+  """The candidates of `--tune_grid` ``path``: per method name, a list of
+  override lines (``--flag=value``), one list per combination of the
+  grid's values (the cartesian product, in the file's key order). Methods
+  absent from the grid have one candidate, no overrides."""
+  try:
+    with open(path) as f:
+      grid = json.load(f)
+  except OSError as e:
+    raise ValueError(f"--tune_grid={path}: cannot read it ({e.strerror})"
+                     ) from None
+  except json.JSONDecodeError as e:
+    raise ValueError(f"--tune_grid={path}: expected JSON ({e.msg}, line "
+                     f"{e.lineno})") from None
+  if not isinstance(grid, dict):
+    raise ValueError(f"--tune_grid={path}: expected a JSON object mapping "
+                     "method names to {flag: [values]}")
+  unknown = sorted(set(grid) - set(method_names))
+  if unknown:
+    raise ValueError(f"--tune_grid={path}: '{unknown[0]}' is not one of the "
+                     f"--methods ({', '.join(method_names)})")
+  out = {}
+  for name in method_names:
+    axes = grid.get(name, {})
+    if not isinstance(axes, dict) or not all(
+        isinstance(v, list) and v for v in axes.values()):
+      raise ValueError(f"--tune_grid={path}: '{name}' must map flag names to "
+                       "non-empty lists of values")
+    combos = [[]]
+    for flag, values in axes.items():
+      combos = [c + [f"--{flag}={_flag_text(v)}"] for c in combos
+                for v in values]
+    out[name] = combos
+  return out
+
+
+def _flag_text(value) -> str:
+  if isinstance(value, bool):
+    return str(value).lower()
+  return str(value)
+
+
+def merge_method_lines(base: list[str], overrides: list[str]) -> list[str]:
+  """``base`` method lines with the flags of ``overrides`` replaced (in
+  place) or appended."""
+  def name(line):
+    return line[2:].partition("=")[0]
+  new = {name(l): l for l in overrides}
+  out = [new.pop(name(l), l) for l in base]
+  return out + [l for l in overrides if name(l) in new]
+
+
+def run_tune(cfg: Config) -> dict:
+  """Chooses each method's hyperparameters on the validation split.
+
+  For every method flagfile of ``--methods``, every combination of its
+  ``--tune_grid`` values is distilled over ``--seeds`` from one teacher
+  (trained on the training split minus the held-out validation split);
+  the combination with the best mean validation accuracy (the first one on
+  a tie) is written as a method flagfile to ``--tune_output_dir`` (default
+  ``<workdir>/methods``), with every candidate's score in its header. The
+  test split is never read. ``tuning.md`` / ``tuning.json`` under
+  ``--workdir`` hold all scores. A rerun resumes or skips finished runs.
+  """
+  names = [os.path.splitext(os.path.basename(p))[0] for p in cfg.methods]
+  compare_methods(cfg)  # Validates names and files.
+  grid = load_tune_grid(cfg.tune_grid, names)
+  candidates = {}
+  for name, path in zip(names, cfg.methods):
+    base = config_lib.read_method_lines(path)
+    candidates[name] = []
+    for overrides in grid[name]:
+      lines = merge_method_lines(base, overrides)
+      candidates[name].append((overrides, lines, config_lib.apply_method_lines(
+          cfg, lines, f"--tune_grid={cfg.tune_grid} ({name})")))
+  dataset = load_data(cfg)
+  root = cfg.workdir
+  teacher_dir, teacher_accuracy = _train_teacher(cfg, dataset)
+  labels = [_train_from_labels(cfg, dataset, s) for s in cfg.seeds]
+  out_dir = cfg.tune_output_dir or os.path.join(root, "methods")
+  results = {"dataset": dataset.name, "split": "validation",
+             "validation_fraction": cfg.validation_fraction,
+             "seeds": list(cfg.seeds), "teacher": teacher_accuracy,
+             "labels": float(np.mean(labels)), "methods": {}}
+  lines_md = [f"Validation accuracy on {dataset.name} (fraction "
+              f"{cfg.validation_fraction:g} of the training set; mean over "
+              f"seeds {', '.join(map(str, cfg.seeds))}); teacher "
+              f"{100 * teacher_accuracy:.2f}, student from labels "
+              f"{100 * np.mean(labels):.2f}", "",
+              "| method | candidate | accuracy (%) | chosen |",
+              "|---|---|---|---|"]
+  for name, path in zip(names, cfg.methods):
+    scores = []
+    for k, (overrides, _, mcfg) in enumerate(candidates[name]):
+      accs = [run_distill(mcfg.replace(
+          mode="distill", seed=s, teacher_checkpoint=teacher_dir,
+          workdir=os.path.join(root, name, f"candidate{k}_seed{s}")),
+          dataset)["test"]["accuracy"] for s in cfg.seeds]
+      scores.append(float(np.mean(accs)))
+    best = int(np.argmax(scores))  # The first of equal scores.
+    results["methods"][name] = {
+        "base": path, "chosen": candidates[name][best][0],
+        "candidates": [{"overrides": c[0], "accuracy": a}
+                       for c, a in zip(candidates[name], scores)]}
+    for k, (c, a) in enumerate(zip(candidates[name], scores)):
+      lines_md.append(f"| {name} | {' '.join(c[0]) or '(as in the file)'} | "
+                      f"{100 * a:.2f} | {'✓' if k == best else ''} |")
+    if jax.process_index() == 0:
+      _write_tuned_method(os.path.join(out_dir, f"{name}.flags"), path, cfg,
+                          dataset.name, candidates[name], scores, best)
+  table = "\n".join(lines_md)
+  if jax.process_index() == 0:
+    _write_atomic(os.path.join(root, "tuning.json"),
+                  json.dumps(results, indent=2))
+    _write_atomic(os.path.join(root, "tuning.md"), table + "\n")
+  _log("\n" + table + f"\n\ntuned method files -> {out_dir}")
+  return results
+
+
+def _write_tuned_method(path, base_path, cfg, dataset_name, candidates,
+                        scores, best) -> None:
+  header = [
+      "# Method file for --mode=compare, written by --mode=tune: the "
+      f"candidate of {cfg.tune_grid}",
+      f"# with the best mean validation accuracy on {dataset_name} "
+      f"(--validation_fraction={cfg.validation_fraction:g}, seeds "
+      f"{','.join(map(str, cfg.seeds))}).",
+      f"# Base method file: {base_path}. Candidates (validation accuracy %):"]
+  header += [f"#   {100 * a:6.2f}  {' '.join(c[0]) or '(as in the base file)'}"
+             + ("  <- chosen" if k == best else "")
+             for k, (c, a) in enumerate(zip(candidates, scores))]
+  _write_atomic(path, "\n".join(header + candidates[best][1]) + "\n")
+
+
+def _write_atomic(path: str, text: str) -> None:
+  os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+  tmp = path + ".tmp"
+  with open(tmp, "w") as f:
+    f.write(text)
+  os.replace(tmp, path)
 
 
 def describe_method(cfg: Config) -> str:
@@ -313,8 +466,19 @@ def describe_method(cfg: Config) -> str:
   parts += [f"{k}={v:g}" for k, v in cfg.loss_kwargs]
   if cfg.standardize_logits:
     parts.append("standardized")
-  if cfg.temperature_schedule != "constant":
-    parts.append(f"T→{cfg.temperature_end:g} ({cfg.temperature_schedule})")
+  for name, short in (("temperature", "T"), ("ce_weight", "ce"),
+                      ("kd_weight", "kd")):
+    kind = getattr(cfg, f"{name}_schedule")
+    if kind != "constant":
+      steps = getattr(cfg, f"{name}_schedule_steps")
+      parts.append(f"{short}→{getattr(cfg, f'{name}_end'):g} ({kind}"
+                   + (f", {steps} steps)" if steps else ")"))
+  if cfg.aux_loss:
+    aux = [f"+ {cfg.aux_weight:g}·{cfg.aux_loss}"]
+    if cfg.aux_temperature is not None:
+      aux.append(f"T={cfg.aux_temperature:g}")
+    aux += [f"{k}={v:g}" for k, v in cfg.aux_loss_kwargs]
+    parts.append(" ".join(aux))
   return ", ".join(parts)
 
 
@@ -331,7 +495,8 @@ def format_table(rows: dict, models: dict, settings: dict, dataset: str,
   return "\n".join(lines)
 
 
-RUNNERS = {"train": run_train, "distill": run_distill, "compare": run_compare}
+RUNNERS = {"train": run_train, "distill": run_distill, "compare": run_compare,
+           "tune": run_tune}
 
 
 def run(cfg: Config) -> dict:

@@ -130,6 +130,24 @@ def test_unknown_flag_and_mode(tmp_path):
      "--temperature_schedule=linear needs --temperature_end"),
     (["--validation_fraction=1.5"],
      "--validation_fraction=1.5: expected a number in [0, 1)"),
+    (["--aux_loss=kld"], "--aux_loss=kld: unknown distillation loss"),
+    (["--aux_loss=kd", "--aux_loss_kwargs=beta=1"],
+     "--aux_loss_kwargs: 'beta' is not a hyperparameter of loss 'kd'"),
+    (["--aux_loss=kd", "--aux_loss_kwargs=beta"],
+     "--aux_loss_kwargs: expected name=number items"),
+    (["--kd_weight_schedule_steps=-5"],
+     "--kd_weight_schedule_steps must be >= 0"),
+    (["--mode=tune", "--methods=experiments/flags/methods/kd.flags",
+      "--tune_grid=experiments/flags/tune/grid_digits.json"],
+     "--validation_fraction=0.0: expected a fraction in (0, 1) with "
+     "--mode=tune"),
+    (["--mode=tune", "--validation_fraction=0.2",
+      "--tune_grid=experiments/flags/tune/grid_digits.json"],
+     "--methods=(): expected the method flagfiles to tune"),
+    (["--mode=tune", "--validation_fraction=0.2",
+      "--methods=experiments/flags/methods/kd.flags",
+      "--tune_grid=experiments/flags/tune/grid_digits.json"],
+     "'bdkd' is not one of the --methods (kd)"),
 ])
 def test_bad_input_gets_one_line_error(tmp_path, args, pattern):
   proc = _main(f"--workdir={tmp_path / 'run'}", "--num_steps=5", *args)
@@ -219,6 +237,13 @@ def test_method_files_override_only_loss_settings(tmp_path):
   m = config_lib.apply_method_file(
       base, str(ROOT / "experiments/flags/methods/kd_standardized.flags"))
   assert m.standardize_logits and m.temperature == 2.0
+  m = config_lib.apply_method_file(
+      base.replace(aux_loss="jsd"),
+      str(ROOT / "experiments/flags/methods/kd.flags"))
+  assert m.aux_loss is None  # A method names all of its losses.
+  m = config_lib.apply_method_file(
+      base, str(ROOT / "experiments/flags/methods/sinkhorn.flags"))
+  assert (m.loss, m.aux_loss) == ("kd", "sinkhorn")
   bad = tmp_path / "bad.flags"
   bad.write_text("--model=cnn1d\n")
   with pytest.raises(ValueError, match=r"--model cannot differ between"):
@@ -231,7 +256,7 @@ def test_method_files_override_only_loss_settings(tmp_path):
 
 def test_compare_with_method_files_writes_one_row_per_method(tmp_path):
   m = "experiments/flags/methods"
-  proc = _main("--flagfile=experiments/flags/methods_mnist1d.flags",
+  proc = _main("--flagfile=experiments/flags/methods_mnist1d_defaults.flags",
                f"--workdir={tmp_path}", "--teacher_num_steps=16",
                "--num_steps=16", "--seeds=0", "--log_every=8",
                f"--methods={m}/dkd.flags,{m}/dist.flags")
@@ -239,4 +264,71 @@ def test_compare_with_method_files_writes_one_row_per_method(tmp_path):
   rows = json.loads((tmp_path / "results.json").read_text())["rows"]
   assert list(rows) == ["teacher", "student (labels)", "student (dkd)",
                         "student (dist)"]
-  assert rows["student (dkd)"]["settings"] == "dkd, T=4, ce=1, kd=1, alpha=1, beta=8"
+  assert rows["student (dkd)"]["settings"] == (
+      "dkd, T=4, ce=1, kd=0, alpha=1, beta=8, kd→1 (linear, 250 steps)")
+
+
+def test_tune_chooses_on_the_validation_split_and_writes_method_files(
+    tmp_path):
+  from absl import flags
+
+  from experiments import config as config_lib
+  grid = tmp_path / "grid.json"
+  grid.write_text('{"kd": {"temperature": [1, 8], "kd_weight": [0, 3]}}')
+  out = tmp_path / "tuned"
+  m = "experiments/flags/methods"
+  proc = _main("--flagfile=experiments/flags/tune_digits.flags",
+               f"--workdir={tmp_path / 'tune'}", "--num_steps=32",
+               "--teacher_num_steps=32", "--seeds=0,1", "--log_every=16",
+               f"--tune_grid={grid}", f"--tune_output_dir={out}",
+               f"--methods={m}/kd.flags,{m}/dist.flags")
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  res = json.loads((tmp_path / "tune" / "tuning.json").read_text())
+  kd = res["methods"]["kd"]
+  assert [c["overrides"] for c in kd["candidates"]] == [
+      ["--temperature=1", "--kd_weight=0"], ["--temperature=1", "--kd_weight=3"],
+      ["--temperature=8", "--kd_weight=0"], ["--temperature=8", "--kd_weight=3"]]
+  # Each score is the mean over seeds of the runs' final evaluation, which
+  # is on the held-out validation split, never on the test split.
+  validation = jdata.hold_out_validation(jdata.load_dataset("digits"), 0.2)
+  for k, c in enumerate(kd["candidates"]):
+    finals = []
+    for s in (0, 1):
+      rows = [json.loads(l) for l in (
+          tmp_path / "tune" / "kd" / f"candidate{k}_seed{s}" / "metrics.jsonl"
+      ).read_text().splitlines()]
+      final = [r for r in rows if r.get("split") == "test"][-1]
+      assert final["count"] == len(validation.test)
+      finals.append(final["accuracy"])
+    np.testing.assert_allclose(c["accuracy"], np.mean(finals), rtol=1e-6)
+  best = int(np.argmax([c["accuracy"] for c in kd["candidates"]]))
+  assert kd["chosen"] == kd["candidates"][best]["overrides"]
+  config_lib.define_flags()
+  if not flags.FLAGS.is_parsed():
+    flags.FLAGS(["test"])
+  tuned = config_lib.apply_method_file(Config(), str(out / "kd.flags"))
+  t, w = (float(o.partition("=")[2]) for o in kd["chosen"])
+  assert (tuned.loss, tuned.temperature, tuned.kd_weight) == ("kd", t, w)
+  # A method without a grid entry keeps its file's settings.
+  assert res["methods"]["dist"]["candidates"][0]["overrides"] == []
+  assert config_lib.read_method_lines(str(out / "dist.flags")) == (
+      config_lib.read_method_lines(f"{ROOT}/{m}/dist.flags"))
+  assert "| kd | --temperature=8 --kd_weight=3 |" in (
+      tmp_path / "tune" / "tuning.md").read_text()
+
+
+def test_tune_grid_errors(tmp_path):
+  grid = tmp_path / "grid.json"
+  base = ["--flagfile=experiments/flags/tune_digits.flags",
+          f"--workdir={tmp_path / 'tune'}", "--num_steps=4",
+          "--methods=experiments/flags/methods/kd.flags",
+          f"--tune_grid={grid}"]
+  grid.write_text("{kd: 1}")
+  _one_line_error(_main(*base), f"--tune_grid={grid}: expected JSON")
+  grid.write_text('{"kd": {"temperature": []}}')
+  _one_line_error(_main(*base), "'kd' must map flag names to non-empty lists")
+  grid.write_text('{"kd": {"model": ["cnn1d"]}}')
+  _one_line_error(_main(*base), "--model cannot differ between methods")
+  grid.write_text('{"kd": {"temperature": [-1]}}')
+  _one_line_error(_main(*base), "--temperature=-1.0: expected a positive")
+  assert not (tmp_path / "tune").exists()

@@ -358,6 +358,66 @@ def test_objective_applies_schedules_at_the_given_step():
   np.testing.assert_allclose(total, 0.5 * ce + 0.5 * kd, rtol=1e-5)
 
 
+def test_schedule_with_its_own_length_holds_its_end_value():
+  # DKD's warm-up: kd weight 0 -> 1 over the first 10 of 100 steps.
+  obj = jtrain.DistillObjective(
+      loss="kd", kd_weight=0.0, kd_weight_schedule="linear", kd_weight_end=1.0,
+      kd_weight_schedule_steps=10, temperature_schedule="linear",
+      temperature_end=2.0, schedule_steps=100)
+  zs = jnp.zeros((4, 3))
+  y = jnp.zeros((4,), jnp.int32)
+  weights = [float(obj(zs, zs, y, step=k)[1]["kd_weight"])
+             for k in (0, 5, 10, 50)]
+  np.testing.assert_allclose(weights, [0.0, 0.5, 1.0, 1.0], rtol=1e-6)
+  # The temperature schedule keeps the default length (100 steps).
+  np.testing.assert_allclose(obj(zs, zs, y, step=50)[1]["temperature"], 3.0,
+                             rtol=1e-6)
+
+
+def test_objective_adds_a_second_logit_loss():
+  from tests.reference import numpy_pld_sinkhorn_mlkd as ref
+  rng = np.random.default_rng(5)
+  zs, zt = (rng.normal(size=(2, 12, 7)) * 3).astype(np.float32)
+  y = rng.integers(0, 7, 12)
+  mask = np.arange(12) < 10
+  # SinKD's recipe: alpha * KD + (1 - alpha) * CE + beta * Sinkhorn.
+  obj = jtrain.DistillObjective(
+      loss="kd", temperature=4.0, ce_weight=0.3, kd_weight=0.7,
+      aux_loss="sinkhorn", aux_weight=0.01, aux_temperature=2.0,
+      aux_loss_kwargs=(("epsilon", 0.1), ("num_iters", 20.0)))
+  total, parts = jax.jit(lambda a, b: obj(a, b, y, mask))(zs, zt)
+  s64, t64 = np.asarray(zs, np.float64), np.asarray(zt, np.float64)
+  kd = _np_kd(s64, t64, 4.0)[mask].mean()
+  ce = _np_ce(s64, y)[mask].mean()
+  aux = ref.sinkhorn(s64[mask], t64[mask], temperature=2.0, epsilon=0.1,
+                     n_iters=20)
+  np.testing.assert_allclose(parts["aux"], aux, rtol=1e-5)
+  np.testing.assert_allclose(total, 0.3 * ce + 0.7 * kd + 0.01 * aux,
+                             rtol=1e-5)
+  # Without --aux_temperature the second loss follows the first's.
+  obj = jtrain.DistillObjective(loss="kd", temperature=4.0, aux_loss="jsd",
+                                aux_loss_kwargs=(("beta", 0.5),))
+  _, parts = obj(zs, zt, y)
+  np.testing.assert_allclose(
+      parts["aux"], np.mean(losses.jsd(zs, zt, temperature=4.0, beta=0.5)),
+      rtol=1e-6)
+
+
+@pytest.mark.parametrize("kwargs, pattern", [
+    (dict(aux_loss="kld"), r"--aux_loss=kld: unknown distillation loss"),
+    (dict(aux_loss="taid"), r"--aux_loss=taid: TAID keeps a training state"),
+    (dict(aux_loss="kd", aux_loss_kwargs=(("beta", 1.0),)),
+     r"--aux_loss_kwargs: 'beta' is not a hyperparameter of loss 'kd'"),
+    (dict(aux_loss_kwargs=(("beta", 1.0),)),
+     r"--aux_loss_kwargs is set but --aux_loss is not"),
+    (dict(aux_loss="kd", aux_temperature=0.0), r"--aux_temperature must be"),
+    (dict(kd_weight_schedule_steps=-1), r"--kd_weight_schedule_steps must be"),
+])
+def test_objective_rejects_bad_second_loss_and_schedule(kwargs, pattern):
+  with pytest.raises(ValueError, match=pattern):
+    jtrain.DistillObjective(schedule_steps=10, **kwargs)
+
+
 def test_taid_coefficient_lives_in_the_state_and_follows_its_schedule():
   student, params, ms = _linear_setup(seed=0)
   teacher, tparams, tms = _linear_setup(seed=1)

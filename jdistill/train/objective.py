@@ -1,8 +1,11 @@
-"""The distillation objective: ``ce_weight * CE + kd_weight * <logit loss>``.
+"""The distillation objective:
+``ce_weight * CE + kd_weight * <logit loss> + aux_weight * <second logit loss>``.
 
 This is the glue between the pure losses in `jdistill.losses` and the steps:
-it chooses the loss by name, applies logit standardization when asked, and
-reduces per-example values to a masked batch mean.
+it chooses the losses by name, applies logit standardization when asked, and
+reduces per-example values to a masked batch mean. The optional second logit
+loss serves recipes that add one loss to another, e.g. SinKD's
+``alpha * KD + (1 - alpha) * CE + beta * Sinkhorn``.
 """
 
 from __future__ import annotations
@@ -47,12 +50,12 @@ def distill_loss_names() -> tuple[str, ...]:
   return tuple(losses.LOGIT_LOSSES) + tuple(_SPECIAL_LOSSES)
 
 
-def _loss_fn(name: str) -> Callable:
+def _loss_fn(name: str, *, flag: str = "--loss") -> Callable:
   if name in _SPECIAL_LOSSES:
     return _SPECIAL_LOSSES[name][0]
   if name in losses.LOGIT_LOSSES:
     return losses.LOGIT_LOSSES[name]
-  raise ValueError(f"--loss={name}: unknown distillation loss; expected one "
+  raise ValueError(f"{flag}={name}: unknown distillation loss; expected one "
                    f"of: {', '.join(distill_loss_names())}")
 
 
@@ -82,14 +85,16 @@ def typed_loss_kwargs(name: str, loss_kwargs) -> dict:
   return out
 
 
-def check_loss_kwargs(name: str, loss_kwargs) -> None:
+def check_loss_kwargs(name: str, loss_kwargs, *, flag: str = "--loss"
+                      ) -> None:
   """Raises if ``name`` is unknown or ``loss_kwargs`` names a keyword that
-  loss ``name`` does not take."""
+  loss ``name`` does not take. ``flag`` names the loss flag in errors."""
+  _loss_fn(name, flag=flag)
   allowed = loss_hyperparameters(name)
   for key, _ in loss_kwargs:
     if key not in allowed:
       raise ValueError(
-          f"--loss_kwargs: '{key}' is not a hyperparameter of loss "
+          f"{flag}_kwargs: '{key}' is not a hyperparameter of loss "
           f"'{name}'; expected one of: {', '.join(allowed) or 'none'}")
 
 
@@ -112,9 +117,15 @@ def cross_entropy(logits: jax.Array, labels: jax.Array, *,
   return optax.softmax_cross_entropy(logits.astype(jnp.float32), targets)
 
 
+_SCHEDULED = ("temperature", "ce_weight", "kd_weight")
+
+
 @dataclasses.dataclass(frozen=True)
 class DistillObjective:
   """Configuration of the combined loss; hashable, so it can close over jit.
+
+  The loss at step ``k`` is ``ce_weight(k) * CE + kd_weight(k) *
+  <loss>(temperature(k)) + aux_weight * <aux_loss>(aux_temperature)``.
 
   Attributes:
     loss: name of the logit loss (`distill_loss_names()`).
@@ -124,14 +135,25 @@ class DistillObjective:
     loss_kwargs: extra keyword hyperparameters of the loss, as a tuple of
       ``(name, value)`` pairs (e.g. ``(("beta", 0.5),)`` for ``jsd``).
     standardize_logits: z-score student and teacher logits first (Sun et al.
-      2024); applies to every loss.
+      2024); applies to every loss (the CE term keeps the raw logits).
     label_smoothing: label smoothing of the CE term.
     temperature_schedule, ce_weight_schedule, kd_weight_schedule:
       ``constant``, ``linear`` or ``cosine`` (`make_value_schedule`): the
       value moves from the field above at step 0 to the matching ``*_end``
-      at ``schedule_steps``.
+      at the schedule's length and holds it afterwards.
     temperature_end, ce_weight_end, kd_weight_end: the values at the end.
-    schedule_steps: length of the schedules (usually the run's num_steps).
+    schedule_steps: default length of the schedules (usually the run's
+      number of steps); TAID's adaptive schedule also uses it.
+    temperature_schedule_steps, ce_weight_schedule_steps,
+      kd_weight_schedule_steps: per-schedule lengths; 0 means
+      ``schedule_steps``. A short linear ``kd_weight`` schedule from 0 to 1
+      is DKD's warm-up (``min(epoch / 20, 1)``).
+    aux_loss: optional second logit loss added to the first (not ``taid``,
+      whose state is the first loss's); ``None`` for none.
+    aux_weight: its (constant) weight.
+    aux_temperature: its temperature; ``None`` means ``temperature``'s
+      schedule.
+    aux_loss_kwargs: its keyword hyperparameters, like ``loss_kwargs``.
   """
 
   loss: str = "kd"
@@ -148,9 +170,21 @@ class DistillObjective:
   kd_weight_schedule: str = "constant"
   kd_weight_end: float | None = None
   schedule_steps: int = 0
+  temperature_schedule_steps: int = 0
+  ce_weight_schedule_steps: int = 0
+  kd_weight_schedule_steps: int = 0
+  aux_loss: str | None = None
+  aux_weight: float = 1.0
+  aux_temperature: float | None = None
+  aux_loss_kwargs: tuple[tuple[str, float], ...] = ()
 
   def __post_init__(self):
     check_loss_kwargs(self.loss, self.loss_kwargs)
+    for name in _SCHEDULED:
+      if getattr(self, f"{name}_schedule_steps") < 0:
+        raise ValueError(f"--{name}_schedule_steps must be >= 0 (0: the "
+                         f"run's length); got "
+                         f"{getattr(self, f'{name}_schedule_steps')}")
     self._schedules()  # Validates the schedules.
     if self.loss == "taid" and self.schedule_steps <= 0:
       raise ValueError("--loss=taid needs the number of training steps "
@@ -164,13 +198,28 @@ class DistillObjective:
     if not 0.0 <= self.label_smoothing < 1.0:
       raise ValueError(f"--label_smoothing must be in [0, 1); got "
                        f"{self.label_smoothing}")
+    if self.aux_loss is None:
+      if self.aux_loss_kwargs:
+        raise ValueError("--aux_loss_kwargs is set but --aux_loss is not")
+      return
+    check_loss_kwargs(self.aux_loss, self.aux_loss_kwargs, flag="--aux_loss")
+    if self.aux_loss == "taid":
+      raise ValueError("--aux_loss=taid: TAID keeps a training state and can "
+                       "only be the main --loss")
+    if not self.aux_weight >= 0:
+      raise ValueError(f"--aux_weight must be >= 0; got {self.aux_weight}")
+    if self.aux_temperature is not None and not self.aux_temperature > 0:
+      raise ValueError(f"--aux_temperature must be positive; got "
+                       f"{self.aux_temperature}")
 
   def _schedules(self):
     return tuple(
-        make_value_schedule(getattr(self, f"{n}_schedule"), getattr(self, n),
-                            getattr(self, f"{n}_end"),
-                            num_steps=self.schedule_steps, name=n)
-        for n in ("temperature", "ce_weight", "kd_weight"))
+        make_value_schedule(
+            getattr(self, f"{n}_schedule"), getattr(self, n),
+            getattr(self, f"{n}_end"),
+            num_steps=(getattr(self, f"{n}_schedule_steps")
+                       or self.schedule_steps), name=n)
+        for n in _SCHEDULED)
 
   def init_loss_state(self):
     """The loss's own state for `TrainState.loss_state` (``{}`` if none).
@@ -198,9 +247,10 @@ class DistillObjective:
     """Returns ``(scalar loss, parts)`` at training step ``step``.
 
     ``parts`` holds ``ce``, ``kd`` and the scheduled ``temperature``,
-    ``ce_weight`` and ``kd_weight`` in force at ``step`` (and TAID's
-    ``taid_t``). ``loss_state`` is `init_loss_state`'s pytree, as advanced
-    by `next_loss_state`; ``None`` means the initial state.
+    ``ce_weight`` and ``kd_weight`` in force at ``step`` (and ``aux`` with
+    a second loss, TAID's ``taid_t``). ``loss_state`` is `init_loss_state`'s
+    pytree, as advanced by `next_loss_state`; ``None`` means the initial
+    state.
     """
     if loss_state is None:
       loss_state = self.init_loss_state()
@@ -218,19 +268,31 @@ class DistillObjective:
     temperature_at, ce_weight_at, kd_weight_at = self._schedules()
     temperature = temperature_at(step)
     ce_weight, kd_weight = ce_weight_at(step), kd_weight_at(step)
-    kwargs = typed_loss_kwargs(self.loss, self.loss_kwargs)
     if self.loss == "taid":
       kd = masked_mean(losses.taid(s, t, t=loss_state.t,
                                    temperature=temperature), mask)
-    elif self.loss in _SPECIAL_LOSSES:
-      kd = _SPECIAL_LOSSES[self.loss][1](s, t, labels, mask, temperature,
-                                         kwargs)
     else:
-      kd = masked_mean(losses.LOGIT_LOSSES[self.loss](
-          s, t, temperature=temperature, **kwargs), mask)
+      kd = _logit_term(self.loss, self.loss_kwargs, s, t, labels, mask,
+                       temperature)
     total = ce_weight * ce + kd_weight * kd
     parts = {"ce": ce, "kd": kd, "temperature": temperature,
              "ce_weight": ce_weight, "kd_weight": kd_weight}
+    if self.aux_loss is not None:
+      aux_temperature = (temperature if self.aux_temperature is None
+                         else jnp.float32(self.aux_temperature))
+      aux = _logit_term(self.aux_loss, self.aux_loss_kwargs, s, t, labels,
+                        mask, aux_temperature)
+      total = total + self.aux_weight * aux
+      parts["aux"] = aux
     if self.loss == "taid":
       parts["taid_t"] = loss_state.t
     return total, parts
+
+
+def _logit_term(name: str, loss_kwargs, s, t, labels, mask, temperature):
+  """The scalar value of stateless logit loss ``name`` on the batch."""
+  kwargs = typed_loss_kwargs(name, loss_kwargs)
+  if name in _SPECIAL_LOSSES:
+    return _SPECIAL_LOSSES[name][1](s, t, labels, mask, temperature, kwargs)
+  return masked_mean(losses.LOGIT_LOSSES[name](
+      s, t, temperature=temperature, **kwargs), mask)
