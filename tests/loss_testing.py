@@ -8,6 +8,8 @@ shapes retrace.
 """
 
 import functools
+import json
+import os
 
 import jax
 import jax.numpy as jnp
@@ -90,3 +92,17 @@ def grad(fn, *args, argnums=(0, 1), **kw):
   """Gradient of ``sum(fn(*args, **kw))`` under a cached jit."""
   static, kw = _split_static(kw)
   return _jitted_grad(fn, static, argnums)(args, kw)
+
+
+FIXTURES = os.path.join(os.path.dirname(os.path.abspath(__file__)),
+                        "fixtures")
+
+
+def load_reference_fixture(name):
+  """``(meta, arrays)`` of ``tests/fixtures/<name>.{json,npz}``, written by
+  ``benchmarks/reference/make_*_fixtures.py``."""
+  with open(os.path.join(FIXTURES, f"{name}.json")) as f:
+    meta = json.load(f)
+  with np.load(os.path.join(FIXTURES, f"{name}.npz")) as npz:
+    arrays = {k: npz[k] for k in npz.files}
+  return meta, arrays

@@ -43,24 +43,17 @@ read from the constructor arguments recorded in the JSON fixture):
 from __future__ import annotations
 
 import functools
-import json
-import os
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from tests.loss_testing import load_reference_fixture
+
 from jdistill.losses import logit as L
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-NPZ = os.path.join(HERE, "fixtures", "logit_reference.npz")
-META = os.path.join(HERE, "fixtures", "logit_reference.json")
-
-with open(META) as _f:
-  _META = json.load(_f)
-with np.load(NPZ) as _npz:
-  _DATA = {k: _npz[k] for k in _npz.files}
+_META, _DATA = load_reference_fixture("logit_reference")
 CASES = [c["key"] for c in _META["cases"]]
 _CASE = {c["key"]: c for c in _META["cases"]}
 

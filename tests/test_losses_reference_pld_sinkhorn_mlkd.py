@@ -77,7 +77,6 @@ hard-label cross-entropy; every hyperparameter is read from the JSON):
 from __future__ import annotations
 
 import functools
-import json
 import os
 
 import jax
@@ -85,18 +84,13 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from tests.loss_testing import FIXTURES, load_reference_fixture
+
 from jdistill.losses.multilevel import mlkd, mlkd_confidence_mask
 from jdistill.losses.ranking import pld
 from jdistill.losses.transport import sinkhorn
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-NPZ = os.path.join(HERE, "fixtures", "pld_sinkhorn_mlkd_reference.npz")
-META = os.path.join(HERE, "fixtures", "pld_sinkhorn_mlkd_reference.json")
-
-with open(META) as _f:
-  _META = json.load(_f)
-with np.load(NPZ) as _npz:
-  _DATA = {k: _npz[k] for k in _npz.files}
+_META, _DATA = load_reference_fixture("pld_sinkhorn_mlkd_reference")
 CASES = [c["key"] for c in _META["cases"]]
 _CASE = {c["key"]: c for c in _META["cases"]}
 SINKHORN = [k for k in _META["sinkhorn_settings"]]
@@ -169,7 +163,8 @@ def test_fixture_metadata():
       (8, 10), (16, 100)}
   assert {c["logit_scale"] for c in _META["cases"]} == {1.0, 10.0}
   assert {c["temperature"] for c in _META["cases"]} == {1.0, 4.0}
-  assert os.path.getsize(NPZ) < 200_000
+  assert os.path.getsize(os.path.join(
+      FIXTURES, "pld_sinkhorn_mlkd_reference.npz")) < 200_000
   for key in CASES:
     # Random inputs: no tied teacher logits, so the PLD order is unique.
     assert _CASE[key]["pld"]["tied_teacher_pairs"] == 0

@@ -62,25 +62,18 @@ Recorded differences that are not tolerance issues (asserted as such):
 from __future__ import annotations
 
 import functools
-import json
-import os
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from tests.loss_testing import load_reference_fixture
+
 from jdistill.losses.bdkd import bdkd
 from jdistill.losses.taid import taid, taid_init, taid_update
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-NPZ = os.path.join(HERE, "fixtures", "taid_bdkd_reference.npz")
-META = os.path.join(HERE, "fixtures", "taid_bdkd_reference.json")
-
-with open(META) as _f:
-  _META = json.load(_f)
-with np.load(NPZ) as _npz:
-  _DATA = {k: _npz[k] for k in _npz.files}
+_META, _DATA = load_reference_fixture("taid_bdkd_reference")
 CASES = [c["key"] for c in _META["cases"]]
 _CASE = {c["key"]: c for c in _META["cases"]}
 TRAJ = [c["key"] for c in _META["trajectories"]]

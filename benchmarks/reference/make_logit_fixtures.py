@@ -30,8 +30,6 @@ results differ only by arithmetic, not by input rounding.
 
 from __future__ import annotations
 
-import json
-import os
 import platform
 import sys
 
@@ -42,9 +40,9 @@ import torch.nn.functional as F
 import torchdistill
 from torchdistill.losses import mid_level as td
 
-ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-OUT_NPZ = os.path.join(ROOT, "tests", "fixtures", "logit_reference.npz")
-OUT_JSON = os.path.join(ROOT, "tests", "fixtures", "logit_reference.json")
+from fixture_io import write_fixture
+
+FIXTURE = "logit_reference"  # tests/fixtures/logit_reference.{npz,json}
 
 SEED = 20240601
 # (batch, classes, logit scale, temperature)
@@ -252,12 +250,7 @@ def main():
       ],
       cases=cases_meta,
   )
-  os.makedirs(os.path.dirname(OUT_NPZ), exist_ok=True)
-  np.savez_compressed(OUT_NPZ, **arrays)
-  with open(OUT_JSON, "w") as f:
-    json.dump(meta, f, indent=1, sort_keys=False)
-    f.write("\n")
-  print(f"wrote {OUT_NPZ} ({os.path.getsize(OUT_NPZ)} bytes) and {OUT_JSON}")
+  write_fixture(FIXTURE, arrays, meta)
 
 
 if __name__ == "__main__":

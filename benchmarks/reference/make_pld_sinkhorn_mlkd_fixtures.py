@@ -117,8 +117,6 @@ differ only by arithmetic. Gradients are float64 autograd, stored as float32
 
 from __future__ import annotations
 
-import json
-import os
 import platform
 import sys
 
@@ -127,9 +125,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-OUT_NPZ = os.path.join(ROOT, "tests", "fixtures", "pld_sinkhorn_mlkd_reference.npz")
-OUT_JSON = os.path.join(ROOT, "tests", "fixtures", "pld_sinkhorn_mlkd_reference.json")
+from fixture_io import write_fixture
+
+FIXTURE = "pld_sinkhorn_mlkd_reference"  # tests/fixtures/pld_sinkhorn_mlkd_reference.{npz,json}
 
 SEED = 20250614
 
@@ -553,12 +551,7 @@ def main():
       tie_case=tie_meta,
   )
   arrays = pack_scalars(arrays, meta)
-  os.makedirs(os.path.dirname(OUT_NPZ), exist_ok=True)
-  np.savez_compressed(OUT_NPZ, **arrays)
-  with open(OUT_JSON, "w") as f:
-    json.dump(meta, f, indent=1, sort_keys=False)
-    f.write("\n")
-  print(f"wrote {OUT_NPZ} ({os.path.getsize(OUT_NPZ)} bytes) and {OUT_JSON}")
+  write_fixture(FIXTURE, arrays, meta)
 
 
 if __name__ == "__main__":

@@ -120,9 +120,7 @@ TAID's ``compute_loss`` returns NaN at ``t = 1`` when a student logit is
 
 from __future__ import annotations
 
-import json
 import math
-import os
 import platform
 import sys
 
@@ -130,9 +128,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-OUT_NPZ = os.path.join(ROOT, "tests", "fixtures", "taid_bdkd_reference.npz")
-OUT_JSON = os.path.join(ROOT, "tests", "fixtures", "taid_bdkd_reference.json")
+from fixture_io import write_fixture
+
+FIXTURE = "taid_bdkd_reference"  # tests/fixtures/taid_bdkd_reference.{npz,json}
 
 SEED = 20250123
 IGNORE = -100  # the label value that ``(labels != -100)`` masks out
@@ -607,12 +605,7 @@ def main():
       cases=cases_meta,
       trajectories=traj_meta,
   )
-  os.makedirs(os.path.dirname(OUT_NPZ), exist_ok=True)
-  np.savez_compressed(OUT_NPZ, **arrays)
-  with open(OUT_JSON, "w") as f:
-    json.dump(meta, f, indent=1, sort_keys=False)
-    f.write("\n")
-  print(f"wrote {OUT_NPZ} ({os.path.getsize(OUT_NPZ)} bytes) and {OUT_JSON}")
+  write_fixture(FIXTURE, arrays, meta)
 
 
 if __name__ == "__main__":
