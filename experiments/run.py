@@ -461,7 +461,10 @@ def _write_atomic(path: str, text: str) -> None:
 
 def describe_method(cfg: Config) -> str:
   """A short description of a method's loss settings for the table."""
-  parts = [f"{cfg.loss}", f"T={cfg.temperature:g}",
+  # MLKD averages its own fixed temperatures and ignores --temperature.
+  temperature = ("T=2–6" if cfg.loss == "mlkd"
+                 else f"T={cfg.temperature:g}")
+  parts = [f"{cfg.loss}", temperature,
            f"ce={cfg.ce_weight:g}", f"kd={cfg.kd_weight:g}"]
   parts += [f"{k}={v:g}" for k, v in cfg.loss_kwargs]
   if cfg.standardize_logits:
