@@ -15,8 +15,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-# Keyword arguments that must be static under jit (they set shapes or loops).
-STATIC_KWARGS = ("axis", "num_iters", "temperatures")
+# Keyword arguments that must be static under jit (they set shapes, loops
+# or code paths); string, bool and None values are always static.
+STATIC_KWARGS = ("axis", "num_iters", "temperatures", "num_heads",
+                 "num_classes")
 
 
 def logits(seed, shape, scale=2.0):
@@ -64,8 +66,9 @@ def all_finite(tree):
 
 
 def _split_static(kw):
-  static = tuple(sorted((k, kw.pop(k)) for k in list(kw)
-                        if k in STATIC_KWARGS))
+  static = tuple(sorted(
+      (k, kw.pop(k)) for k in list(kw)
+      if k in STATIC_KWARGS or kw[k] is None or isinstance(kw[k], (str, bool))))
   return static, kw
 
 

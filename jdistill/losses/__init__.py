@@ -26,6 +26,19 @@ Logit losses (``jdistill.losses.logit``):
   an ``example_mask`` of the rows that take part.
 * ``standardize_logits`` is a pre-transform (logit standardization) that can
   be applied to both logits before any of the losses above.
+
+Feature losses (``jdistill.losses.feature``), per-example outputs, inputs
+channels-last and already projected to equal shapes where needed:
+``hint`` (FitNets; ``kind`` mse, smooth_l1 or cosine), ``attention_transfer``
+(AT), ``nd`` (norm and direction, with ``class_means``), ``vkd`` (V_kD, with
+``orthogonal_projection``), ``attention_map`` (MiniLM attention KL) and
+``token_relation`` (MiniLMv2 relations).
+
+Relational losses (``jdistill.losses.relational``), scalars over the batch
+with an ``example_mask``: ``rkd_distance``, ``rkd_angle`` (RKD),
+``similarity_preserving`` (SP), ``pkt`` (PKT), ``cka`` / ``cka_loss`` (linear
+CKA), ``contrastive`` (InfoNCE with in-batch and memory-bank negatives;
+``memory_bank_init`` / ``memory_bank_update``).
 """
 
 from jdistill.losses.logit import (
@@ -43,6 +56,27 @@ from jdistill.losses.logit import (
     total_variation,
 )
 from jdistill.losses.bdkd import bdkd
+from jdistill.losses.feature import (
+    attention_map,
+    attention_transfer,
+    class_means,
+    hint,
+    nd,
+    orthogonal_projection,
+    token_relation,
+    vkd,
+)
+from jdistill.losses.relational import (
+    cka,
+    cka_loss,
+    contrastive,
+    memory_bank_init,
+    memory_bank_update,
+    pkt,
+    rkd_angle,
+    rkd_distance,
+    similarity_preserving,
+)
 from jdistill.losses.multilevel import mlkd, mlkd_confidence_mask
 from jdistill.losses.ranking import pld
 from jdistill.losses.taid import TAIDState, taid, taid_init, taid_update
@@ -53,17 +87,32 @@ LOGIT_LOSSES["bdkd"] = bdkd  # Same signature as the registry's other losses.
 __all__ = [
     "LOGIT_LOSSES",
     "TAIDState",
+    "attention_map",
+    "attention_transfer",
     "bdkd",
+    "cka",
+    "cka_loss",
+    "class_means",
+    "contrastive",
     "dist",
     "dkd",
     "get_logit_loss",
+    "hint",
     "jsd",
     "kd",
+    "memory_bank_init",
+    "memory_bank_update",
     "mlkd",
     "mlkd_confidence_mask",
     "mse_logits",
+    "nd",
+    "orthogonal_projection",
+    "pkt",
     "pld",
     "reverse_kl",
+    "rkd_angle",
+    "rkd_distance",
+    "similarity_preserving",
     "skew_kl",
     "sinkhorn",
     "skew_reverse_kl",
@@ -71,5 +120,7 @@ __all__ = [
     "taid",
     "taid_init",
     "taid_update",
+    "token_relation",
     "total_variation",
+    "vkd",
 ]
