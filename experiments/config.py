@@ -8,7 +8,9 @@ from typing import Any
 
 from absl import flags
 
-from jdistill.train.objective import DistillObjective, distill_loss_names
+from jdistill.train.objective import (FEATURE_LOSSES, DistillObjective,
+                                      FeatureTerm, distill_loss_names)
+from jdistill.train.projectors import PROJECTOR_KINDS
 from jdistill.train.optim import OPTIMIZERS, SCHEDULES
 from jdistill.train.schedules import SCHEDULE_KINDS
 
@@ -66,6 +68,14 @@ class Config:
   aux_weight: float = 1.0
   aux_temperature: float | None = None
   aux_loss_kwargs: tuple[tuple[str, float], ...] = ()
+  feature_pairs: tuple[str, ...] = ()
+  feature_loss: tuple[str, ...] = ("hint",)
+  feature_weight: tuple[float, ...] = (1.0,)
+  projector: tuple[str, ...] = ("identity",)
+  feature_loss_kwargs: tuple[tuple[str, float], ...] = ()
+  feature_weight_schedule: str = "constant"
+  feature_weight_end: tuple[float, ...] = ()
+  feature_weight_schedule_steps: int = 0
   log_every: int = 100
   eval_every: int = 0
   checkpoint_every: int = 500
@@ -163,7 +173,44 @@ class Config:
         kd_weight_schedule_steps=self.kd_weight_schedule_steps,
         aux_loss=self.aux_loss, aux_weight=self.aux_weight,
         aux_temperature=self.aux_temperature,
-        aux_loss_kwargs=self.aux_loss_kwargs)
+        aux_loss_kwargs=self.aux_loss_kwargs,
+        feature_terms=self.feature_terms())
+
+  def feature_terms(self) -> tuple[FeatureTerm, ...]:
+    """One `FeatureTerm` per ``--feature_pairs`` entry. ``--feature_loss``,
+    ``--feature_weight``, ``--projector`` and ``--feature_weight_end`` give
+    one value for all pairs or one per pair."""
+    n = len(self.feature_pairs)
+    pairs = []
+    for item in self.feature_pairs:
+      student, sep, teacher = item.partition(":")
+      _check(bool(sep and student and teacher and ":" not in teacher),
+             "--feature_pairs", item,
+             "student_tap:teacher_tap items such as penultimate:penultimate")
+      pairs.append((student.strip(), teacher.strip()))
+
+    def per_pair(flag, values):
+      values = tuple(values)
+      _check(len(values) in (1, n), f"--{flag}", ",".join(map(str, values)),
+             f"one value, or one per --feature_pairs entry ({n})")
+      return values * n if len(values) == 1 else values
+
+    if not n:
+      return ()
+    losses_, weights, projectors = (
+        per_pair("feature_loss", self.feature_loss),
+        per_pair("feature_weight", self.feature_weight),
+        per_pair("projector", self.projector))
+    ends = (per_pair("feature_weight_end", self.feature_weight_end)
+            if self.feature_weight_end else (None,) * n)
+    return tuple(
+        FeatureTerm(loss=l, student_tap=s, teacher_tap=t, weight=w,
+                    projector=p, loss_kwargs=self.feature_loss_kwargs,
+                    weight_schedule=self.feature_weight_schedule,
+                    weight_end=e,
+                    weight_schedule_steps=self.feature_weight_schedule_steps)
+        for (s, t), l, w, p, e in zip(pairs, losses_, weights, projectors,
+                                      ends))
 
   def replace(self, **changes) -> "Config":
     return dataclasses.replace(self, **changes)
@@ -171,11 +218,22 @@ class Config:
   def to_json(self) -> dict:
     d = dataclasses.asdict(self)
     for key in ("model_kwargs", "teacher_model_kwargs", "loss_kwargs",
-                "aux_loss_kwargs"):
+                "aux_loss_kwargs", "feature_loss_kwargs"):
       d[key] = dict(d[key])
     d["seeds"] = list(d["seeds"])
+    for key in ("feature_pairs", "feature_loss", "feature_weight", "projector",
+                "feature_weight_end"):
+      d[key] = list(d[key])
     d["methods"] = list(d["methods"])
     return d
+
+
+def _floats(flag: str, items) -> tuple[float, ...]:
+  try:
+    return tuple(float(x) for x in items)
+  except ValueError:
+    raise ValueError(f"{flag}: expected comma-separated numbers; got "
+                     f"{','.join(items)!r}") from None
 
 
 def _check(ok: bool, flag: str, value, expected: str) -> None:
@@ -300,6 +358,26 @@ def define_flags() -> None:
                  "(default: that of --loss).")
   F.DEFINE_list("aux_loss_kwargs", [], "Hyperparameters of --aux_loss as "
                 "name=value.")
+  F.DEFINE_list("feature_pairs", [], "Feature distillation: "
+                "student_tap:teacher_tap pairs (the models' feature names, "
+                "e.g. block2:block2,penultimate:penultimate).")
+  F.DEFINE_list("feature_loss", list(d.feature_loss), "Feature loss per "
+                "pair (one for all, or one per pair): "
+                + ", ".join(FEATURE_LOSSES) + ".")
+  F.DEFINE_list("feature_weight", [str(w) for w in d.feature_weight],
+                "Weight per feature pair (one for all, or one per pair).")
+  F.DEFINE_list("projector", list(d.projector), "Student-feature projector "
+                "per pair (one for all, or one per pair): "
+                + ", ".join(PROJECTOR_KINDS) + ".")
+  F.DEFINE_list("feature_loss_kwargs", [], "Hyperparameters of the feature "
+                "losses as name=value (every pair's loss must take them).")
+  F.DEFINE_enum("feature_weight_schedule", d.feature_weight_schedule,
+                SCHEDULE_KINDS, "How each feature weight moves to its "
+                "--feature_weight_end.")
+  F.DEFINE_list("feature_weight_end", [], "Final feature weight(s) of a "
+                "linear or cosine --feature_weight_schedule.")
+  F.DEFINE_integer("feature_weight_schedule_steps", 0, "Length of the "
+                   "feature weight schedule (0: --num_steps).")
   F.DEFINE_list("methods", [], "--mode=compare: method flagfiles (loss "
                 "flags only, e.g. experiments/flags/methods/dkd.flags)"
                 "; each is distilled over --seeds and gets a row of the table."
@@ -382,6 +460,16 @@ def config_from_flags(FLAGS=flags.FLAGS) -> Config:
       aux_temperature=FLAGS.aux_temperature,
       aux_loss_kwargs=parse_loss_kwargs(FLAGS.aux_loss_kwargs,
                                         "--aux_loss_kwargs"),
+      feature_pairs=tuple(FLAGS.feature_pairs),
+      feature_loss=tuple(FLAGS.feature_loss),
+      feature_weight=_floats("--feature_weight", FLAGS.feature_weight),
+      projector=tuple(FLAGS.projector),
+      feature_loss_kwargs=parse_loss_kwargs(FLAGS.feature_loss_kwargs,
+                                            "--feature_loss_kwargs"),
+      feature_weight_schedule=FLAGS.feature_weight_schedule,
+      feature_weight_end=_floats("--feature_weight_end",
+                                 FLAGS.feature_weight_end),
+      feature_weight_schedule_steps=FLAGS.feature_weight_schedule_steps,
       log_every=FLAGS.log_every,
       eval_every=FLAGS.eval_every,
       checkpoint_every=FLAGS.checkpoint_every,
@@ -450,8 +538,12 @@ def apply_method_lines(cfg: Config, lines: list[str], source: str,
       parsed = FLAGS[name].parser.parse(value)
     except ValueError as e:
       raise ValueError(f"{source}: --{name}={value}: {e}") from None
-    if name in ("loss_kwargs", "aux_loss_kwargs"):
+    if name in ("loss_kwargs", "aux_loss_kwargs", "feature_loss_kwargs"):
       parsed = parse_loss_kwargs(parsed, f"{source}: --{name}")
+    elif name in ("feature_weight", "feature_weight_end"):
+      parsed = _floats(f"{source}: --{name}", parsed)
+    elif isinstance(parsed, list):
+      parsed = tuple(parsed)
     if name == "aux_loss":
       parsed = parsed or None
     changes[name] = parsed

@@ -136,19 +136,23 @@ def _setup(cfg: Config, dataset: jdata.Dataset):
 
 
 def _train(cfg: Config, dataset: jdata.Dataset, mesh, spec: dict,
-           step_factory: Callable, name: str, loss_state=None
-           ) -> dict[str, Any]:
+           step_factory: Callable, name: str, loss_state=None,
+           projector_factory: Callable | None = None) -> dict[str, Any]:
   """Shared body of train and distill: init/restore, loop, save, summary.
 
   ``step_factory(model, tx)`` returns the compiled ``(state, batch) ->
-  (state, metrics)``.
+  (state, metrics)``; ``projector_factory(model, params, model_state)``
+  (distillation with feature terms) returns the projector parameters.
   """
   batches, tx = _setup(cfg, dataset)
   student, params, model_state = build_model(spec, cfg.seed)
+  projector_params = (projector_factory(student, params, model_state)
+                      if projector_factory else {})
   _check_workdir(cfg)  # The first write: everything above is validated.
   state = jtrain.replicate(
       jtrain.TrainState.create(params, model_state, tx, cfg.seed,
-                               loss_state=loss_state), mesh)
+                               loss_state=loss_state,
+                               projector_params=projector_params), mesh)
   jtrain.write_model_spec(cfg.workdir, spec)
   checkpointer = jtrain.Checkpointer(cfg.workdir, max_to_keep=cfg.max_to_keep)
   try:
@@ -222,22 +226,36 @@ def load_teacher(cfg: Config, dataset: jdata.Dataset, mesh):
 
 
 def run_distill(cfg: Config, dataset: jdata.Dataset | None = None) -> dict:
-  """Logit distillation of ``cfg.model`` from ``cfg.teacher_checkpoint``."""
+  """Logit and feature distillation of ``cfg.model`` from
+  ``cfg.teacher_checkpoint``."""
   dataset = dataset or load_data(cfg)
   spec = model_spec(cfg.model, cfg.model_kwargs, dataset)
   objective = cfg.objective()
   mesh = make_mesh(cfg)
   # The teacher is checked and loaded before anything is written.
   teacher, variables, tspec = load_teacher(cfg, dataset, mesh)
+  built = {"projectors": None}
+
+  def projector_factory(student, params, model_state):
+    built["projectors"], projector_params = jtrain.build_projectors(
+        objective.feature_terms,
+        jtrain.feature_shapes(student, params, model_state,
+                              dataset.input_shape),
+        jtrain.feature_shapes(teacher, variables["params"],
+                              variables["model_state"], dataset.input_shape),
+        seed=cfg.seed, student_name=cfg.model, teacher_name=tspec["name"])
+    return projector_params
 
   def factory(student, tx):
     step = jtrain.compile_step(
-        jtrain.make_distill_step(student, teacher, tx, objective), mesh)
+        jtrain.make_distill_step(student, teacher, tx, objective,
+                                 built["projectors"]), mesh)
     return lambda state, batch: step(state, variables, batch)
 
   summary = _train(cfg, dataset, mesh, spec, factory,
                    name=f"distill {cfg.model}<-{tspec['name']}",
-                   loss_state=objective.init_loss_state())
+                   loss_state=objective.init_loss_state(),
+                   projector_factory=projector_factory)
   summary["teacher"] = tspec["name"]
   return summary
 
@@ -476,6 +494,10 @@ def describe_method(cfg: Config) -> str:
       steps = getattr(cfg, f"{name}_schedule_steps")
       parts.append(f"{short}→{getattr(cfg, f'{name}_end'):g} ({kind}"
                    + (f", {steps} steps)" if steps else ")"))
+  for term in cfg.feature_terms():
+    proj = "" if term.projector == "identity" else f", {term.projector}"
+    parts.append(f"+ {term.weight:g}·{term.loss}({term.student_tap}→"
+                 f"{term.teacher_tap}{proj})")
   if cfg.aux_loss:
     aux = [f"+ {cfg.aux_weight:g}·{cfg.aux_loss}"]
     if cfg.aux_temperature is not None:

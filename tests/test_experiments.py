@@ -90,6 +90,18 @@ def teacher_dir(tmp_path_factory):
   return workdir
 
 
+@pytest.fixture(scope="module")
+def digits_teacher_dir(tmp_path_factory):
+  """A small ConvNet teacher (width 32, depth 2) on digits."""
+  workdir = tmp_path_factory.mktemp("digits_teacher")
+  run_lib.run_train(Config(mode="train", workdir=str(workdir), dataset="digits",
+                           model="convnet",
+                           model_kwargs=(("depth", 2), ("width", 32)),
+                           num_steps=8, batch_size=64, eval_batch_size=64,
+                           log_every=8, checkpoint_every=8))
+  return workdir
+
+
 def test_distill_resume_matches_uninterrupted_run(teacher_dir, tmp_path):
   # A constant schedule: a cosine one depends on --num_steps, which the
   # shortened first leg below changes.
@@ -332,3 +344,71 @@ def test_tune_grid_errors(tmp_path):
   grid.write_text('{"kd": {"temperature": [-1]}}')
   _one_line_error(_main(*base), "--temperature=-1.0: expected a positive")
   assert not (tmp_path / "tune").exists()
+
+
+@pytest.mark.parametrize("args, pattern", [
+    (["--feature_pairs=block9:block2"],
+     "--feature_pairs: student model 'convnet' has no feature 'block9'; "
+     "expected one of: block1 (4, 4, 8), block2 (2, 2, 8), penultimate (32)"),
+    (["--feature_pairs=block2:block7"],
+     "teacher model 'convnet' has no feature 'block7'; expected one of: "
+     "block1 (4, 4, 32)"),
+    (["--feature_pairs=block2:block2", "--projector=identity"],
+     "--projector=identity: student feature 'block2' has shape (2, 2, 8) and "
+     "teacher feature 'block2' has shape (2, 2, 32); expected equal shapes"),
+    (["--feature_pairs=block1:block2", "--projector=conv1x1"],
+     "--projector=conv1x1: student feature 'block1' has shape (4, 4, 8) and "
+     "teacher feature 'block2' has shape (2, 2, 32); a projector maps the "
+     "channel (last) axis only"),
+    (["--feature_pairs=block1:block2", "--feature_loss=attention_transfer",
+      "--projector=identity"],
+     "--feature_pairs=block1:block2 (--feature_loss=attention_transfer, "
+     "--projector=identity):"),
+    (["--feature_pairs=block2:block2,penultimate:penultimate",
+      "--feature_weight=1,2,3"],
+     "--feature_weight=1.0,2.0,3.0: expected one value, or one per "
+     "--feature_pairs entry (2)"),
+    (["--feature_pairs=block2"], "--feature_pairs=block2: expected "
+     "student_tap:teacher_tap items"),
+    (["--feature_pairs=block2:block2", "--feature_loss=fitnets"],
+     "--feature_loss=fitnets: unknown feature loss; expected one of: hint,"),
+])
+def test_bad_feature_configuration_gets_one_line_error(
+    digits_teacher_dir, tmp_path, args, pattern):
+  proc = _main("--mode=distill", "--dataset=digits", "--model=convnet",
+               '--model_kwargs={"width": 8, "depth": 2}',
+               f"--teacher_checkpoint={digits_teacher_dir}",
+               f"--workdir={tmp_path / 'run'}", "--num_steps=4",
+               "--batch_size=64", "--eval_batch_size=64",
+               "--projector=conv1x1", *args)
+  _one_line_error(proc, pattern)
+  assert not (tmp_path / "run").exists()
+
+
+def test_feature_distillation_trains_and_checkpoints_projectors(
+    digits_teacher_dir, tmp_path):
+  from experiments.config import Config
+  cfg = Config(mode="distill", dataset="digits", model="convnet",
+               model_kwargs=(("depth", 2), ("width", 8)),
+               teacher_checkpoint=str(digits_teacher_dir),
+               workdir=str(tmp_path), num_steps=16, batch_size=64,
+               eval_batch_size=64, log_every=8, checkpoint_every=8,
+               feature_pairs=("block2:block2", "penultimate:penultimate"),
+               feature_loss=("hint", "rkd_distance"),
+               feature_weight=(10.0, 25.0), projector=("conv1x1", "identity"))
+  run_lib.run_distill(cfg)
+  rows = [json.loads(l) for l in (tmp_path / "metrics.jsonl").read_text()
+          .splitlines() if '"train"' in l]
+  assert {"hint:block2:block2", "rkd_distance:penultimate:penultimate",
+          "hint:block2:block2_weight"} <= set(rows[-1])
+  # The projector (a 1x1 conv 8 -> 32) lives in the train item only.
+  import orbax.checkpoint as ocp
+  step_dir = tmp_path / "checkpoints" / "16"
+  train = ocp.StandardCheckpointer().restore(step_dir / "train")
+  shapes = {np.shape(x) for x in jax.tree.leaves(train["projector_params"])}
+  assert shapes == {(1, 1, 8, 32), (32,)}
+  model = ocp.StandardCheckpointer().restore(step_dir / "model")
+  assert "layers" not in model["params"]
+  # Resuming restores the projectors and continues.
+  summary = run_lib.run_distill(cfg.replace(num_steps=24))
+  assert summary["start_step"] == 16 and summary["steps_run"] == 8

@@ -7,16 +7,25 @@ from jdistill.train.loop import MetricsWriter, evaluate, train_loop
 from jdistill.train.mesh import (DATA_AXIS, batch_sharding, compile_step,
                                  make_data_mesh, put_batch, replicate,
                                  replicated)
-from jdistill.train.objective import (DistillObjective, cross_entropy,
-                                      distill_loss_names, loss_hyperparameters,
-                                      masked_mean)
+from jdistill.train.objective import (FEATURE_LOSSES, DistillObjective,
+                                      FeatureTerm, cross_entropy,
+                                      distill_loss_names,
+                                      feature_loss_hyperparameters,
+                                      loss_hyperparameters, masked_mean)
 from jdistill.train.optim import make_optimizer, make_schedule
+from jdistill.train.projectors import (PROJECTOR_KINDS, FeatureProjectors,
+                                       FunctionalProjectors, build_projectors,
+                                       check_projectable, feature_shapes)
 from jdistill.train.state import FunctionalModel, TrainState
 from jdistill.train.step import (make_distill_step, make_eval_step,
                                  make_train_step)
 
 __all__ = [
-    "Checkpointer", "DATA_AXIS", "DistillObjective", "FunctionalModel",
+    "Checkpointer", "DATA_AXIS", "DistillObjective", "FEATURE_LOSSES",
+    "FeatureProjectors", "FeatureTerm", "FunctionalModel",
+    "FunctionalProjectors", "PROJECTOR_KINDS", "build_projectors",
+    "check_projectable", "feature_shapes",
+    "feature_loss_hyperparameters",
     "MetricsWriter", "TrainState", "batch_sharding", "compile_step",
     "cross_entropy", "distill_loss_names", "evaluate", "load_model_variables",
     "loss_hyperparameters", "make_data_mesh", "make_distill_step",

@@ -6,7 +6,8 @@ Layout of a run directory (``--workdir``)::
     model.json            how to rebuild the model (name, classes, shapes)
     checkpoints/<step>/   orbax composite with two items:
       model/              {"params", "model_state"}: all a teacher needs
-      train/              {"step", "opt_state", "rng", "loss_state"}
+      train/              {"step", "opt_state", "rng", "loss_state",
+                           "projector_params"} (projectors: dropped at export)
 
 A teacher is loaded by restoring only the ``model`` item, so neither the
 teacher's optimizer state nor anything else of its run is read. orbax writes
@@ -39,7 +40,8 @@ def _model_item(state: TrainState) -> dict:
 
 def _train_item(state: TrainState) -> dict:
   return {"step": state.step, "opt_state": state.opt_state, "rng": state.rng,
-          "loss_state": state.loss_state}
+          "loss_state": state.loss_state,
+          "projector_params": state.projector_params}
 
 
 class Checkpointer:
@@ -81,7 +83,8 @@ class Checkpointer:
     return like.replace(step=train["step"], params=model["params"],
                         model_state=model["model_state"],
                         opt_state=train["opt_state"], rng=train["rng"],
-                        loss_state=train["loss_state"])
+                        loss_state=train["loss_state"],
+                        projector_params=train["projector_params"])
 
   def wait(self) -> None:
     self._manager.wait_until_finished()

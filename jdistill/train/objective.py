@@ -11,6 +11,7 @@ loss serves recipes that add one loss to another, e.g. SinKD's
 from __future__ import annotations
 
 import dataclasses
+import functools
 import inspect
 from typing import Callable
 
@@ -44,6 +45,108 @@ _SPECIAL_LOSSES: dict[str, tuple[Callable, Callable]] = {
 _TAID_OPTIONS = ("t_start", "t_end", "alpha", "beta")
 _NOT_HYPERPARAMETERS = ("temperature", "temperatures", "axis", "where",
                         "example_mask", "labels")
+
+
+# Feature losses by name: (function, relational?, needs equal shapes?).
+# Per-example losses are averaged over their non-batch axes and then over the
+# unmasked examples; relational ones (scalars over the batch) get the example
+# mask themselves. Losses that compare features of different sizes (AT, RKD,
+# SP, PKT, CKA, token relations) can run without a projector.
+FEATURE_LOSSES: dict[str, tuple[Callable, bool, bool]] = {
+    "hint": (functools.partial(losses.hint, kind="mse"), False, True),
+    "hint_smooth_l1": (functools.partial(losses.hint, kind="smooth_l1"),
+                       False, True),
+    "hint_cosine": (functools.partial(losses.hint, kind="cosine"), False,
+                    True),
+    "attention_transfer": (losses.attention_transfer, False, False),
+    "vkd": (losses.vkd, False, True),
+    "token_relation": (losses.token_relation, False, False),
+    "rkd_distance": (losses.rkd_distance, True, False),
+    "rkd_angle": (losses.rkd_angle, True, False),
+    "similarity_preserving": (losses.similarity_preserving, True, False),
+    "pkt": (losses.pkt, True, False),
+    "cka": (losses.cka_loss, True, False),
+    "contrastive": (losses.contrastive, True, True),
+}
+_FEATURE_NOT_HYPERPARAMETERS = ("axis", "where", "example_mask", "labels",
+                                "kind", "mode", "normalize", "negatives")
+
+
+def feature_loss_hyperparameters(name: str) -> tuple[str, ...]:
+  """Numeric keyword hyperparameters of feature loss ``name``."""
+  if name not in FEATURE_LOSSES:
+    raise ValueError(f"--feature_loss={name}: unknown feature loss; expected "
+                     f"one of: {', '.join(FEATURE_LOSSES)}")
+  fn = FEATURE_LOSSES[name][0]
+  fixed = fn.keywords if isinstance(fn, functools.partial) else {}
+  return tuple(p.name for p in inspect.signature(fn).parameters.values()
+               if p.kind is inspect.Parameter.KEYWORD_ONLY
+               and p.name not in _FEATURE_NOT_HYPERPARAMETERS
+               and p.name not in fixed)
+
+
+@dataclasses.dataclass(frozen=True)
+class FeatureTerm:
+  """One feature loss between a student tap and a teacher tap.
+
+  The student feature goes through the term's projector (applied by the
+  step, `jdistill.train.projectors`) before the loss. The weight at step
+  ``k`` follows ``weight_schedule`` from ``weight`` to ``weight_end`` over
+  ``weight_schedule_steps`` (0: the objective's ``schedule_steps``).
+  """
+
+  loss: str
+  student_tap: str
+  teacher_tap: str
+  weight: float = 1.0
+  projector: str = "identity"
+  loss_kwargs: tuple[tuple[str, float], ...] = ()
+  weight_schedule: str = "constant"
+  weight_end: float | None = None
+  weight_schedule_steps: int = 0
+
+  def __post_init__(self):
+    allowed = feature_loss_hyperparameters(self.loss)
+    for key, _ in self.loss_kwargs:
+      if key not in allowed:
+        raise ValueError(
+            f"--feature_loss_kwargs: '{key}' is not a hyperparameter of "
+            f"feature loss '{self.loss}'; expected one of: "
+            f"{', '.join(allowed) or 'none'}")
+    if not self.weight >= 0:
+      raise ValueError(f"--feature_weight must be >= 0; got {self.weight}")
+    if self.weight_schedule_steps < 0:
+      raise ValueError("--feature_weight_schedule_steps must be >= 0; got "
+                       f"{self.weight_schedule_steps}")
+
+  @property
+  def needs_same_shape(self) -> bool:
+    """Whether the loss compares the projected student feature with the
+    teacher's element by element (so the projector must match shapes)."""
+    return FEATURE_LOSSES[self.loss][2]
+
+  @property
+  def name(self) -> str:
+    """The metric name of the term."""
+    return f"{self.loss}:{self.student_tap}:{self.teacher_tap}"
+
+  def schedule(self, default_steps: int):
+    return make_value_schedule(
+        self.weight_schedule, self.weight, self.weight_end,
+        num_steps=self.weight_schedule_steps or default_steps,
+        name="feature_weight")
+
+  def value(self, student_feat, teacher_feat, mask):
+    """The term's unweighted loss on a batch (a scalar)."""
+    fn, relational, _ = FEATURE_LOSSES[self.loss]
+    kwargs = dict(self.loss_kwargs)
+    teacher_feat = jax.lax.stop_gradient(teacher_feat)
+    if relational:
+      return fn(student_feat, teacher_feat, example_mask=mask, **kwargs)
+    values = fn(student_feat, teacher_feat, **kwargs)
+    values = jnp.mean(values.reshape(values.shape[0], -1).astype(jnp.float32),
+                      axis=1)
+    return masked_mean(values, mask)
 
 
 def distill_loss_names() -> tuple[str, ...]:
@@ -154,6 +257,9 @@ class DistillObjective:
     aux_temperature: its temperature; ``None`` means ``temperature``'s
       schedule.
     aux_loss_kwargs: its keyword hyperparameters, like ``loss_kwargs``.
+    feature_terms: feature losses (`FeatureTerm`) added to the total, each
+      with its own weight and schedule; their (projected) features are
+      passed to `__call__` as ``features``.
   """
 
   loss: str = "kd"
@@ -177,6 +283,7 @@ class DistillObjective:
   aux_weight: float = 1.0
   aux_temperature: float | None = None
   aux_loss_kwargs: tuple[tuple[str, float], ...] = ()
+  feature_terms: tuple[FeatureTerm, ...] = ()
 
   def __post_init__(self):
     check_loss_kwargs(self.loss, self.loss_kwargs)
@@ -186,6 +293,8 @@ class DistillObjective:
                          f"run's length); got "
                          f"{getattr(self, f'{name}_schedule_steps')}")
     self._schedules()  # Validates the schedules.
+    for term in self.feature_terms:
+      term.schedule(self.schedule_steps)
     if self.loss == "taid" and self.schedule_steps <= 0:
       raise ValueError("--loss=taid needs the number of training steps "
                        "(schedule_steps) for its adaptive schedule")
@@ -242,16 +351,22 @@ class DistillObjective:
 
   def __call__(self, student_logits: jax.Array, teacher_logits: jax.Array,
                labels: jax.Array, mask: jax.Array | None = None, *,
-               step: jax.Array | int = 0, loss_state=None
+               step: jax.Array | int = 0, loss_state=None, features=()
                ) -> tuple[jax.Array, dict[str, jax.Array]]:
     """Returns ``(scalar loss, parts)`` at training step ``step``.
 
     ``parts`` holds ``ce``, ``kd`` and the scheduled ``temperature``,
     ``ce_weight`` and ``kd_weight`` in force at ``step`` (and ``aux`` with
-    a second loss, TAID's ``taid_t``). ``loss_state`` is `init_loss_state`'s
-    pytree, as advanced by `next_loss_state`; ``None`` means the initial
-    state.
+    a second loss, TAID's ``taid_t``, and per feature term its value and
+    weight under ``<loss>:<student tap>:<teacher tap>`` and ``..._weight``).
+    ``loss_state`` is `init_loss_state`'s pytree, as advanced by
+    `next_loss_state`; ``None`` means the initial state. ``features`` holds
+    one ``(projected student feature, teacher feature)`` pair per
+    `feature_terms` entry.
     """
+    if len(features) != len(self.feature_terms):
+      raise ValueError(f"got {len(features)} feature pairs for "
+                       f"{len(self.feature_terms)} feature terms")
     if loss_state is None:
       loss_state = self.init_loss_state()
     if student_logits.shape != teacher_logits.shape:
@@ -284,6 +399,12 @@ class DistillObjective:
                         mask, aux_temperature)
       total = total + self.aux_weight * aux
       parts["aux"] = aux
+    for term, (fs, ft) in zip(self.feature_terms, features):
+      value = term.value(fs, ft, mask)
+      weight = term.schedule(self.schedule_steps)(step)
+      total = total + weight * value
+      parts[term.name] = value
+      parts[term.name + "_weight"] = weight
     if self.loss == "taid":
       parts["taid_t"] = loss_state.t
     return total, parts

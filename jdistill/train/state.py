@@ -62,6 +62,10 @@ class TrainState:
       be checkpointed; steps fold in ``step`` to derive per-step keys.
     loss_state: state of the distillation objective itself (e.g. TAID's
       adaptive interpolation coefficient); ``{}`` for stateless losses.
+    projector_params: parameters of the feature projectors of a feature
+      distillation run (`jdistill.train.projectors`); ``{}`` if none. They
+      are optimised together with ``params`` and checkpointed in the
+      ``train`` item, never in the student's ``model`` item.
   """
 
   step: jax.Array
@@ -70,20 +74,44 @@ class TrainState:
   opt_state: PyTree
   rng: jax.Array
   loss_state: PyTree = dataclasses.field(default_factory=dict)
+  projector_params: PyTree = dataclasses.field(default_factory=dict)
 
   @classmethod
   def create(cls, params: PyTree, model_state: PyTree,
              tx: optax.GradientTransformation, seed: int,
-             loss_state: PyTree | None = None) -> "TrainState":
+             loss_state: PyTree | None = None,
+             projector_params: PyTree | None = None) -> "TrainState":
+    projector_params = {} if projector_params is None else projector_params
     return cls(
         step=jnp.zeros((), jnp.int32),
         params=params,
         model_state=model_state,
-        opt_state=tx.init(params),
+        opt_state=tx.init(trainables(params, projector_params)),
         rng=jax.random.key_data(jax.random.key(seed)),
         loss_state={} if loss_state is None else loss_state,
+        projector_params=projector_params,
     )
+
+  def trainables(self) -> PyTree:
+    """What the optimizer updates (see `trainables`)."""
+    return trainables(self.params, self.projector_params)
+
+  def with_trainables(self, tree: PyTree) -> "TrainState":
+    """The state with ``tree`` (shaped like `trainables`) written back."""
+    if not jax.tree.leaves(self.projector_params):
+      return self.replace(params=tree)
+    return self.replace(params=tree["model"],
+                        projector_params=tree["projectors"])
 
   def step_key(self) -> jax.Array:
     """A typed PRNG key unique to the current step."""
     return jax.random.fold_in(jax.random.wrap_key_data(self.rng), self.step)
+
+
+def trainables(params: PyTree, projector_params: PyTree) -> PyTree:
+  """The optimizer's pytree: ``params`` alone when there are no projector
+  parameters (so plain runs keep their optimizer-state layout), else
+  ``{"model": params, "projectors": projector_params}``."""
+  if not jax.tree.leaves(projector_params):
+    return params
+  return {"model": params, "projectors": projector_params}

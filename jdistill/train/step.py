@@ -15,6 +15,7 @@ import jax.numpy as jnp
 import optax
 
 from jdistill.train.objective import DistillObjective, cross_entropy, masked_mean
+from jdistill.train.projectors import FunctionalProjectors
 from jdistill.train.state import FunctionalModel, TrainState
 
 Batch = dict[str, jax.Array]
@@ -28,10 +29,13 @@ def _accuracy(logits: jax.Array, labels: jax.Array, mask) -> jax.Array:
 
 def _apply_gradients(state: TrainState, tx: optax.GradientTransformation,
                      grads, new_model_state) -> tuple[TrainState, jax.Array]:
-  updates, opt_state = tx.update(grads, state.opt_state, state.params)
-  params = optax.apply_updates(state.params, updates)
-  new_state = state.replace(step=state.step + 1, params=params,
-                            model_state=new_model_state, opt_state=opt_state)
+  """One optimizer update; ``grads`` is shaped like `state.trainables()`."""
+  trainables = state.trainables()
+  updates, opt_state = tx.update(grads, state.opt_state, trainables)
+  new_state = state.with_trainables(optax.apply_updates(trainables, updates))
+  new_state = new_state.replace(step=state.step + 1,
+                                model_state=new_model_state,
+                                opt_state=opt_state)
   return new_state, optax.tree.norm(grads)
 
 
@@ -67,43 +71,65 @@ def make_train_step(model: FunctionalModel, tx: optax.GradientTransformation,
 
 def make_distill_step(student: FunctionalModel, teacher: FunctionalModel,
                       tx: optax.GradientTransformation,
-                      objective: DistillObjective
+                      objective: DistillObjective,
+                      projectors: FunctionalProjectors | None = None
                       ) -> Callable[[TrainState, Any, Batch],
                                     tuple[TrainState, Metrics]]:
-  """Logit-distillation step.
+  """Logit- and feature-distillation step.
 
   The teacher runs forward only, in inference mode, under ``stop_gradient``;
   its variables are an argument of the step, never part of the state, so they
-  are neither optimised nor checkpointed.
+  are neither optimised nor checkpointed. For each of the objective's
+  feature terms the student's tap goes through its projector (parameters in
+  ``state.projector_params``, trained with the student) and is compared with
+  the teacher's tap.
 
   Args:
     student: the student's functional model.
     teacher: the teacher's functional model.
-    tx: the student's optimizer.
-    objective: ``ce_weight * CE + kd_weight * <logit loss>``.
+    tx: the optimizer of the student and the projectors.
+    objective: ``ce_weight * CE + kd_weight * <logit loss>`` plus its
+      feature terms.
+    projectors: the projectors of ``objective.feature_terms`` (required
+      when there are feature terms).
 
   Returns:
     ``step(state, teacher_variables, batch) -> (state, metrics)`` where
     ``teacher_variables = {"params": ..., "model_state": ...}``. Metrics:
-    ``loss``, ``ce``, ``kd``, ``accuracy``, ``teacher_accuracy``,
-    ``agreement`` (student and teacher top-1 agree) and ``grad_norm``.
+    ``loss``, ``ce``, ``kd``, one entry per feature term, ``accuracy``,
+    ``teacher_accuracy``, ``agreement`` (student and teacher top-1 agree)
+    and ``grad_norm``.
   """
+  terms = objective.feature_terms
+  if terms and projectors is None:
+    raise ValueError("make_distill_step: the objective has feature terms "
+                     "but no projectors were given")
 
-  def loss_fn(params, state: TrainState, teacher_logits, batch: Batch):
-    logits, _, new_model_state = student.apply(params, state.model_state,
-                                               batch["x"], train=True)
+  def loss_fn(trainables, state: TrainState, teacher_logits, teacher_feats,
+              batch: Batch):
+    state = state.with_trainables(trainables)
+    logits, feats, new_model_state = student.apply(
+        state.params, state.model_state, batch["x"], train=True)
+    pairs = ()
+    if terms:
+      projected = projectors.apply(
+          state.projector_params, [feats[t.student_tap] for t in terms])
+      pairs = tuple(zip(projected, teacher_feats))
     loss, parts = objective(logits, teacher_logits, batch["y"],
                             batch.get("mask"), step=state.step,
-                            loss_state=state.loss_state)
+                            loss_state=state.loss_state, features=pairs)
     return loss, (logits, parts, new_model_state)
 
   def step(state: TrainState, teacher_variables, batch: Batch):
-    teacher_logits, _, _ = teacher.apply(
+    teacher_logits, teacher_all, _ = teacher.apply(
         teacher_variables["params"], teacher_variables["model_state"],
         batch["x"], train=False)
     teacher_logits = jax.lax.stop_gradient(teacher_logits)
+    teacher_feats = [jax.lax.stop_gradient(teacher_all[t.teacher_tap])
+                     for t in terms]
     (loss, (logits, parts, new_model_state)), grads = jax.value_and_grad(
-        loss_fn, has_aux=True)(state.params, state, teacher_logits, batch)
+        loss_fn, has_aux=True)(state.trainables(), state, teacher_logits,
+                               teacher_feats, batch)
     loss_state = objective.next_loss_state(state.loss_state, parts,
                                            state.step)
     state, grad_norm = _apply_gradients(state, tx, grads, new_model_state)

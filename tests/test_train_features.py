@@ -1,0 +1,166 @@
+"""Feature distillation in the train layer: projectors, feature terms of the
+objective, the distill step with projector parameters, and checkpoints."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from flax import nnx
+
+from jdistill import losses
+from jdistill import train as jtrain
+
+
+class TapModel(nnx.Module):
+  """A user model with two taps: ``map`` [B, 4, C] and ``vec`` [B, C]."""
+
+  def __init__(self, channels, classes=3, *, rngs):
+    self.conv = nnx.Conv(2, channels, kernel_size=(3,), rngs=rngs)
+    self.head = nnx.Linear(channels, classes, rngs=rngs)
+    self.feature_names = ("map", "vec")
+
+  def __call__(self, x, *, train=False):
+    h = jax.nn.relu(self.conv(x))
+    v = jnp.mean(h, axis=1)
+    return self.head(v), {"map": h, "vec": v}
+
+
+def _setup(student_channels=5, teacher_channels=7):
+  student, sp, sms = jtrain.FunctionalModel.split(
+      TapModel(student_channels, rngs=nnx.Rngs(0)))
+  teacher, tp, tms = jtrain.FunctionalModel.split(
+      TapModel(teacher_channels, rngs=nnx.Rngs(1)))
+  rng = np.random.default_rng(0)
+  batch = {"x": rng.normal(size=(8, 4, 2)).astype(np.float32),
+           "y": rng.integers(0, 3, 8).astype(np.int32)}
+  return student, (sp, sms), teacher, {"params": tp, "model_state": tms}, batch
+
+
+@pytest.mark.parametrize("kind, s, t, pattern", [
+    ("identity", (4, 5), (4, 7), r"--projector=identity: student feature "
+     r"'map' has shape \(4, 5\) and teacher feature 'tmap' has shape \(4, 7\)"
+     r"; expected equal shapes"),
+    ("linear", (8, 5), (4, 7), r"maps the channel \(last\) axis only"),
+    ("conv1x1", (5,), (7,), r"a 1x1 convolution needs a spatial feature"),
+    ("fancy", (5,), (7,), r"--projector=fancy: expected one of: identity, "
+     r"linear, conv1x1, mlp, orthogonal"),
+])
+def test_projector_shape_errors(kind, s, t, pattern):
+  with pytest.raises(ValueError, match=pattern):
+    jtrain.check_projectable(kind, s, t, student_tap="map", teacher_tap="tmap")
+
+
+@pytest.mark.parametrize("kind", ["linear", "conv1x1", "mlp", "orthogonal"])
+def test_projectors_map_channels(kind):
+  proj, params = jtrain.FunctionalProjectors.create([(kind, (4, 5), (4, 7))])
+  x = jnp.asarray(np.random.default_rng(1).normal(size=(2, 4, 5)), jnp.float32)
+  (y,) = proj.apply(params, [x])
+  assert y.shape == (2, 4, 7)
+  if kind == "linear":
+    p = params["layers"][0]
+    np.testing.assert_allclose(y, x @ p["kernel"] + p["bias"], rtol=1e-5,
+                               atol=1e-6)
+  if kind == "orthogonal":
+    # Starts at the truncated identity and keeps orthonormal columns.
+    np.testing.assert_allclose(y[..., :5], x, atol=1e-6)
+    w = jnp.asarray(np.random.default_rng(2).normal(size=(7, 5)), jnp.float32)
+    q = losses.orthogonal_projection(w)
+    np.testing.assert_allclose(q.T @ q, np.eye(5), atol=1e-5)
+
+
+def _objective(weight=0.5, projector="linear"):
+  return jtrain.DistillObjective(
+      loss="kd", temperature=2.0, ce_weight=1.0, kd_weight=1.0,
+      feature_terms=(
+          jtrain.FeatureTerm("hint", "map", "map", weight=weight,
+                             projector=projector),
+          jtrain.FeatureTerm("rkd_distance", "vec", "vec", weight=2.0,
+                             projector="identity")))
+
+
+def test_feature_step_loss_and_projector_gradients():
+  student, (sp, sms), teacher, tvars, batch = _setup()
+  obj = _objective()
+  proj, pparams = jtrain.FunctionalProjectors.create(
+      [("linear", (4, 5), (4, 7)), ("identity", (5,), (7,))])
+  tx = optax.sgd(0.1)
+  state = jtrain.TrainState.create(sp, sms, tx, 0, projector_params=pparams)
+  step = jax.jit(jtrain.make_distill_step(student, teacher, tx, obj, proj))
+  new, m = step(state, tvars, batch)
+
+  # The loss is the sum of its parts, each computed here independently.
+  s_logits, s_feats, _ = student.apply(sp, sms, batch["x"], train=True)
+  t_logits, t_feats, _ = teacher.apply(tvars["params"], tvars["model_state"],
+                                       batch["x"], train=False)
+  proj_map = (s_feats["map"] @ pparams["layers"][0]["kernel"]
+              + pparams["layers"][0]["bias"])
+  hint = np.mean((np.asarray(proj_map) - np.asarray(t_feats["map"])) ** 2)
+  rkd = losses.rkd_distance(s_feats["vec"], t_feats["vec"])
+  ce = optax.softmax_cross_entropy_with_integer_labels(s_logits,
+                                                       batch["y"]).mean()
+  kd = losses.kd(s_logits, t_logits, temperature=2.0).mean()
+  np.testing.assert_allclose(m["hint:map:map"], hint, rtol=1e-5)
+  np.testing.assert_allclose(m["rkd_distance:vec:vec"], rkd, rtol=1e-5)
+  np.testing.assert_allclose(m["loss"], ce + kd + 0.5 * hint + 2.0 * rkd,
+                             rtol=1e-5)
+  # Gradients reach the projector, which SGD moves; the teacher is frozen.
+  moved = jax.tree.map(lambda a, b: float(jnp.max(jnp.abs(a - b))),
+                       new.projector_params, pparams)
+  assert min(jax.tree.leaves(moved)) > 0
+  # The projector's gradient is the hint term's alone (RKD uses identity).
+  g = jax.grad(lambda k: 0.5 * jnp.mean(
+      (s_feats["map"] @ k + pparams["layers"][0]["bias"]
+       - t_feats["map"]) ** 2))(pparams["layers"][0]["kernel"])
+  np.testing.assert_allclose(
+      new.projector_params["layers"][0]["kernel"],
+      pparams["layers"][0]["kernel"] - 0.1 * g, rtol=1e-4, atol=1e-6)
+
+
+def test_state_without_projectors_keeps_the_optimizer_layout():
+  _, (sp, sms), _, _, _ = _setup()
+  tx = optax.adam(1e-3)
+  state = jtrain.TrainState.create(sp, sms, tx, 0)
+  assert (jax.tree.structure(state.opt_state)
+          == jax.tree.structure(tx.init(sp)))
+  assert state.trainables() is sp
+
+
+def test_feature_weight_schedule():
+  term = jtrain.FeatureTerm("hint", "a", "b", weight=0.0,
+                            weight_schedule="linear", weight_end=4.0,
+                            weight_schedule_steps=10)
+  sched = term.schedule(100)
+  np.testing.assert_allclose([sched(0), sched(5), sched(50)], [0, 2, 4])
+
+
+@pytest.mark.parametrize("kwargs, pattern", [
+    (dict(loss="fitnet"), r"--feature_loss=fitnet: unknown feature loss; "
+     r"expected one of: hint, "),
+    (dict(loss="hint", loss_kwargs=(("p", 2.0),)),
+     r"--feature_loss_kwargs: 'p' is not a hyperparameter of feature loss "
+     r"'hint'; expected one of: beta"),
+    (dict(loss="hint", weight=-1.0), r"--feature_weight must be >= 0"),
+])
+def test_feature_term_errors(kwargs, pattern):
+  with pytest.raises(ValueError, match=pattern):
+    jtrain.FeatureTerm(student_tap="a", teacher_tap="b", **kwargs)
+
+
+def test_checkpoint_keeps_projectors_out_of_the_model_item(tmp_path):
+  student, (sp, sms), _, _, _ = _setup()
+  _, pparams = jtrain.FunctionalProjectors.create([("mlp", (4, 5), (4, 7))])
+  tx = optax.adam(1e-3)
+  state = jtrain.TrainState.create(sp, sms, tx, 3, projector_params=pparams)
+  ckpt = jtrain.Checkpointer(str(tmp_path))
+  ckpt.save(state, force=True)
+  ckpt.wait()
+  zero = jax.tree.map(jnp.zeros_like, state)
+  restored = ckpt.restore(zero)
+  ckpt.close()
+  for a, b in zip(jax.tree.leaves(state), jax.tree.leaves(restored)):
+    np.testing.assert_array_equal(a, b)
+  # The model item (what a teacher or an export reads) is the student only.
+  variables = jtrain.load_model_variables(str(tmp_path), sp, sms)
+  assert (jax.tree.structure(variables["params"])
+          == jax.tree.structure(sp))
