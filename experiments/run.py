@@ -26,7 +26,9 @@ RUN_CONFIG_FILE = "run_config.json"
 _RESUMABLE = {"num_steps", "log_every", "eval_every", "checkpoint_every",
               "max_to_keep", "num_devices", "coordinator_address",
               "num_processes", "process_id", "eval_batch_size", "workdir",
-              "teacher_num_steps", "seeds", "data_dir"}
+              "teacher_num_steps", "seeds", "data_dir",
+              # Which rows a comparison or tuning has: not a run's setting.
+              "methods", "tune_grid", "tune_output_dir"}
 
 
 def _log(msg: str) -> None:
@@ -482,11 +484,15 @@ def describe_method(cfg: Config) -> str:
   # MLKD averages its own fixed temperatures and ignores --temperature.
   temperature = ("T=2–6" if cfg.loss == "mlkd"
                  else f"T={cfg.temperature:g}")
-  parts = [f"{cfg.loss}", temperature,
-           f"ce={cfg.ce_weight:g}", f"kd={cfg.kd_weight:g}"]
-  parts += [f"{k}={v:g}" for k, v in cfg.loss_kwargs]
-  if cfg.standardize_logits:
-    parts.append("standardized")
+  if (cfg.kd_weight == 0 and cfg.kd_weight_schedule == "constant"
+      and cfg.feature_pairs):
+    parts = [f"ce={cfg.ce_weight:g}", "no logit loss"]  # Features alone.
+  else:
+    parts = [f"{cfg.loss}", temperature,
+             f"ce={cfg.ce_weight:g}", f"kd={cfg.kd_weight:g}"]
+    parts += [f"{k}={v:g}" for k, v in cfg.loss_kwargs]
+    if cfg.standardize_logits:
+      parts.append("standardized")
   for name, short in (("temperature", "T"), ("ce_weight", "ce"),
                       ("kd_weight", "kd")):
     kind = getattr(cfg, f"{name}_schedule")

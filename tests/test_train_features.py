@@ -164,3 +164,34 @@ def test_checkpoint_keeps_projectors_out_of_the_model_item(tmp_path):
   variables = jtrain.load_model_variables(str(tmp_path), sp, sms)
   assert (jax.tree.structure(variables["params"])
           == jax.tree.structure(sp))
+
+
+def test_ofa_branch_maps_a_feature_map_to_logits_against_the_teacher():
+  student, (sp, sms), teacher, tvars, batch = _setup()
+  term = jtrain.FeatureTerm("ofa", "map", "logits", projector="ofa",
+                            loss_kwargs=(("eps", 1.5),))
+  obj = jtrain.DistillObjective(loss="kd", ce_weight=1.0, kd_weight=0.0,
+                                feature_terms=(term,))
+  shapes_s = jtrain.feature_shapes(student, sp, sms, (4, 2))
+  shapes_t = jtrain.feature_shapes(teacher, tvars["params"],
+                                   tvars["model_state"], (4, 2))
+  assert shapes_t["logits"] == (3,)
+  proj, pparams = jtrain.build_projectors((term,), shapes_s, shapes_t)
+  tx = optax.sgd(0.1)
+  state = jtrain.TrainState.create(sp, sms, tx, 0, projector_params=pparams)
+  new, m = jax.jit(jtrain.make_distill_step(student, teacher, tx, obj, proj))(
+      state, tvars, batch)
+  _, s_feats, _ = student.apply(sp, sms, batch["x"], train=True)
+  t_logits, _, _ = teacher.apply(tvars["params"], tvars["model_state"],
+                                 batch["x"], train=False)
+  (branch_logits,) = proj.apply(pparams, [s_feats["map"]])
+  assert branch_logits.shape == (8, 3)
+  expected = losses.ofa(branch_logits, t_logits, batch["y"], eps=1.5).mean()
+  np.testing.assert_allclose(m["ofa:map:logits"], expected, rtol=1e-5)
+  assert all(float(jnp.max(jnp.abs(a - b))) > 0 for a, b in zip(
+      jax.tree.leaves(new.projector_params), jax.tree.leaves(pparams)))
+  with pytest.raises(ValueError, match=r"--projector=ofa: .*the teacher tap "
+                                       r"must be 'logits'"):
+    jtrain.build_projectors(
+        (jtrain.FeatureTerm("ofa", "map", "map", projector="ofa"),),
+        shapes_s, shapes_t)

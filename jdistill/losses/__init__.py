@@ -24,6 +24,9 @@ Logit losses (``jdistill.losses.logit``):
   per-example values; ``sinkhorn`` (SinKD) and ``mlkd`` (multi-level logit
   distillation) are relational over the batch and return scalars; they take
   an ``example_mask`` of the rows that take part.
+* ``ofa`` (OFA's target-enhanced KD) needs ``labels`` and returns
+  per-example values; with ``--projector=ofa`` it also distills
+  intermediate features mapped into logit space.
 * ``standardize_logits`` is a pre-transform (logit standardization) that can
   be applied to both logits before any of the losses above.
 
@@ -78,6 +81,7 @@ from jdistill.losses.relational import (
     similarity_preserving,
 )
 from jdistill.losses.multilevel import mlkd, mlkd_confidence_mask
+from jdistill.losses.ofa import ofa
 from jdistill.losses.ranking import pld
 from jdistill.losses.taid import TAIDState, taid, taid_init, taid_update
 from jdistill.losses.transport import sinkhorn
@@ -106,6 +110,7 @@ __all__ = [
     "mlkd_confidence_mask",
     "mse_logits",
     "nd",
+    "ofa",
     "orthogonal_projection",
     "pkt",
     "pld",

@@ -40,6 +40,8 @@ _SPECIAL_LOSSES: dict[str, tuple[Callable, Callable]] = {
     "mlkd": (losses.mlkd, lambda s, t, y, m, T, kw: losses.mlkd(
         s, t, example_mask=m, **kw)),
     "taid": (losses.taid, None),  # Needs the loss state: see __call__.
+    "ofa": (losses.ofa, lambda s, t, y, m, T, kw: masked_mean(
+        losses.ofa(s, t, y, temperature=T, **kw), m)),
 }
 # TAID's options are those of its adaptive schedule (`losses.taid_update`).
 _TAID_OPTIONS = ("t_start", "t_end", "alpha", "beta")
@@ -47,26 +49,31 @@ _NOT_HYPERPARAMETERS = ("temperature", "temperatures", "axis", "where",
                         "example_mask", "labels")
 
 
-# Feature losses by name: (function, relational?, needs equal shapes?).
+# Feature losses by name: (function, relational?, needs equal shapes?,
+# needs labels?).
 # Per-example losses are averaged over their non-batch axes and then over the
 # unmasked examples; relational ones (scalars over the batch) get the example
 # mask themselves. Losses that compare features of different sizes (AT, RKD,
 # SP, PKT, CKA, token relations) can run without a projector.
-FEATURE_LOSSES: dict[str, tuple[Callable, bool, bool]] = {
-    "hint": (functools.partial(losses.hint, kind="mse"), False, True),
+FEATURE_LOSSES: dict[str, tuple[Callable, bool, bool, bool]] = {
+    "hint": (functools.partial(losses.hint, kind="mse"), False, True, False),
     "hint_smooth_l1": (functools.partial(losses.hint, kind="smooth_l1"),
-                       False, True),
+                       False, True, False),
     "hint_cosine": (functools.partial(losses.hint, kind="cosine"), False,
-                    True),
-    "attention_transfer": (losses.attention_transfer, False, False),
-    "vkd": (losses.vkd, False, True),
-    "token_relation": (losses.token_relation, False, False),
-    "rkd_distance": (losses.rkd_distance, True, False),
-    "rkd_angle": (losses.rkd_angle, True, False),
-    "similarity_preserving": (losses.similarity_preserving, True, False),
-    "pkt": (losses.pkt, True, False),
-    "cka": (losses.cka_loss, True, False),
-    "contrastive": (losses.contrastive, True, True),
+                    True, False),
+    "attention_transfer": (losses.attention_transfer, False, False, False),
+    "vkd": (losses.vkd, False, True, False),
+    "token_relation": (losses.token_relation, False, False, False),
+    "rkd_distance": (losses.rkd_distance, True, False, False),
+    "rkd_angle": (losses.rkd_angle, True, False, False),
+    "similarity_preserving": (losses.similarity_preserving, True, False,
+                              False),
+    "pkt": (losses.pkt, True, False, False),
+    "cka": (losses.cka_loss, True, False, False),
+    "contrastive": (losses.contrastive, True, True, False),
+    # OFA: a student feature mapped into logit space (--projector=ofa)
+    # against the teacher's logits (teacher tap "logits").
+    "ofa": (losses.ofa, False, True, True),
 }
 _FEATURE_NOT_HYPERPARAMETERS = ("axis", "where", "example_mask", "labels",
                                 "kind", "mode", "normalize", "negatives")
@@ -136,14 +143,19 @@ class FeatureTerm:
         num_steps=self.weight_schedule_steps or default_steps,
         name="feature_weight")
 
-  def value(self, student_feat, teacher_feat, mask):
+  def value(self, student_feat, teacher_feat, mask, labels=None):
     """The term's unweighted loss on a batch (a scalar)."""
-    fn, relational, _ = FEATURE_LOSSES[self.loss]
+    fn, relational, _, needs_labels = FEATURE_LOSSES[self.loss]
     kwargs = dict(self.loss_kwargs)
     teacher_feat = jax.lax.stop_gradient(teacher_feat)
     if relational:
       return fn(student_feat, teacher_feat, example_mask=mask, **kwargs)
-    values = fn(student_feat, teacher_feat, **kwargs)
+    if needs_labels:
+      if labels is None:  # Shape checks only (see build_projectors).
+        labels = jnp.zeros(student_feat.shape[:-1], jnp.int32)
+      values = fn(student_feat, teacher_feat, labels, **kwargs)
+    else:
+      values = fn(student_feat, teacher_feat, **kwargs)
     values = jnp.mean(values.reshape(values.shape[0], -1).astype(jnp.float32),
                       axis=1)
     return masked_mean(values, mask)
@@ -400,7 +412,7 @@ class DistillObjective:
       total = total + self.aux_weight * aux
       parts["aux"] = aux
     for term, (fs, ft) in zip(self.feature_terms, features):
-      value = term.value(fs, ft, mask)
+      value = term.value(fs, ft, mask, labels)
       weight = term.schedule(self.schedule_steps)(step)
       total = total + weight * value
       parts[term.name] = value

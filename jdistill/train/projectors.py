@@ -14,6 +14,11 @@ the same resolution). Kinds:
 * ``orthogonal``: V_kD's orthogonal projection: ``x @ P.T`` with
   ``P = losses.orthogonal_projection(W)`` (orthonormal rows or columns), no
   bias, so the student feature is rotated, not stretched.
+* ``ofa``: OFA's branch into logit space for a feature of any resolution:
+  ``dense(c_h) -> ReLU`` on the channels, the mean over the spatial axes,
+  then ``dense(num_classes)`` (``c_h = max(c_s, num_classes)``); pair it
+  with the teacher tap ``logits``. OFA's own branch for CNN students first
+  downsamples with separable-conv stages; this one keeps the resolution.
 
 The projectors of a run are one `FeatureProjectors` module, split into pure
 dicts like a model (`FunctionalProjectors`); their parameters are kept in
@@ -33,7 +38,8 @@ from flax import nnx
 
 from jdistill import losses
 
-PROJECTOR_KINDS = ("identity", "linear", "conv1x1", "mlp", "orthogonal")
+PROJECTOR_KINDS = ("identity", "linear", "conv1x1", "mlp", "orthogonal",
+                   "ofa")
 
 
 def _shape_text(shape) -> str:
@@ -54,6 +60,12 @@ def check_projectable(kind: str, student_shape: Sequence[int],
   s, t = tuple(student_shape), tuple(teacher_shape)
   pair = (f"student feature '{student_tap}' has shape {_shape_text(s)} and "
           f"teacher feature '{teacher_tap}' has shape {_shape_text(t)}")
+  if kind == "ofa":
+    if len(t) != 1 or not s:
+      raise ValueError(f"--projector=ofa: {pair}; it maps a student feature "
+                       "to logits, so the teacher tap must be 'logits' (or "
+                       "another vector)")
+    return
   if kind == "identity":
     if s != t and same_shape:
       raise ValueError(f"--projector=identity: {pair}; expected equal shapes "
@@ -91,6 +103,20 @@ class _MLP(nnx.Module):
     return self.fc2(jax.nn.relu(self.fc1(x)))
 
 
+class _OFABranch(nnx.Module):
+
+  def __init__(self, c_in: int, c_out: int, *, rngs: nnx.Rngs):
+    hidden = max(c_in, c_out)
+    self.fc1 = nnx.Linear(c_in, hidden, rngs=rngs)
+    self.head = nnx.Linear(hidden, c_out, rngs=rngs)
+
+  def __call__(self, x):
+    h = jax.nn.relu(self.fc1(x))
+    if h.ndim > 2:  # Pool the spatial axes.
+      h = jnp.mean(h, axis=tuple(range(1, h.ndim - 1)))
+    return self.head(h)
+
+
 class _Identity(nnx.Module):
 
   def __call__(self, x):
@@ -110,6 +136,8 @@ def make_projector(kind: str, c_in: int, c_out: int, *, spatial_ndim: int,
     return _MLP(c_in, c_out, rngs=rngs)
   if kind == "orthogonal":
     return _Orthogonal(c_in, c_out, rngs=rngs)
+  if kind == "ofa":
+    return _OFABranch(c_in, c_out, rngs=rngs)
   raise ValueError(f"--projector={kind}: expected one of: "
                    f"{', '.join(PROJECTOR_KINDS)}")
 
@@ -194,7 +222,8 @@ def build_projectors(terms, student_shapes: dict, teacher_shapes: dict, *,
   # the pair (e.g. AT on maps of different resolutions) fails here, before
   # anything is written, with the pair named.
   for term, (kind, s, t) in zip(terms, specs):
-    projected = s if kind == "identity" else (*s[:-1], t[-1])
+    projected = (s if kind == "identity" else t if kind == "ofa"
+                 else (*s[:-1], t[-1]))
     try:
       jax.eval_shape(lambda a, b: term.value(a, b, None),
                      jax.ShapeDtypeStruct((2, *projected), jnp.float32),
@@ -209,9 +238,11 @@ def build_projectors(terms, student_shapes: dict, teacher_shapes: dict, *,
 
 def feature_shapes(model, params, model_state, input_shape) -> dict:
   """Per-example shape of every feature of ``model`` (a `FunctionalModel`),
-  computed abstractly (no FLOPs)."""
+  plus its ``logits``, computed abstractly (no FLOPs)."""
   x = jax.ShapeDtypeStruct((1, *input_shape), jnp.float32)
-  _, feats, _ = jax.eval_shape(
+  logits, feats, _ = jax.eval_shape(
       lambda p, s, x: model.apply(p, s, x, train=False), params, model_state,
       x)
-  return {k: tuple(v.shape[1:]) for k, v in feats.items()}
+  shapes = {k: tuple(v.shape[1:]) for k, v in feats.items()}
+  shapes["logits"] = tuple(logits.shape[1:])
+  return shapes

@@ -112,6 +112,7 @@ def make_distill_step(student: FunctionalModel, teacher: FunctionalModel,
         state.params, state.model_state, batch["x"], train=True)
     pairs = ()
     if terms:
+      feats = {**feats, "logits": logits}
       projected = projectors.apply(
           state.projector_params, [feats[t.student_tap] for t in terms])
       pairs = tuple(zip(projected, teacher_feats))
@@ -125,6 +126,7 @@ def make_distill_step(student: FunctionalModel, teacher: FunctionalModel,
         teacher_variables["params"], teacher_variables["model_state"],
         batch["x"], train=False)
     teacher_logits = jax.lax.stop_gradient(teacher_logits)
+    teacher_all = {**teacher_all, "logits": teacher_logits}
     teacher_feats = [jax.lax.stop_gradient(teacher_all[t.teacher_tap])
                      for t in terms]
     (loss, (logits, parts, new_model_state)), grads = jax.value_and_grad(
