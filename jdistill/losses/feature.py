@@ -42,6 +42,7 @@ import numpy as np
 from jdistill.losses.logit import (
     _as_float,
     _check_positive,
+    _check_where,
     _is_concrete_number,
     _kl,
     _log_probs,
@@ -100,21 +101,8 @@ def _check_equal_shapes(s: jax.Array, t: jax.Array, s_name: str,
 def _check_mask(where: Optional[ArrayLike], shape: tuple[int, ...],
                 what: str) -> Optional[jax.Array]:
   """A boolean ``where`` broadcast to ``shape`` (or None)."""
-  if where is None:
-    return None
-  where = jnp.asarray(where)
-  if where.dtype != jnp.bool_:
-    raise ValueError(f"where must be a boolean array, got dtype {where.dtype}")
-  try:
-    broadcast = np.broadcast_shapes(where.shape, shape)
-  except ValueError:
-    broadcast = None
-  if broadcast != tuple(shape):
-    raise ValueError(
-        f"where has shape {tuple(where.shape)}, which does not broadcast to "
-        f"{what} {tuple(shape)}"
-    )
-  return jnp.broadcast_to(where, shape)
+  where = _check_where(where, shape, what)
+  return None if where is None else jnp.broadcast_to(where, shape)
 
 
 def _check_choice(value: Any, name: str, choices: tuple) -> None:

@@ -115,8 +115,11 @@ def _float_pair(student_logits: ArrayLike, teacher_logits: ArrayLike
 
 
 def _check_where(
-    where: Optional[ArrayLike], shape: tuple[int, ...]
+    where: Optional[ArrayLike], shape: tuple[int, ...],
+    what: str = "the logits shape"
 ) -> Optional[jax.Array]:
+  """A boolean ``where`` that broadcasts to ``shape`` (``what`` names the
+  shape in errors), or None."""
   if where is None:
     return None
   where = jnp.asarray(where)
@@ -131,7 +134,7 @@ def _check_where(
   if broadcast != tuple(shape):
     raise ValueError(
         f"where has shape {tuple(where.shape)}, which does not broadcast to "
-        f"the logits shape {tuple(shape)}"
+        f"{what} {tuple(shape)}"
     )
   return where
 
