@@ -412,3 +412,12 @@ def test_feature_distillation_trains_and_checkpoints_projectors(
   # Resuming restores the projectors and continues.
   summary = run_lib.run_distill(cfg.replace(num_steps=24))
   assert summary["start_step"] == 16 and summary["steps_run"] == 8
+
+
+def test_adding_methods_to_a_comparison_keeps_its_runs_resumable(tmp_path):
+  cfg = Config(workdir=str(tmp_path), methods=("a.flags",))
+  run_lib._check_workdir(cfg)
+  run_lib._check_workdir(cfg.replace(methods=("a.flags", "b.flags"),
+                                     tune_grid="grid.json"))
+  with pytest.raises(ValueError, match=r"holds a run with --temperature=4.0"):
+    run_lib._check_workdir(cfg.replace(temperature=2.0))
