@@ -175,7 +175,8 @@ def _train(cfg: Config, dataset: jdata.Dataset, mesh, spec: dict,
         log_every=cfg.log_every, eval_every=cfg.eval_every,
         evaluate_fn=evaluate_fn, checkpointer=checkpointer,
         checkpoint_every=cfg.checkpoint_every,
-        writer=jtrain.MetricsWriter(cfg.workdir), log=_log, name=name)
+        writer=jtrain.MetricsWriter(cfg.workdir), log=_log, name=name,
+        eval_split="validation" if cfg.validation_fraction else "test")
   finally:
     checkpointer.close()
   summary.update(model=spec["name"], workdir=cfg.workdir,

@@ -220,6 +220,9 @@ def test_validation_fraction_evaluates_on_held_out_training_data(tmp_path):
       mode="train", model="mlp", workdir=str(tmp_path), num_steps=4,
       batch_size=64, validation_fraction=0.2))
   assert summary["test"]["count"] == 800  # 20% of the 4000 training signals.
+  records = [json.loads(l) for l in (tmp_path / "metrics.jsonl").read_text()
+             .splitlines()]
+  assert {r["split"] for r in records} == {"train", "validation"}
 
 
 def test_scheduled_distillation_logs_the_schedule(teacher_dir, tmp_path):
@@ -309,7 +312,7 @@ def test_tune_chooses_on_the_validation_split_and_writes_method_files(
       rows = [json.loads(l) for l in (
           tmp_path / "tune" / "kd" / f"candidate{k}_seed{s}" / "metrics.jsonl"
       ).read_text().splitlines()]
-      final = [r for r in rows if r.get("split") == "test"][-1]
+      final = [r for r in rows if r.get("split") == "validation"][-1]
       assert final["count"] == len(validation.test)
       finals.append(final["accuracy"])
     np.testing.assert_allclose(c["accuracy"], np.mean(finals), rtol=1e-6)

@@ -88,7 +88,8 @@ def train_loop(state, step_fn: Callable, batches: TrainBatches, mesh, *,
                writer: MetricsWriter | None = None,
                log: Callable[[str], None] = print,
                sync_every: int = MAX_SYNC_EVERY,
-               name: str = "train"):
+               name: str = "train",
+               eval_split: str = "test"):
   """Runs ``step_fn`` from ``state.step`` up to ``num_steps``.
 
   Args:
@@ -104,6 +105,10 @@ def train_loop(state, step_fn: Callable, batches: TrainBatches, mesh, *,
     checkpoint_every: save every N steps (0: only at the end).
     writer: where metric records go.
     sync_every: fetch metrics to the host at least every N steps (<= 16).
+    name: the run's name in progress lines.
+    eval_split: what ``evaluate_fn`` evaluates (``test`` or
+      ``validation``), recorded as the eval records' ``split``. The summary
+      keeps the final result under ``test`` either way.
 
   Returns:
     ``(state, summary)`` where summary has the final eval metrics, the last
@@ -129,8 +134,8 @@ def train_loop(state, step_fn: Callable, batches: TrainBatches, mesh, *,
 
   def run_eval(step: int):
     result = evaluate_fn(state)
-    writer.write({"step": step, "split": "test", **result})
-    log(f"[{name}] step {step}: test " + ", ".join(
+    writer.write({"step": step, "split": eval_split, **result})
+    log(f"[{name}] step {step}: {eval_split} " + ", ".join(
         f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}"
         for k, v in result.items()))
     return result
