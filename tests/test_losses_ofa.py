@@ -67,7 +67,7 @@ def test_ofa_mask_bf16_extreme_and_errors():
   big = losses.ofa(s * 1e4, t * 1e4, y)
   assert all_finite(big) and all_finite(
       jax.grad(lambda a: losses.ofa(a, t * 1e4, y).sum())(s * 1e4))
-  with pytest.raises(ValueError, match=r"labels have shape \(3,\)"):
+  with pytest.raises(ValueError, match=r"labels has shape \(3,\)"):
     losses.ofa(s, t, y[:3])
   with pytest.raises(ValueError, match=r"eps"):
     losses.ofa(s, t, y, eps=0.0)

@@ -41,6 +41,7 @@ import numpy as np
 
 from jdistill.losses.logit import (
     _as_float,
+    _check_labels,
     _check_positive,
     _check_where,
     _is_concrete_number,
@@ -428,14 +429,8 @@ def class_means(
   if e.ndim != 2:
     raise ValueError(
         f"embeddings must be [num_examples, dim], got shape {tuple(e.shape)}")
-  labels = jnp.asarray(labels)
-  if not jnp.issubdtype(labels.dtype, jnp.integer):
-    raise ValueError(
-        f"labels must be an integer array, got dtype {labels.dtype}")
-  if labels.shape != e.shape[:1]:
-    raise ValueError(
-        f"labels has shape {tuple(labels.shape)} but expected {e.shape[:1]} "
-        f"(one label per row of embeddings)")
+  labels = _check_labels(labels, e.shape[:1],
+                         "one label per row of embeddings")
   if not isinstance(num_classes, numbers.Integral) or num_classes < 1:
     raise ValueError(f"num_classes must be a positive int, got {num_classes!r}")
   where = _check_mask(where, e.shape[:1], "the rows of embeddings")
@@ -506,14 +501,7 @@ def nd(
     raise ValueError(
         f"class_centers has shape {tuple(c.shape)} but expected "
         f"[num_classes, {s.shape[1]}] (the embedding dim of student_emb)")
-  labels = jnp.asarray(labels)
-  if not jnp.issubdtype(labels.dtype, jnp.integer):
-    raise ValueError(
-        f"labels must be an integer array, got dtype {labels.dtype}")
-  if labels.shape != s.shape[:1]:
-    raise ValueError(
-        f"labels has shape {tuple(labels.shape)} but expected {s.shape[:1]} "
-        "(one label per example)")
+  labels = _check_labels(labels, s.shape[:1], "one label per example")
   dtype = jnp.result_type(s, c)
   s, t, c = s.astype(dtype), t.astype(dtype), c.astype(dtype)
   direction = _unit(c, -1)[labels]

@@ -139,6 +139,48 @@ def _check_where(
   return where
 
 
+def _check_labels(labels: ArrayLike, expected: tuple[int, ...],
+                  what: str) -> jax.Array:
+  """Integer ``labels`` of shape ``expected`` (``what`` explains it)."""
+  labels = jnp.asarray(labels)
+  if not jnp.issubdtype(labels.dtype, jnp.integer):
+    raise ValueError(f"labels must be an integer array, got dtype {labels.dtype}")
+  if labels.shape != tuple(expected):
+    raise ValueError(
+        f"labels has shape {tuple(labels.shape)} but expected "
+        f"{tuple(expected)} ({what})"
+    )
+  return labels
+
+
+def _check_class_labels(labels: ArrayLike, shape: tuple[int, ...], ax: int,
+                        axis: Axis) -> jax.Array:
+  """Integer ``labels`` of the logits ``shape`` without class axis ``ax``."""
+  return _check_labels(labels, shape[:ax] + shape[ax + 1 :],
+                       f"student_logits shape {tuple(shape)} without axis "
+                       f"{axis}")
+
+
+def _check_example_mask(
+    example_mask: Optional[ArrayLike], shape: tuple[int, ...], what: str
+) -> Optional[jax.Array]:
+  """A boolean ``example_mask`` of exactly ``shape`` (``what`` explains the
+  shape in errors), or None."""
+  if example_mask is None:
+    return None
+  mask = jnp.asarray(example_mask)
+  if mask.dtype != jnp.bool_:
+    raise ValueError(
+        f"example_mask must be a boolean array, got dtype {mask.dtype}"
+    )
+  if mask.shape != tuple(shape):
+    raise ValueError(
+        f"example_mask has shape {tuple(mask.shape)} but expected "
+        f"{tuple(shape)} ({what})"
+    )
+  return mask
+
+
 def _is_concrete_number(x: Any) -> bool:
   return isinstance(x, (numbers.Real, np.ndarray, np.generic)) and np.ndim(x) == 0
 
@@ -657,15 +699,7 @@ def dkd(
     raise ValueError(
         f"dkd needs at least 2 classes along axis {axis}, got {num_classes}"
     )
-  labels = jnp.asarray(labels)
-  if not jnp.issubdtype(labels.dtype, jnp.integer):
-    raise ValueError(f"labels must be an integer array, got dtype {labels.dtype}")
-  expected = s.shape[:ax] + s.shape[ax + 1 :]
-  if labels.shape != expected:
-    raise ValueError(
-        f"labels has shape {tuple(labels.shape)} but expected {expected} "
-        f"(student_logits shape {tuple(s.shape)} without axis {axis})"
-    )
+  labels = _check_class_labels(labels, s.shape, ax, axis)
 
   dtype = jnp.result_type(s, t)
   temp = jnp.asarray(temperature, dtype=dtype)

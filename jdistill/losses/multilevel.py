@@ -48,6 +48,7 @@ import jax.numpy as jnp
 
 from jdistill.losses.logit import (
     _as_float,
+    _check_example_mask,
     _check_positive,
     _check_where,
     _kl,
@@ -62,24 +63,6 @@ __all__ = ["mlkd", "mlkd_confidence_mask"]
 ArrayLike = jax.typing.ArrayLike
 
 MLKD_TEMPERATURES = (2.0, 3.0, 4.0, 5.0, 6.0)
-
-
-def _check_example_mask(
-    example_mask: Optional[ArrayLike], shape: tuple[int, ...], axis: int
-) -> Optional[jax.Array]:
-  if example_mask is None:
-    return None
-  example_mask = jnp.asarray(example_mask)
-  if example_mask.dtype != jnp.bool_:
-    raise ValueError(
-        f"example_mask must be a boolean array, got dtype {example_mask.dtype}"
-    )
-  if example_mask.shape != shape:
-    raise ValueError(
-        f"example_mask has shape {tuple(example_mask.shape)} but expected "
-        f"{shape} (the logits shape without axis {axis})"
-    )
-  return example_mask
 
 
 def mlkd(
@@ -177,8 +160,8 @@ def mlkd(
   for temp in temperatures:
     _check_positive(temp, "every temperature in temperatures")
   example_mask = _check_example_mask(
-      example_mask, s.shape[:ax] + s.shape[ax + 1 :], axis
-  )
+      example_mask, s.shape[:ax] + s.shape[ax + 1 :],
+      f"the logits shape without axis {axis}")
 
   dtype = jnp.result_type(s, t)
   shape, num_classes = s.shape, s.shape[ax]

@@ -5,8 +5,8 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from jdistill.losses.logit import (_check_positive, _check_where, _float_pair,
-                                   _single_axis)
+from jdistill.losses.logit import (_check_class_labels, _check_positive,
+                                   _check_where, _float_pair, _single_axis)
 
 
 def ofa(student_logits, teacher_logits, labels, *, eps: float = 1.0,
@@ -57,11 +57,7 @@ def ofa(student_logits, teacher_logits, labels, *, eps: float = 1.0,
   where = _check_where(where, s.shape)
   _check_positive(eps, "eps")
   _check_positive(temperature, "temperature")
-  labels = jnp.asarray(labels)
-  if labels.shape != s.shape[:ax] + s.shape[ax + 1:]:
-    raise ValueError(f"labels have shape {labels.shape}; expected the logits' "
-                     f"shape without the class axis, "
-                     f"{s.shape[:ax] + s.shape[ax + 1:]}")
+  labels = _check_class_labels(labels, s.shape, ax, axis)
   s = jnp.moveaxis(s, ax, -1) / temperature
   t = jnp.moveaxis(t, ax, -1) / temperature
   if where is not None:

@@ -14,6 +14,7 @@ import jax
 import jax.numpy as jnp
 
 from jdistill.losses.logit import (
+    _check_class_labels,
     _check_positive,
     _check_where,
     _log_probs,
@@ -105,17 +106,7 @@ def pld(
   ax = _single_axis("pld", axis, s.ndim)
   where = _check_where(where, s.shape)
   _check_positive(temperature, "temperature")
-  labels = jnp.asarray(labels)
-  if not jnp.issubdtype(labels.dtype, jnp.integer):
-    raise ValueError(
-        f"labels must be an integer array, got dtype {labels.dtype}"
-    )
-  expected = s.shape[:ax] + s.shape[ax + 1 :]
-  if labels.shape != expected:
-    raise ValueError(
-        f"labels has shape {tuple(labels.shape)} but expected {expected} "
-        f"(student_logits shape {tuple(s.shape)} without axis {axis})"
-    )
+  labels = _check_class_labels(labels, s.shape, ax, axis)
 
   dtype = jnp.result_type(s, t)
   shape, num_classes = s.shape, s.shape[ax]

@@ -42,6 +42,7 @@ import numpy as np
 
 from jdistill.losses.logit import (
     _as_float,
+    _check_example_mask,
     _check_positive,
     _log_probs,
 )
@@ -115,22 +116,11 @@ def _embedding_pair(
   return x.astype(dtype), y.astype(dtype)
 
 
-def _check_example_mask(
+def _check_batch_mask(
     example_mask: Optional[ArrayLike], batch: int
 ) -> Optional[jax.Array]:
-  if example_mask is None:
-    return None
-  mask = jnp.asarray(example_mask)
-  if mask.dtype != jnp.bool_:
-    raise ValueError(
-        f"example_mask must be a boolean array, got dtype {mask.dtype}"
-    )
-  if mask.shape != (batch,):
-    raise ValueError(
-        f"example_mask has shape {tuple(mask.shape)} but expected ({batch},) "
-        "(one entry per example of the batch)"
-    )
-  return mask
+  return _check_example_mask(example_mask, (batch,),
+                             "one entry per example of the batch")
 
 
 def _check_int(value: Any, name: str, minimum: int) -> int:
@@ -349,7 +339,7 @@ def rkd_distance(
   """
   s, t = _embedding_pair(student, teacher, "student", "teacher")
   b = s.shape[0]
-  keep = _check_example_mask(example_mask, b)
+  keep = _check_batch_mask(example_mask, b)
   s = _select_rows(s, keep)
   t = jax.lax.stop_gradient(_select_rows(t, keep))
   n = _count(keep, b, s.dtype)
@@ -422,7 +412,7 @@ def rkd_angle(
   """
   s, t = _embedding_pair(student, teacher, "student", "teacher")
   b = s.shape[0]
-  keep = _check_example_mask(example_mask, b)
+  keep = _check_batch_mask(example_mask, b)
   s = _select_rows(s, keep)
   t = jax.lax.stop_gradient(_select_rows(t, keep))
   n = _count(keep, b, s.dtype)
@@ -500,7 +490,7 @@ def similarity_preserving(
   """
   s, t = _embedding_pair(student, teacher, "student", "teacher")
   b = s.shape[0]
-  keep = _check_example_mask(example_mask, b)
+  keep = _check_batch_mask(example_mask, b)
   n = _count(keep, b, s.dtype)
 
   def normalised_gram(x):
@@ -571,7 +561,7 @@ def pkt(
   s, t = _embedding_pair(student, teacher, "student", "teacher")
   _check_positive(eps, "eps")
   b = s.shape[0]
-  keep = _check_example_mask(example_mask, b)
+  keep = _check_batch_mask(example_mask, b)
   n = _count(keep, b, s.dtype)
   pairs = _pair_mask(keep, b, off_diagonal=False)
   e = jnp.asarray(eps, s.dtype)
@@ -658,7 +648,7 @@ def cka(
   """
   a, c = _embedding_pair(x, y, "x", "y")
   b = a.shape[0]
-  keep = _check_example_mask(example_mask, b)
+  keep = _check_batch_mask(example_mask, b)
   n = _count(keep, b, a.dtype)
   a = _centred(a, keep, n)
   c = _centred(c, keep, n)
@@ -793,7 +783,7 @@ def contrastive(
                          "teacher_emb", same_features=True)
   _check_positive(temperature, "temperature")
   b, dim = s.shape
-  keep = _check_example_mask(example_mask, b)
+  keep = _check_batch_mask(example_mask, b)
   dtype = s.dtype
   if negatives is not None:
     bank = _as_float(negatives, "negatives")

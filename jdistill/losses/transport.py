@@ -15,6 +15,7 @@ import jax
 import jax.numpy as jnp
 
 from jdistill.losses.logit import (
+    _check_example_mask,
     _check_positive,
     _check_where,
     _log_probs,
@@ -153,19 +154,9 @@ def sinkhorn(
       or num_iters < 1
   ):
     raise ValueError(f"num_iters must be an int >= 1, got {num_iters!r}")
-  example_shape = s.shape[:ax] + s.shape[ax + 1 :]
-  if example_mask is not None:
-    example_mask = jnp.asarray(example_mask)
-    if example_mask.dtype != jnp.bool_:
-      raise ValueError(
-          f"example_mask must be a boolean array, got dtype "
-          f"{example_mask.dtype}"
-      )
-    if example_mask.shape != example_shape:
-      raise ValueError(
-          f"example_mask has shape {tuple(example_mask.shape)} but expected "
-          f"{example_shape} (the logits shape without axis {axis})"
-      )
+  example_mask = _check_example_mask(
+      example_mask, s.shape[:ax] + s.shape[ax + 1 :],
+      f"the logits shape without axis {axis}")
 
   dtype = jnp.result_type(s, t)
   shape, num_classes = s.shape, s.shape[ax]
