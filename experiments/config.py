@@ -154,27 +154,15 @@ class Config:
              "host:port of process 0 when --num_processes > 1")
 
   def objective(self) -> DistillObjective:
-    """The distillation objective these flags describe."""
-    return DistillObjective(
-        loss=self.loss, temperature=self.temperature,
-        ce_weight=self.ce_weight, kd_weight=self.kd_weight,
-        loss_kwargs=self.loss_kwargs,
-        standardize_logits=self.standardize_logits,
-        label_smoothing=self.label_smoothing,
-        temperature_schedule=self.temperature_schedule,
-        temperature_end=self.temperature_end,
-        ce_weight_schedule=self.ce_weight_schedule,
-        ce_weight_end=self.ce_weight_end,
-        kd_weight_schedule=self.kd_weight_schedule,
-        kd_weight_end=self.kd_weight_end,
-        schedule_steps=self.num_steps,
-        temperature_schedule_steps=self.temperature_schedule_steps,
-        ce_weight_schedule_steps=self.ce_weight_schedule_steps,
-        kd_weight_schedule_steps=self.kd_weight_schedule_steps,
-        aux_loss=self.aux_loss, aux_weight=self.aux_weight,
-        aux_temperature=self.aux_temperature,
-        aux_loss_kwargs=self.aux_loss_kwargs,
-        feature_terms=self.feature_terms())
+    """The distillation objective these flags describe: every objective
+    field that is also a flag, plus the schedules' length (``num_steps``)
+    and the feature terms."""
+    flags_ = {f.name for f in dataclasses.fields(self)}
+    shared = {f.name: getattr(self, f.name)
+              for f in dataclasses.fields(DistillObjective)
+              if f.name in flags_}
+    return DistillObjective(**shared, schedule_steps=self.num_steps,
+                            feature_terms=self.feature_terms())
 
   def feature_terms(self) -> tuple[FeatureTerm, ...]:
     """One `FeatureTerm` per ``--feature_pairs`` entry. ``--feature_loss``,

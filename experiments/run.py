@@ -402,8 +402,8 @@ def run_tune(cfg: Config) -> dict:
   test split is never read. ``tuning.md`` / ``tuning.json`` under
   ``--workdir`` hold all scores. A rerun resumes or skips finished runs.
   """
-  names = [os.path.splitext(os.path.basename(p))[0] for p in cfg.methods]
-  compare_methods(cfg)  # Validates names and files.
+  # Validates the names and each method file as written.
+  names = [name for name, _ in compare_methods(cfg)]
   grid = load_tune_grid(cfg.tune_grid, names)
   candidates = {}
   for name, path in zip(names, cfg.methods):

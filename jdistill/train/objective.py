@@ -151,8 +151,6 @@ class FeatureTerm:
     if relational:
       return fn(student_feat, teacher_feat, example_mask=mask, **kwargs)
     if needs_labels:
-      if labels is None:  # Shape checks only (see build_projectors).
-        labels = jnp.zeros(student_feat.shape[:-1], jnp.int32)
       values = fn(student_feat, teacher_feat, labels, **kwargs)
     else:
       values = fn(student_feat, teacher_feat, **kwargs)

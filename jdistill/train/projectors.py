@@ -225,9 +225,10 @@ def build_projectors(terms, student_shapes: dict, teacher_shapes: dict, *,
     projected = (s if kind == "identity" else t if kind == "ofa"
                  else (*s[:-1], t[-1]))
     try:
-      jax.eval_shape(lambda a, b: term.value(a, b, None),
+      jax.eval_shape(lambda a, b, y: term.value(a, b, None, y),
                      jax.ShapeDtypeStruct((2, *projected), jnp.float32),
-                     jax.ShapeDtypeStruct((2, *t), jnp.float32))
+                     jax.ShapeDtypeStruct((2, *t), jnp.float32),
+                     jax.ShapeDtypeStruct((2,), jnp.int32))
     except (ValueError, TypeError) as e:
       raise ValueError(
           f"--feature_pairs={term.student_tap}:{term.teacher_tap} "
