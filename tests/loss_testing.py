@@ -109,3 +109,13 @@ def load_reference_fixture(name):
   with np.load(os.path.join(FIXTURES, f"{name}.npz")) as npz:
     arrays = {k: npz[k] for k in npz.files}
   return meta, arrays
+
+
+def fixture_inputs(arrays, key):
+  """``(student, teacher, labels)`` of fixture case ``key`` as float32 /
+  int JAX arrays (x64 is not enabled, so jdistill runs in float32)."""
+  s = jnp.asarray(arrays[f"{key}/student"])
+  t = jnp.asarray(arrays[f"{key}/teacher"])
+  y = jnp.asarray(arrays[f"{key}/labels"])
+  assert s.dtype == jnp.float32
+  return s, t, y

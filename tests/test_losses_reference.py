@@ -49,7 +49,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from tests.loss_testing import load_reference_fixture
+from tests.loss_testing import fixture_inputs, load_reference_fixture
 
 from jdistill.losses import logit as L
 
@@ -60,14 +60,6 @@ _CASE = {c["key"]: c for c in _META["cases"]}
 RTOL = 1e-5  # float32 jdistill vs float64 reference, values.
 GRAD_RTOL = 1e-5
 GRAD_ATOL_FRAC = 1e-5  # absolute tolerance, as a fraction of max |grad|.
-
-
-def _inputs(key):
-  s = jnp.asarray(_DATA[f"{key}/student"])
-  t = jnp.asarray(_DATA[f"{key}/teacher"])
-  y = jnp.asarray(_DATA[f"{key}/labels"])
-  assert s.dtype == jnp.float32  # x64 is not enabled
-  return s, t, y
 
 
 def _args(key, name):
@@ -181,7 +173,7 @@ def _all_value_and_grad(s, t, y, hs):
 
 @functools.lru_cache(maxsize=None)
 def _results(key):
-  s, t, y = _inputs(key)
+  s, t, y = fixture_inputs(_DATA, key)
   hs = {
       name: {k: jnp.float32(v) for k, v in h_fn(_args(key, ref)).items()}
       for name, (_, h_fn, ref) in EXPRESSIONS.items()

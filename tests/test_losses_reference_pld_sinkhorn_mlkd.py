@@ -84,7 +84,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from tests.loss_testing import FIXTURES, load_reference_fixture
+from tests.loss_testing import (FIXTURES, fixture_inputs,
+                                load_reference_fixture)
 
 from jdistill.losses.multilevel import mlkd, mlkd_confidence_mask
 from jdistill.losses.ranking import pld
@@ -106,14 +107,6 @@ def _values(key):
   v64 = dict(zip(names, _DATA[f"{key}/values_f64"].tolist()))
   v32 = dict(zip(names, _DATA[f"{key}/values_f32"].tolist()))
   return v64, v32
-
-
-def _inputs(key):
-  s = jnp.asarray(_DATA[f"{key}/student"])
-  t = jnp.asarray(_DATA[f"{key}/teacher"])
-  y = jnp.asarray(_DATA[f"{key}/labels"])
-  assert s.dtype == jnp.float32  # x64 is not enabled
-  return s, t, y
 
 
 def _check_value(got, key, name, rtol=RTOL, f32=True):
@@ -178,7 +171,7 @@ def test_fixture_metadata():
 
 @pytest.mark.parametrize("key", CASES)
 def test_pld_matches_appendix_c(key):
-  s, t, y = _inputs(key)
+  s, t, y = fixture_inputs(_DATA, key)
   temp = _CASE[key]["pld"]["temperature"]
   f = lambda a: jnp.mean(pld(a, t, y, temperature=temp))
   value, g = jax.value_and_grad(f)(s)
@@ -197,7 +190,7 @@ def _tie_inputs():
   tie = _META["tie_case"]
   # The relation below assumes torch's sort kept ties in index order.
   assert tie["pld"]["sort_matches_stable_sort"]
-  s, t, y = _inputs(tie["key"])
+  s, t, y = fixture_inputs(_DATA, tie["key"])
   return tie, s, t, y
 
 
@@ -228,7 +221,7 @@ def test_pld_ties_plain_order_differs():
 @pytest.mark.parametrize("key", CASES)
 @pytest.mark.parametrize("name", SINKHORN)
 def test_sinkhorn_matches_sinkd(name, key):
-  s, t, _ = _inputs(key)
+  s, t, _ = fixture_inputs(_DATA, key)
   h = _CASE[key]["sinkhorn"][name]
   assert _META["sinkhorn_settings"][name] == dict(epsilon=h["epsilon"],
                                                   n_iters=h["n_iters"])
@@ -241,7 +234,7 @@ def test_sinkhorn_matches_sinkd(name, key):
 
 @pytest.mark.parametrize("key", CASES)
 def test_sinkd_module_forward(key):
-  s, t, _ = _inputs(key)
+  s, t, _ = fixture_inputs(_DATA, key)
   h = _CASE[key]["sinkhorn"]["sinkd_module"]
   assert h["extra_factor"] == "* 20 / 8"
   got = h["weight"] * 20 / 8 * sinkhorn(
@@ -256,7 +249,7 @@ def test_sinkd_module_forward(key):
 
 @pytest.mark.parametrize("key", CASES)
 def test_mlkd_single_levels(key):
-  s, t, _ = _inputs(key)
+  s, t, _ = fixture_inputs(_DATA, key)
   for level, which in (("kd", "instance_weight"), ("bc", "batch_weight"),
                        ("cc", "class_weight")):
     for temp in _CASE[key]["mlkd"]["temperatures"]:
@@ -267,7 +260,7 @@ def test_mlkd_single_levels(key):
 
 @pytest.mark.parametrize("key", CASES)
 def test_mlkd_all_levels(key):
-  s, t, _ = _inputs(key)
+  s, t, _ = fixture_inputs(_DATA, key)
   temps = tuple(_CASE[key]["mlkd"]["temperatures"])
   assert temps[1:] == (3.0, 5.0, 2.0, 6.0)
   value, g = jax.value_and_grad(lambda a: mlkd(a, t, temperatures=temps))(s)
@@ -285,7 +278,7 @@ def _class_conf_mask(t):
 
 @pytest.mark.parametrize("key", CASES)
 def test_mlkd_confidence_masks(key):
-  _, t, _ = _inputs(key)
+  _, t, _ = fixture_inputs(_DATA, key)
   np.testing.assert_array_equal(np.asarray(mlkd_confidence_mask(t)),
                                 _DATA[f"{key}/mlkd_train/mask"])
   np.testing.assert_array_equal(_class_conf_mask(t),
@@ -294,7 +287,7 @@ def test_mlkd_confidence_masks(key):
 
 @pytest.mark.parametrize("key", CASES)
 def test_mlkd_forward_train(key):
-  s_w, t_w, y = _inputs(key)
+  s_w, t_w, y = fixture_inputs(_DATA, key)
   s_s = jnp.asarray(_DATA[f"{key}/student_strong"])
   t_s = jnp.asarray(_DATA[f"{key}/teacher_strong"])
   h = _CASE[key]["mlkd"]

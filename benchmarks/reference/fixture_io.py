@@ -3,14 +3,28 @@
 
 from __future__ import annotations
 
+import importlib
 import json
 import os
+import platform
 
 import numpy as np
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(
     os.path.abspath(__file__))))
 FIXTURES = os.path.join(ROOT, "tests", "fixtures")
+
+
+def package_versions(*, torchdistill: bool = False) -> dict:
+  """The versions a fixture was computed with (python, torch, torchdistill
+  when used, numpy), for its JSON file."""
+  versions = {"python": platform.python_version(),
+              "torch": importlib.import_module("torch").__version__}
+  if torchdistill:
+    versions["torchdistill"] = importlib.import_module(
+        "torchdistill").__version__
+  versions["numpy"] = np.__version__
+  return versions
 
 
 def write_fixture(name: str, arrays: dict, meta: dict) -> None:

@@ -52,7 +52,6 @@ references are computed on exactly those values (upcast).
 from __future__ import annotations
 
 import math
-import platform
 import sys
 
 import numpy as np
@@ -61,10 +60,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.nn.utils import parametrizations
 
-import torchdistill
 from torchdistill.losses import mid_level as td
 
-from fixture_io import write_fixture
+from fixture_io import package_versions, write_fixture
 
 FIXTURE = "feature_reference"  # tests/fixtures/feature_reference.{npz,json}
 SEED = 20240602
@@ -305,10 +303,7 @@ def main():
   meta = dict(
       generator="benchmarks/reference/make_feature_fixtures.py",
       seed=SEED,
-      versions=dict(python=platform.python_version(),
-                    torch=torch.__version__,
-                    torchdistill=torchdistill.__version__,
-                    numpy=np.__version__),
+      versions=package_versions(torchdistill=True),
       notes=[
           "Inputs are stored channels-last (jdistill's layout); the "
           "torchdistill/torch calls of the attention_transfer and 4-D hint "

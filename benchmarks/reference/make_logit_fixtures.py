@@ -30,17 +30,15 @@ results differ only by arithmetic, not by input rounding.
 
 from __future__ import annotations
 
-import platform
 import sys
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-import torchdistill
 from torchdistill.losses import mid_level as td
 
-from fixture_io import write_fixture
+from fixture_io import package_versions, write_fixture
 
 FIXTURE = "logit_reference"  # tests/fixtures/logit_reference.{npz,json}
 
@@ -218,12 +216,7 @@ def main():
   meta = dict(
       generator="benchmarks/reference/make_logit_fixtures.py",
       seed=SEED,
-      versions=dict(
-          python=platform.python_version(),
-          torch=torch.__version__,
-          torchdistill=torchdistill.__version__,
-          numpy=np.__version__,
-      ),
+      versions=package_versions(torchdistill=True),
       references={name: ref for name, (ref, _, _) in LOSSES.items()},
       torchdistill_call=(
           "cls(student_module_path='.', student_module_io='output', "

@@ -117,7 +117,6 @@ differ only by arithmetic. Gradients are float64 autograd, stored as float32
 
 from __future__ import annotations
 
-import platform
 import sys
 
 import numpy as np
@@ -125,7 +124,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from fixture_io import write_fixture
+from fixture_io import package_versions, write_fixture
 
 FIXTURE = "pld_sinkhorn_mlkd_reference"  # tests/fixtures/pld_sinkhorn_mlkd_reference.{npz,json}
 
@@ -526,8 +525,7 @@ def main():
   meta = dict(
       generator="benchmarks/reference/make_pld_sinkhorn_mlkd_fixtures.py",
       seed=SEED,
-      versions=dict(python=platform.python_version(), torch=torch.__version__,
-                    numpy=np.__version__),
+      versions=package_versions(),
       references=REFERENCES,
       sinkhorn_settings={k: dict(epsilon=e, n_iters=n)
                          for k, (e, n) in SINKHORN_SETTINGS.items()},

@@ -41,17 +41,15 @@ float32 results differ only by arithmetic, not by input rounding.
 
 from __future__ import annotations
 
-import platform
 import sys
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-import torchdistill
 from torchdistill.losses import mid_level as td
 
-from fixture_io import write_fixture
+from fixture_io import package_versions, write_fixture
 
 FIXTURE = "relational_reference"  # tests/fixtures/relational_reference.*
 
@@ -196,12 +194,7 @@ def main():
   meta = dict(
       generator="benchmarks/reference/make_relational_fixtures.py",
       seed=SEED,
-      versions=dict(
-          python=platform.python_version(),
-          torch=torch.__version__,
-          torchdistill=torchdistill.__version__,
-          numpy=np.__version__,
-      ),
+      versions=package_versions(torchdistill=True),
       references={name: desc for name, (desc, _, _) in LOSSES.items()},
       constructor_args=dict(
           rkd=RKD_ARGS, spkd=SP_ARGS, pkt=PKT_ARGS),

@@ -121,14 +121,13 @@ TAID's ``compute_loss`` returns NaN at ``t = 1`` when a student logit is
 from __future__ import annotations
 
 import math
-import platform
 import sys
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-from fixture_io import write_fixture
+from fixture_io import package_versions, write_fixture
 
 FIXTURE = "taid_bdkd_reference"  # tests/fixtures/taid_bdkd_reference.{npz,json}
 
@@ -562,8 +561,7 @@ def main():
   meta = dict(
       generator="benchmarks/reference/make_taid_bdkd_fixtures.py",
       seed=SEED,
-      versions=dict(python=platform.python_version(), torch=torch.__version__,
-                    numpy=np.__version__),
+      versions=package_versions(),
       references=SOURCES,
       constructor_args=dict(
           taid_loss_cases=dict(
