@@ -1,7 +1,8 @@
 r"""Teacher forwards of K = 1, 2, 4 same-architecture teachers, stacked
 (`TeacherEnsemble.apply`, one compiled forward for the group) with ``vmap``
 or ``lax.map``, against a Python loop over the teachers inside the same jit
-(`apply_loop`, K copies of the forward).
+(`apply_loop`, K copies of the forward). Whole steps:
+`benchmarks/multi_teacher_step.py`.
 
   python benchmarks/multi_teacher_forward.py [--workloads=mnist1d,cifar]
 
@@ -88,20 +89,17 @@ def main(argv):
                        FLAGS.calls_per_run)
       np.testing.assert_allclose(vmapped(variables, x), loop(variables, x),
                                  rtol=1e-4, atol=1e-4)
-      auto = ens.__class__._stacking(
-          dataclasses.replace(ens, stacking="auto"), ens.models[0],
-          variables[0], x)
       rows.append((name, f"{model} ×{k}", batch, t_v * 1e3, t_m * 1e3,
-                   t_l * 1e3, c_v, c_m, c_l, auto))
+                   t_l * 1e3, c_v, c_m, c_l))
   print(f"Machine: {platform.machine()}, {os.cpu_count()} CPU cores, "
         f"jax {jax.__version__}, {jax.devices()[0].device_kind}")
   print()
   print("| workload | teachers | batch | vmap ms | lax.map ms | loop ms | "
-        "auto picks | compile s (vmap / map / loop) |")
-  print("|---|---|---|---|---|---|---|---|")
-  for name, teachers, batch, tv, tm, tl, cv, cm, cl, auto in rows:
+        "compile s (vmap / map / loop) |")
+  print("|---|---|---|---|---|---|---|")
+  for name, teachers, batch, tv, tm, tl, cv, cm, cl in rows:
     print(f"| {name} | {teachers} | {batch} | {tv:.2f} | {tm:.2f} | "
-          f"{tl:.2f} | {auto} | {cv:.1f} / {cm:.1f} / {cl:.1f} |")
+          f"{tl:.2f} | {cv:.1f} / {cm:.1f} / {cl:.1f} |")
 
 
 if __name__ == "__main__":

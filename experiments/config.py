@@ -11,7 +11,10 @@ from absl import flags
 from jdistill.train.objective import (FEATURE_LOSSES, DistillObjective,
                                       FeatureTerm, distill_loss_names,
                                       feature_loss_hyperparameters)
+from jdistill.train.multi_teacher import (COMBINERS, FEATURE_STANDARDIZATIONS,
+                                          MultiTeacherObjective)
 from jdistill.train.projectors import PROJECTOR_KINDS
+from jdistill.train.teachers import STACKINGS
 from jdistill.train.optim import OPTIMIZERS, SCHEDULES
 from jdistill.train.schedules import SCHEDULE_KINDS
 
@@ -36,6 +39,15 @@ class Config:
   teacher_model: str = "cnn1d"
   teacher_model_kwargs: tuple[tuple[str, Any], ...] = ()
   teacher_checkpoint: str | None = None
+  teacher_checkpoints: tuple[str, ...] = ()
+  teacher_seeds: tuple[int, ...] = ()
+  teacher_models: tuple[str, ...] = ()
+  combiner: str = "mean_probs"
+  teacher_weights: tuple[float, ...] = ()
+  teacher_drop_rate: float = 0.0
+  teacher_feature_standardize: str = "none"
+  teacher_stacking: str = "auto"
+  teacher_shards: int = 1
   seed: int = 0
   seeds: tuple[int, ...] = (0, 1, 2)
   num_steps: int = 1000
@@ -127,9 +139,12 @@ class Config:
     self.objective()  # Validates the loss, its options and schedules.
     _check(bool(self.workdir), "--workdir", self.workdir, "a directory path")
     if self.mode == "distill":
-      _check(bool(self.teacher_checkpoint), "--teacher_checkpoint",
-             self.teacher_checkpoint,
-             "the workdir of a --mode=train run (required by --mode=distill)")
+      _check(bool(self.teacher_checkpoint) != bool(self.teacher_checkpoints),
+             "--teacher_checkpoint", self.teacher_checkpoint,
+             "the workdir of a --mode=train run (required by --mode=distill)"
+             if not self.teacher_checkpoints else
+             "unset when --teacher_checkpoints names the teachers")
+    self._check_multi_teacher()
     if self.mode in ("compare", "tune"):
       _check(len(self.seeds) > 0, "--seeds", self.seeds,
              "at least one seed")
@@ -153,6 +168,52 @@ class Config:
       _check(bool(self.coordinator_address), "--coordinator_address",
              self.coordinator_address,
              "host:port of process 0 when --num_processes > 1")
+
+  def num_teachers(self) -> int:
+    """Teachers of this run: ``--teacher_checkpoints`` (distill) or
+    ``--teacher_seeds`` (compare/tune trains them); 1 without them."""
+    return max(len(self.teacher_checkpoints), len(self.teacher_seeds), 1)
+
+  def multi_teacher(self) -> bool:
+    return bool(self.teacher_checkpoints or self.teacher_seeds)
+
+  def _check_multi_teacher(self) -> None:
+    _check(self.combiner in COMBINERS, "--combiner", self.combiner,
+           f"one of: {', '.join(COMBINERS)}")
+    _check(self.teacher_stacking in STACKINGS, "--teacher_stacking",
+           self.teacher_stacking, f"one of: {', '.join(STACKINGS)}")
+    _check(self.teacher_feature_standardize in FEATURE_STANDARDIZATIONS,
+           "--teacher_feature_standardize", self.teacher_feature_standardize,
+           f"one of: {', '.join(FEATURE_STANDARDIZATIONS)}")
+    _check(self.teacher_shards >= 1, "--teacher_shards", self.teacher_shards,
+           "a positive integer")
+    if self.teacher_checkpoints:
+      _check(self.mode == "distill", "--teacher_checkpoints",
+             ",".join(self.teacher_checkpoints), "only with --mode=distill "
+             "(--mode=compare trains its teachers: --teacher_seeds)")
+    if self.teacher_seeds:
+      _check(self.mode == "compare", "--teacher_seeds",
+             ",".join(map(str, self.teacher_seeds)), "only with "
+             "--mode=compare (--mode=distill takes --teacher_checkpoints)")
+    if self.teacher_models:
+      _check(len(self.teacher_models) == len(self.teacher_seeds),
+             "--teacher_models", ",".join(self.teacher_models),
+             f"one architecture per --teacher_seeds entry "
+             f"({len(self.teacher_seeds)})")
+    if len(set(self.teacher_checkpoints)) != len(self.teacher_checkpoints):
+      _check(False, "--teacher_checkpoints", ",".join(
+          self.teacher_checkpoints), "distinct teacher workdirs")
+    if self.multi_teacher():
+      self.multi_teacher_objective()  # Validates the combiner's options.
+
+  def multi_teacher_objective(self) -> MultiTeacherObjective:
+    """The multi-teacher objective of these flags (`MultiTeacherObjective`,
+    feature terms expanded to one per teacher)."""
+    return MultiTeacherObjective.create(
+        self.objective(), self.num_teachers(), combiner=self.combiner,
+        teacher_weights=self.teacher_weights,
+        drop_rate=self.teacher_drop_rate,
+        feature_standardize=self.teacher_feature_standardize)
 
   def objective(self) -> DistillObjective:
     """The distillation objective these flags describe: every objective
@@ -231,6 +292,9 @@ class Config:
                 "aux_loss_kwargs", "feature_loss_kwargs"):
       d[key] = dict(d[key])
     d["seeds"] = list(d["seeds"])
+    for key in ("teacher_checkpoints", "teacher_seeds", "teacher_models",
+                "teacher_weights"):
+      d[key] = list(d[key])
     for key in ("feature_pairs", "feature_loss", "feature_weight", "projector",
                 "feature_weight_end"):
       d[key] = list(d[key])
@@ -243,6 +307,14 @@ def _floats(flag: str, items) -> tuple[float, ...]:
     return tuple(float(x) for x in items)
   except ValueError:
     raise ValueError(f"{flag}: expected comma-separated numbers; got "
+                     f"{','.join(items)!r}") from None
+
+
+def _ints(flag: str, items) -> tuple[int, ...]:
+  try:
+    return tuple(int(x) for x in items)
+  except ValueError:
+    raise ValueError(f"{flag}: expected comma-separated integers; got "
                      f"{','.join(items)!r}") from None
 
 
@@ -320,6 +392,36 @@ def define_flags() -> None:
   F.DEFINE_string("teacher_model_kwargs", "", "JSON options of the teacher.")
   F.DEFINE_string("teacher_checkpoint", d.teacher_checkpoint,
                   "Workdir of a --mode=train run to distill from.")
+  F.DEFINE_list("teacher_checkpoints", [], "Multi-teacher distillation: the "
+                "workdirs of several --mode=train runs (instead of "
+                "--teacher_checkpoint); see --combiner.")
+  F.DEFINE_list("teacher_seeds", [], "--mode=compare/tune: train one teacher "
+                "per seed and distill from all of them (multi-teacher).")
+  F.DEFINE_list("teacher_models", [], "--mode=compare/tune: the architecture "
+                "of each --teacher_seeds teacher (default: --teacher_model; "
+                "--teacher_model_kwargs apply to --teacher_model only).")
+  F.DEFINE_enum("combiner", d.combiner, COMBINERS, "How several teachers "
+                "are combined: mean_probs (probability ensemble), "
+                "mean_logits, confidence (CA-MKD per-example weights), "
+                "entropy, best (best teacher per example), learned (weights "
+                "in the train state, fit to the labels), per_teacher (the "
+                "loss against each teacher, summed with weights).")
+  F.DEFINE_list("teacher_weights", [], "Fixed teacher weights, one per "
+                "teacher (mean_probs, mean_logits, per_teacher); default "
+                "uniform.")
+  F.DEFINE_float("teacher_drop_rate", d.teacher_drop_rate, "UNIC teacher "
+                 "dropping: per example, drop each teacher but the worst-"
+                 "matched one with this probability.")
+  F.DEFINE_enum("teacher_feature_standardize",
+                d.teacher_feature_standardize, FEATURE_STANDARDIZATIONS,
+                "Standardise each teacher's features before the feature "
+                "losses: with batch or running statistics.")
+  F.DEFINE_enum("teacher_stacking", d.teacher_stacking, STACKINGS,
+                "How teachers of one architecture run: vmap, map (lax.map), "
+                "or auto (map for 2-D convolutions on CPU).")
+  F.DEFINE_integer("teacher_shards", d.teacher_shards, "Shard the stacked "
+                   "teachers over a 'teacher' mesh axis of this size (the "
+                   "'data' axis gets the rest of the devices).")
   F.DEFINE_integer("seed", d.seed, "Seed of initialisation and data order.")
   F.DEFINE_list("seeds", [str(s) for s in d.seeds],
                 "Student seeds of --mode=compare.")
@@ -437,6 +539,15 @@ def config_from_flags(FLAGS=flags.FLAGS) -> Config:
       teacher_model_kwargs=parse_json_kwargs("--teacher_model_kwargs",
                                              FLAGS.teacher_model_kwargs),
       teacher_checkpoint=FLAGS.teacher_checkpoint,
+      teacher_checkpoints=tuple(FLAGS.teacher_checkpoints),
+      teacher_seeds=_ints("--teacher_seeds", FLAGS.teacher_seeds),
+      teacher_models=tuple(FLAGS.teacher_models),
+      combiner=FLAGS.combiner,
+      teacher_weights=_floats("--teacher_weights", FLAGS.teacher_weights),
+      teacher_drop_rate=FLAGS.teacher_drop_rate,
+      teacher_feature_standardize=FLAGS.teacher_feature_standardize,
+      teacher_stacking=FLAGS.teacher_stacking,
+      teacher_shards=FLAGS.teacher_shards,
       seed=FLAGS.seed,
       seeds=tuple(seeds),
       num_steps=FLAGS.num_steps,
@@ -499,6 +610,8 @@ def config_from_flags(FLAGS=flags.FLAGS) -> Config:
 _NOT_PER_METHOD = {"mode", "workdir", "seeds", "methods", "dataset",
                    "data_dir", "model", "model_kwargs", "teacher_model",
                    "teacher_model_kwargs", "teacher_checkpoint",
+                   "teacher_checkpoints", "teacher_seeds", "teacher_models",
+                   "teacher_shards",
                    "teacher_num_steps", "teacher_learning_rate",
                    "validation_fraction", "num_steps", "tune_grid",
                    "tune_output_dir", "coordinator_address",
@@ -551,7 +664,7 @@ def apply_method_lines(cfg: Config, lines: list[str], source: str,
       raise ValueError(f"{source}: --{name}={value}: {e}") from None
     if name in ("loss_kwargs", "aux_loss_kwargs", "feature_loss_kwargs"):
       parsed = parse_loss_kwargs(parsed, f"{source}: --{name}")
-    elif name in ("feature_weight", "feature_weight_end"):
+    elif name in ("feature_weight", "feature_weight_end", "teacher_weights"):
       parsed = _floats(f"{source}: --{name}", parsed)
     elif isinstance(parsed, list):
       parsed = tuple(parsed)

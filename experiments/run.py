@@ -20,6 +20,7 @@ from experiments.config import Config
 from jdistill import data as jdata
 from jdistill import models as jmodels
 from jdistill import train as jtrain
+from jdistill.train.multi_teacher import split_teacher_tap
 
 RUN_CONFIG_FILE = "run_config.json"
 # Settings that may change when a run is resumed from its workdir.
@@ -115,7 +116,12 @@ def _check_workdir(cfg: Config) -> None:
 
 
 def make_mesh(cfg: Config):
-  mesh = jtrain.make_data_mesh(cfg.num_devices)
+  """The data mesh, with a ``'teacher'`` axis of size ``--teacher_shards``
+  when that is above 1 (multi-teacher runs)."""
+  if cfg.teacher_shards > 1 and not cfg.teacher_checkpoints:
+    raise ValueError(f"--teacher_shards={cfg.teacher_shards}: teachers are "
+                     "sharded only when distilling from --teacher_checkpoints")
+  mesh = jtrain.make_data_teacher_mesh(cfg.num_devices, cfg.teacher_shards)
   n = mesh.devices.size
   for flag in ("batch_size", "eval_batch_size"):
     if getattr(cfg, flag) % n:
@@ -140,14 +146,16 @@ def _setup(cfg: Config, dataset: jdata.Dataset):
 def _train(cfg: Config, dataset: jdata.Dataset, mesh, spec: dict,
            step_factory: Callable, name: str,
            projector_factory: Callable | None = None,
-           loss_state_factory: Callable | None = None) -> dict[str, Any]:
+           loss_state_factory: Callable | None = None,
+           combiner_params=None) -> dict[str, Any]:
   """Shared body of train and distill: init/restore, loop, save, summary.
 
   ``step_factory(model, tx)`` returns the compiled ``(state, batch) ->
   (state, metrics)``; ``projector_factory(model, params, model_state)``
   (distillation with feature terms) returns the projector parameters, and
   ``loss_state_factory()`` the objective's initial loss state (after the
-  projectors, which check the feature taps).
+  projectors, which check the feature taps); ``combiner_params`` are a
+  multi-teacher combiner's trainable parameters.
   """
   batches, tx = _setup(cfg, dataset)
   student, params, model_state = build_model(spec, cfg.seed)
@@ -158,7 +166,8 @@ def _train(cfg: Config, dataset: jdata.Dataset, mesh, spec: dict,
   state = jtrain.replicate(
       jtrain.TrainState.create(params, model_state, tx, cfg.seed,
                                loss_state=loss_state,
-                               projector_params=projector_params), mesh)
+                               projector_params=projector_params,
+                               combiner_params=combiner_params), mesh)
   jtrain.write_model_spec(cfg.workdir, spec)
   checkpointer = jtrain.Checkpointer(cfg.workdir, max_to_keep=cfg.max_to_keep)
   try:
@@ -211,20 +220,29 @@ def run_train(cfg: Config, dataset: jdata.Dataset | None = None) -> dict:
 
 def load_teacher(cfg: Config, dataset: jdata.Dataset, mesh):
   """``(FunctionalModel, replicated variables, spec)`` of the teacher."""
-  path = cfg.teacher_checkpoint
-  spec = jtrain.read_model_spec(path)
+  return load_teacher_at(cfg.teacher_checkpoint, dataset, mesh,
+                         dataset_flag=cfg.dataset)
+
+
+def load_teacher_at(path: str, dataset: jdata.Dataset, mesh, *,
+                    flag: str = "--teacher_checkpoint",
+                    dataset_flag: str | None = None):
+  """``(FunctionalModel, replicated variables, spec)`` of the teacher
+  trained under workdir ``path`` (named as ``flag`` in errors, the data as
+  ``--dataset=<dataset_flag>``)."""
+  dataset_flag = dataset_flag or dataset.name
+  spec = jtrain.read_model_spec(path, flag=flag)
   if spec["num_classes"] != dataset.num_classes:
     raise ValueError(
-        f"--teacher_checkpoint={path}: the teacher predicts "
-        f"{spec['num_classes']} classes but --dataset={cfg.dataset} has "
+        f"{flag}={path}: the teacher predicts "
+        f"{spec['num_classes']} classes but --dataset={dataset_flag} has "
         f"{dataset.num_classes}; expected the same classes")
   if tuple(spec["input_shape"]) != tuple(dataset.input_shape):
     raise ValueError(
-        f"--teacher_checkpoint={path}: the teacher takes inputs of shape "
-        f"{tuple(spec['input_shape'])} but --dataset={cfg.dataset} has "
+        f"{flag}={path}: the teacher takes inputs of shape "
+        f"{tuple(spec['input_shape'])} but --dataset={dataset_flag} has "
         f"{tuple(dataset.input_shape)}")
-  teacher, params, model_state = build_model(spec, 0,
-                                             flag="--teacher_checkpoint")
+  teacher, params, model_state = build_model(spec, 0, flag=flag)
   like = jtrain.replicate({"params": params, "model_state": model_state},
                           mesh)
   variables = jtrain.load_model_variables(path, like["params"],
@@ -232,10 +250,35 @@ def load_teacher(cfg: Config, dataset: jdata.Dataset, mesh):
   return teacher, variables, spec
 
 
+def load_teachers(cfg: Config, dataset: jdata.Dataset, mesh):
+  """The teachers of ``--teacher_checkpoints``, checked and stacked.
+
+  Returns:
+    ``(ensemble, variables, specs, teachers)``: the `TeacherEnsemble`
+    (sharded over the mesh's ``'teacher'`` axis when it has one), its
+    stacked variables placed on the mesh, the teachers' model specs and the
+    unstacked ``(FunctionalModel, variables)`` of each teacher.
+  """
+  loaded = [load_teacher_at(path, dataset, mesh, flag="--teacher_checkpoints",
+                            dataset_flag=cfg.dataset)
+            for path in cfg.teacher_checkpoints]
+  ensemble, variables = jtrain.TeacherEnsemble.create(
+      [(m, v["params"], v["model_state"]) for m, v, _ in loaded],
+      stacking=cfg.teacher_stacking)
+  if jtrain.TEACHER_AXIS in mesh.axis_names:
+    ensemble = ensemble.sharded(mesh, jtrain.TEACHER_AXIS)
+    variables = jtrain.shard_teachers(variables, mesh, jtrain.TEACHER_AXIS)
+  return (ensemble, variables, [spec for _, _, spec in loaded],
+          [(m, v) for m, v, _ in loaded])
+
+
 def run_distill(cfg: Config, dataset: jdata.Dataset | None = None) -> dict:
   """Logit and feature distillation of ``cfg.model`` from
-  ``cfg.teacher_checkpoint``."""
+  ``cfg.teacher_checkpoint`` (or from several teachers,
+  ``cfg.teacher_checkpoints``: `run_multi_teacher_distill`)."""
   dataset = dataset or load_data(cfg)
+  if cfg.teacher_checkpoints:
+    return run_multi_teacher_distill(cfg, dataset)
   spec = model_spec(cfg.model, cfg.model_kwargs, dataset)
   objective = cfg.objective()
   mesh = make_mesh(cfg)
@@ -264,37 +307,97 @@ def run_distill(cfg: Config, dataset: jdata.Dataset | None = None) -> dict:
   summary = _train(cfg, dataset, mesh, spec, factory,
                    name=f"distill {cfg.model}<-{tspec['name']}",
                    projector_factory=projector_factory,
-                   loss_state_factory=lambda: _init_loss_state(
-                       cfg, objective, dataset, mesh, teacher, variables,
-                       teacher_shapes))
+                   loss_state_factory=lambda: objective.init_loss_state(
+                       _init_feature_states(
+                           cfg, objective.feature_terms, dataset, mesh,
+                           lambda tap: (teacher, variables, tap),
+                           teacher_shapes)))
   summary["teacher"] = tspec["name"]
   return summary
 
 
-def _init_loss_state(cfg: Config, objective, dataset: jdata.Dataset, mesh,
-                     teacher, variables, teacher_shapes: dict):
-  """The objective's initial loss state. Memory banks start as random unit
-  rows; ND's class centres are the teacher's class means of its tap over
-  the training split (one pass of the teacher, in inference mode).
-  ``teacher_shapes``: the teacher's tap shapes (`feature_shapes`)."""
-  terms = objective.feature_terms
-  taps = sorted({t.teacher_tap for t in terms
-                 if t.state_kind == "class_centers"})
+def run_multi_teacher_distill(cfg: Config, dataset: jdata.Dataset) -> dict:
+  """Distillation of ``cfg.model`` from every teacher of
+  ``cfg.teacher_checkpoints`` at once, combined by ``cfg.combiner``
+  (`jdistill.train.MultiTeacherObjective`)."""
+  spec = model_spec(cfg.model, cfg.model_kwargs, dataset)
+  objective = cfg.multi_teacher_objective()
+  mesh = make_mesh(cfg)
+  # The teachers are checked and loaded before anything is written.
+  ensemble, variables, specs, alone = load_teachers(cfg, dataset, mesh)
+  teacher_shapes = jtrain.per_teacher_shapes(
+      [jtrain.feature_shapes(m, v["params"], v["model_state"],
+                             dataset.input_shape) for m, v in alone])
+  terms = objective.objective.feature_terms
+  names = "+".join(s["name"] for s in specs)
+  built = {"projectors": None}
+
+  def projector_factory(student, params, model_state):
+    built["projectors"], projector_params = jtrain.build_projectors(
+        terms, jtrain.feature_shapes(student, params, model_state,
+                                     dataset.input_shape),
+        teacher_shapes, seed=cfg.seed, student_name=cfg.model,
+        teacher_name=names)
+    return projector_params
+
+  def factory(student, tx):
+    step = jtrain.compile_step(jtrain.make_multi_teacher_distill_step(
+        student, ensemble, tx, objective, built["projectors"]), mesh)
+    return lambda state, batch: step(state, variables, batch)
+
+  def teacher_of(name):
+    tap, k = split_teacher_tap(name)
+    return alone[k][0], alone[k][1], tap
+
+  summary = _train(
+      cfg, dataset, mesh, spec, factory,
+      name=f"distill {cfg.model}<-{cfg.combiner}({names})",
+      projector_factory=projector_factory,
+      loss_state_factory=lambda: objective.init_loss_state(
+          _init_feature_states(cfg, terms, dataset, mesh, teacher_of,
+                               teacher_shapes), teacher_shapes),
+      combiner_params=objective.init_combiner_params())
+  summary["teachers"] = [s["name"] for s in specs]
+  summary["combiner"] = cfg.combiner
+  return summary
+
+
+def _init_feature_states(cfg: Config, terms, dataset: jdata.Dataset, mesh,
+                         teacher_of: Callable, teacher_shapes: dict) -> list:
+  """The initial state of each feature term (`FeatureTerm.init_state`).
+  Memory banks start as random unit rows; ND's class centres are the
+  teacher's class means of its tap over the training split (one pass of the
+  teacher, in inference mode). ``teacher_of(teacher_tap)`` gives the
+  term's ``(teacher model, its variables, its tap name)``;
+  ``teacher_shapes`` the teacher tap shapes (`feature_shapes`)."""
+  by_teacher: dict[Any, tuple] = {}  # id(variables) -> (model, vars, taps)
+  for term in terms:
+    if term.state_kind == "class_centers":
+      model, variables, tap = teacher_of(term.teacher_tap)
+      entry = by_teacher.setdefault(id(variables), (model, variables, set()))
+      entry[2].add(tap)
   means = {}
-  if taps:
+  for model, variables, taps in by_teacher.values():
+    taps = sorted(taps)
     sums = jtrain.sum_over_source(
-        jtrain.compile_step(jtrain.make_class_sums_step(teacher, taps), mesh,
+        jtrain.compile_step(jtrain.make_class_sums_step(model, taps), mesh,
                             donate_state=False),
         variables["params"], variables["model_state"], dataset.train,
         batch_size=cfg.eval_batch_size, mesh=mesh)
     count = np.maximum(sums["count"], 1.0)[:, None]
-    means = {tap: (sums[tap] / count).astype(np.float32) for tap in taps}
+    for tap in taps:
+      means[(id(variables), tap)] = (sums[tap] / count).astype(np.float32)
   key = jax.random.key(cfg.seed)
-  states = [term.init_state(teacher_shapes[term.teacher_tap],
-                            key=jax.random.fold_in(key, i),
-                            class_centers=means.get(term.teacher_tap))
-            for i, term in enumerate(terms)]
-  return objective.init_loss_state(states)
+  states = []
+  for i, term in enumerate(terms):
+    centers = None
+    if term.state_kind == "class_centers":
+      _, variables, tap = teacher_of(term.teacher_tap)
+      centers = means[(id(variables), tap)]
+    states.append(term.init_state(teacher_shapes[term.teacher_tap],
+                                  key=jax.random.fold_in(key, i),
+                                  class_centers=centers))
+  return states
 
 
 def compare_methods(cfg: Config) -> list[tuple[str, Config]]:
@@ -320,6 +423,8 @@ def run_compare(cfg: Config) -> dict:
   and ``results.json`` / ``results.md``. A rerun resumes or skips the runs
   that are already finished.
   """
+  if cfg.teacher_seeds:
+    return run_multi_teacher_compare(cfg)
   methods = compare_methods(cfg)  # Validates the method files first.
   dataset = load_data(cfg)
   root = cfg.workdir
@@ -338,6 +443,14 @@ def run_compare(cfg: Config) -> dict:
           dataset)["test"]["accuracy"])
   models = {k: cfg.model for k in rows}
   models["teacher"] = cfg.teacher_model
+  return _write_results(cfg, dataset, rows, models, settings)
+
+
+def _write_results(cfg: Config, dataset: jdata.Dataset, rows: dict,
+                   models: dict, settings: dict) -> dict:
+  """Writes ``results.json`` and ``results.md`` of a comparison under
+  ``cfg.workdir``, logs the table and returns the results."""
+  root = cfg.workdir
   table = format_table(rows, models, settings, dataset.name, cfg)
   results = {"dataset": dataset.name,
              "rows": {k: {"model": models[k], "settings": settings[k],
@@ -350,6 +463,90 @@ def run_compare(cfg: Config) -> dict:
     _write_atomic(os.path.join(root, "results.md"), table + "\n")
   _log("\n" + table)
   return results
+
+
+def _single_teacher(cfg: Config) -> Config:
+  """``cfg`` without its multi-teacher settings."""
+  return cfg.replace(teacher_seeds=(), teacher_models=(),
+                     teacher_checkpoints=(), teacher_weights=(),
+                     teacher_shards=1)
+
+
+def run_multi_teacher_compare(cfg: Config) -> dict:
+  """Multi-teacher comparison: trains one teacher per ``--teacher_seeds``
+  entry (architectures from ``--teacher_models``) under
+  ``<workdir>/teacher{k}``, evaluates each and their probability ensemble,
+  then over ``cfg.seeds`` trains the student from labels, distils it from
+  the best single teacher (the highest evaluation accuracy; the logit loss
+  of the main flags) and from all teachers with each method's combiner.
+  Rows are written as by `run_compare`; a rerun resumes or skips finished
+  runs."""
+  methods = compare_methods(cfg)  # Validates the method files first.
+  dataset = load_data(cfg)
+  root = cfg.workdir
+  dirs, accuracies, teacher_models = [], [], []
+  for k, seed in enumerate(cfg.teacher_seeds):
+    model = cfg.teacher_models[k] if cfg.teacher_models else cfg.teacher_model
+    teacher_dir = os.path.join(root, f"teacher{k}")
+    accuracies.append(run_train(_single_teacher(cfg).replace(
+        mode="train", workdir=teacher_dir, model=model,
+        model_kwargs=(cfg.teacher_model_kwargs
+                      if model == cfg.teacher_model else ()),
+        seed=seed, num_steps=cfg.teacher_num_steps or cfg.num_steps,
+        learning_rate=cfg.teacher_learning_rate or cfg.learning_rate),
+        dataset)["test"]["accuracy"])
+    dirs.append(teacher_dir)
+    teacher_models.append(model)
+  best = int(np.argmax(accuracies))
+  rows, models, settings = {}, {}, {}
+  for k, acc in enumerate(accuracies):
+    key = f"teacher {k}"
+    rows[key], models[key] = [acc], teacher_models[k]
+    settings[key] = f"seed {cfg.teacher_seeds[k]}"
+  key = "teachers' ensemble"
+  rows[key] = [_ensemble_accuracy(cfg, dataset, dirs)]
+  models[key] = "+".join(teacher_models)
+  settings[key] = "mean of the teachers' probabilities"
+  single = _single_teacher(cfg)
+  best_key = f"student (KD from the best teacher, {best})"
+  rows["student (labels)"], rows[best_key] = [], []
+  settings["student (labels)"] = ""
+  settings[best_key] = describe_method(single)
+  for name, mcfg in methods:
+    rows[f"student ({name})"] = []
+    settings[f"student ({name})"] = describe_method(mcfg)
+  for s in cfg.seeds:
+    rows["student (labels)"].append(_train_from_labels(single, dataset, s))
+    rows[best_key].append(run_distill(single.replace(
+        mode="distill", seed=s, teacher_checkpoint=dirs[best],
+        workdir=os.path.join(root, f"student_best_teacher_seed{s}")),
+        dataset)["test"]["accuracy"])
+    for name, mcfg in methods:
+      rows[f"student ({name})"].append(run_distill(mcfg.replace(
+          mode="distill", seed=s, teacher_checkpoint=None,
+          teacher_checkpoints=tuple(dirs), teacher_seeds=(),
+          teacher_models=(),
+          workdir=os.path.join(root, f"student_{name}_seed{s}")),
+          dataset)["test"]["accuracy"])
+  for key in rows:
+    models.setdefault(key, cfg.model)
+  return _write_results(cfg, dataset, rows, models, settings)
+
+
+def _ensemble_accuracy(cfg: Config, dataset: jdata.Dataset, dirs) -> float:
+  """Accuracy of the teachers' uniform probability ensemble on the
+  evaluation split."""
+  tcfg = cfg.replace(mode="distill", teacher_checkpoint=None,
+                     teacher_checkpoints=tuple(dirs), teacher_seeds=(),
+                     teacher_models=(), teacher_weights=(), teacher_shards=1)
+  mesh = make_mesh(tcfg)
+  ensemble, variables, _, _ = load_teachers(tcfg, dataset, mesh)
+  sums = jtrain.sum_over_source(
+      jtrain.compile_step(jtrain.make_ensemble_eval_step(ensemble), mesh,
+                          donate_state=False),
+      variables, None, dataset.test, batch_size=cfg.eval_batch_size,
+      mesh=mesh)
+  return float(sums["correct"] / max(float(sums["count"]), 1.0))
 
 
 def _train_teacher(cfg: Config, dataset: jdata.Dataset) -> tuple[str, float]:
@@ -535,6 +732,14 @@ def describe_method(cfg: Config) -> str:
       steps = getattr(cfg, f"{name}_schedule_steps")
       parts.append(f"{short}→{getattr(cfg, f'{name}_end'):g} ({kind}"
                    + (f", {steps} steps)" if steps else ")"))
+  if cfg.multi_teacher():
+    extra = [f"w={','.join(f'{w:g}' for w in cfg.teacher_weights)}"
+             ] if cfg.teacher_weights else []
+    if cfg.teacher_drop_rate:
+      extra.append(f"drop={cfg.teacher_drop_rate:g}")
+    if cfg.teacher_feature_standardize != "none":
+      extra.append(f"{cfg.teacher_feature_standardize} std")
+    parts.insert(0, cfg.combiner + (f" ({', '.join(extra)})" if extra else ""))
   for term in cfg.feature_terms():
     extra = ([] if term.projector == "identity" else [term.projector])
     extra += [f"{k}={v:g}" for k, v in term.loss_kwargs]

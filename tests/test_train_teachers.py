@@ -86,22 +86,30 @@ def test_errors():
     ens.sharded(mesh, "model")
 
 
-def test_stacking_strategies_agree_and_auto_avoids_grouped_2d_convs():
-  """On CPU, vmapping 2-D convolutions over their weights is several times
-  slower (benchmarks/multi_teacher_forward.py), so ``auto`` maps them."""
+def test_stacking_strategies_agree_and_auto_avoids_slow_vmaps_on_cpu():
+  """On CPU, vmapping convolutions or attention over their weights is slower
+  than separate forwards (benchmarks/multi_teacher_step.py), so ``auto``
+  loops over those teachers and vmaps the others."""
   import dataclasses
   teachers = [FunctionalModel.split(create_model(
       "convnet", num_classes=10, input_shape=(8, 8, 1), rngs=nnx.Rngs(s),
       width=8, depth=2)) for s in range(2)]
   x = np.random.default_rng(1).normal(size=(4, 8, 8, 1)).astype(np.float32)
   ens, variables = TeacherEnsemble.create(teachers)
-  assert ens._stacking(ens.models[0], variables[0], x) == "map"
+  assert ens._stacking(ens.models[0], variables[0], x) == "loop"
   outs = [jax.jit(lambda v, x, e=dataclasses.replace(ens, stacking=k):
-                  e.apply(v, x)[0])(variables, x) for k in ("vmap", "map")]
-  np.testing.assert_allclose(outs[0], outs[1], rtol=1e-5, atol=1e-6)
+                  e.apply(v, x)[0])(variables, x)
+          for k in ("vmap", "map", "loop")]
+  for out in outs[1:]:
+    np.testing.assert_allclose(out, outs[0], rtol=1e-5, atol=1e-6)
+  x1d = np.zeros((2, 40), np.float32)
+  for name, kw, expected in (("cnn1d", {"channels": (8,)}, "loop"),
+                             ("vit", {"dim": 8, "depth": 1, "num_heads": 2,
+                                      "patch_size": 5}, "loop"),
+                             ("mlp", {"hidden_sizes": (8,)}, "vmap")):
+    ens1d, v1d = TeacherEnsemble.create(
+        [_teacher(name, s, **kw) for s in range(2)])
+    assert ens1d._stacking(ens1d.models[0], v1d[0], x1d) == expected, name
   cnn = [_teacher("cnn1d", s, channels=(8,)) for s in range(2)]
-  ens1d, v1d = TeacherEnsemble.create(cnn)
-  assert ens1d._stacking(ens1d.models[0], v1d[0],
-                         np.zeros((2, 40), np.float32)) == "vmap"
   with pytest.raises(ValueError, match="stacking='scan': expected one of"):
     TeacherEnsemble.create(cnn, stacking="scan")

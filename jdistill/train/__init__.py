@@ -5,9 +5,14 @@ from jdistill.train.checkpoint import (Checkpointer, load_model_variables,
                                        read_model_spec, write_model_spec)
 from jdistill.train.loop import (MetricsWriter, evaluate, sum_over_source,
                                  train_loop)
-from jdistill.train.mesh import (DATA_AXIS, batch_sharding, compile_step,
-                                 make_data_mesh, put_batch, replicate,
+from jdistill.train.mesh import (DATA_AXIS, TEACHER_AXIS, batch_sharding,
+                                 compile_step, make_data_mesh,
+                                 make_data_teacher_mesh, put_batch, replicate,
                                  replicated)
+from jdistill.train.multi_teacher import (COMBINERS, MultiTeacherObjective,
+                                          make_ensemble_eval_step,
+                                          make_multi_teacher_distill_step,
+                                          per_teacher_shapes, teacher_tap)
 from jdistill.train.objective import (FEATURE_LOSSES, DistillObjective,
                                       FeatureLossSpec, FeatureTerm, cross_entropy,
                                       distill_loss_names,
@@ -24,7 +29,10 @@ from jdistill.train.step import (make_class_sums_step, make_distill_step,
                                  make_eval_step, make_train_step)
 
 __all__ = [
-    "batch_sharding", "build_projectors", "check_projectable", "Checkpointer",
+    "batch_sharding", "build_projectors", "COMBINERS",
+    "make_data_teacher_mesh", "make_ensemble_eval_step",
+    "make_multi_teacher_distill_step", "MultiTeacherObjective",
+    "per_teacher_shapes", "TEACHER_AXIS", "teacher_tap", "check_projectable", "Checkpointer",
     "compile_step", "cross_entropy", "DATA_AXIS", "distill_loss_names",
     "DistillObjective", "evaluate", "feature_loss_hyperparameters",
     "FEATURE_LOSSES", "feature_shapes", "FeatureLossSpec", "FeatureProjectors",

@@ -41,7 +41,8 @@ def _model_item(state: TrainState) -> dict:
 def _train_item(state: TrainState) -> dict:
   return {"step": state.step, "opt_state": state.opt_state, "rng": state.rng,
           "loss_state": state.loss_state,
-          "projector_params": state.projector_params}
+          "projector_params": state.projector_params,
+          "combiner_params": state.combiner_params}
 
 
 class Checkpointer:
@@ -84,7 +85,8 @@ class Checkpointer:
                         model_state=model["model_state"],
                         opt_state=train["opt_state"], rng=train["rng"],
                         loss_state=train["loss_state"],
-                        projector_params=train["projector_params"])
+                        projector_params=train["projector_params"],
+                        combiner_params=train.get("combiner_params", {}))
 
   def wait(self) -> None:
     self._manager.wait_until_finished()

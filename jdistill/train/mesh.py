@@ -36,6 +36,29 @@ def make_data_mesh(num_devices: int | None = None) -> jax.sharding.Mesh:
                        devices=jax.devices()[:n])
 
 
+TEACHER_AXIS = "teacher"
+
+
+def make_data_teacher_mesh(num_devices: int | None = None,
+                           teacher_shards: int = 1) -> jax.sharding.Mesh:
+  """`make_data_mesh`, or with ``teacher_shards > 1`` a 2-D mesh
+  ``('data', 'teacher')`` of shape ``(n / teacher_shards, teacher_shards)``
+  over the same devices: batches are split over ``'data'`` (and replicated
+  over ``'teacher'``), stacked teachers over ``'teacher'``
+  (`jdistill.train.shard_teachers`)."""
+  mesh = make_data_mesh(num_devices)
+  if teacher_shards == 1:
+    return mesh
+  n = mesh.devices.size
+  if teacher_shards < 1 or n % teacher_shards:
+    raise ValueError(f"--teacher_shards={teacher_shards}: expected a divisor "
+                     f"of the {n} devices of the mesh")
+  return jax.make_mesh((n // teacher_shards, teacher_shards),
+                       (DATA_AXIS, TEACHER_AXIS),
+                       axis_types=(AxisType.Auto,) * 2,
+                       devices=list(mesh.devices.flat))
+
+
 def replicated(mesh) -> NamedSharding:
   return NamedSharding(mesh, P())
 

@@ -513,6 +513,10 @@ class DistillObjective:
           for key, value in loss_state["features"].items()}
     return loss_state
 
+  def temperature_at(self, step) -> jax.Array:
+    """The (scheduled) temperature of the logit loss at ``step``."""
+    return self._schedules()[0](step)
+
   def __call__(self, student_logits: jax.Array, teacher_logits: jax.Array,
                labels: jax.Array, mask: jax.Array | None = None, *,
                step: jax.Array | int = 0, loss_state=None, features=()
@@ -527,11 +531,22 @@ class DistillObjective:
     `next_loss_state`; ``None`` means the initial state (only without
     stateful feature terms). ``features`` holds
     one ``(projected student feature, teacher feature)`` pair per
-    `feature_terms` entry.
+    `feature_terms` entry. It is `logit_loss` plus `feature_loss`.
     """
-    if len(features) != len(self.feature_terms):
-      raise ValueError(f"got {len(features)} feature pairs for "
-                       f"{len(self.feature_terms)} feature terms")
+    if loss_state is None:
+      loss_state = self.init_loss_state()
+    total, parts = self.logit_loss(student_logits, teacher_logits, labels,
+                                   mask, step=step, loss_state=loss_state)
+    feature_total, feature_parts = self.feature_loss(
+        features, labels, mask, step=step, loss_state=loss_state)
+    return total + feature_total, {**parts, **feature_parts}
+
+  def logit_loss(self, student_logits: jax.Array, teacher_logits: jax.Array,
+                 labels: jax.Array, mask: jax.Array | None = None, *,
+                 step: jax.Array | int = 0, loss_state=None
+                 ) -> tuple[jax.Array, dict[str, jax.Array]]:
+    """``ce_weight * CE + kd_weight * <loss> (+ aux_weight * <aux loss>)``
+    at ``step``, and its parts (see `__call__`)."""
     if loss_state is None:
       loss_state = self.init_loss_state()
     if student_logits.shape != teacher_logits.shape:
@@ -564,15 +579,42 @@ class DistillObjective:
                         mask, aux_temperature)
       total = total + self.aux_weight * aux
       parts["aux"] = aux
-    term_states = loss_state.get("features", {})
-    for i, (term, (fs, ft)) in enumerate(zip(self.feature_terms, features)):
-      value = term.value(fs, ft, mask, labels, term_states.get(str(i)))
+    if self.loss == "taid":
+      parts["taid_t"] = loss_state["taid"].t
+    return total, parts
+
+  def feature_loss(self, features, labels: jax.Array,
+                   mask: jax.Array | None = None, *,
+                   step: jax.Array | int = 0, loss_state=None,
+                   feature_masks=None
+                   ) -> tuple[jax.Array, dict[str, jax.Array]]:
+    """The weighted sum of the feature terms at ``step`` and its parts.
+
+    Args:
+      features: one ``(projected student feature, teacher feature)`` pair
+        per `feature_terms` entry.
+      labels, mask: the batch's labels and example mask.
+      loss_state: the objective's loss state (stateful terms read theirs).
+      feature_masks: optional per-term example masks (e.g. a teacher
+        dropped for some examples); ``None`` entries, or ``None`` for all,
+        use ``mask``.
+    """
+    if len(features) != len(self.feature_terms):
+      raise ValueError(f"got {len(features)} feature pairs for "
+                       f"{len(self.feature_terms)} feature terms")
+    if feature_masks is None:
+      feature_masks = (None,) * len(features)
+    term_states = (loss_state or {}).get("features", {})
+    total = jnp.zeros((), jnp.float32)
+    parts = {}
+    for i, (term, (fs, ft), term_mask) in enumerate(
+        zip(self.feature_terms, features, feature_masks)):
+      value = term.value(fs, ft, mask if term_mask is None else term_mask,
+                         labels, term_states.get(str(i)))
       weight = term.schedule(self.schedule_steps)(step)
       total = total + weight * value
       parts[term.name] = value
       parts[term.name + "_weight"] = weight
-    if self.loss == "taid":
-      parts["taid_t"] = loss_state["taid"].t
     return total, parts
 
 

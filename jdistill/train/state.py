@@ -66,6 +66,10 @@ class TrainState:
       distillation run (`jdistill.train.projectors`); ``{}`` if none. They
       are optimised together with ``params`` and checkpointed in the
       ``train`` item, never in the student's ``model`` item.
+    combiner_params: trainable parameters of a multi-teacher combiner (the
+      ``learned`` combiner's teacher-weight logits,
+      `jdistill.train.multi_teacher`); ``{}`` if none. Optimised and
+      checkpointed like ``projector_params``.
   """
 
   step: jax.Array
@@ -75,43 +79,57 @@ class TrainState:
   rng: jax.Array
   loss_state: PyTree = dataclasses.field(default_factory=dict)
   projector_params: PyTree = dataclasses.field(default_factory=dict)
+  combiner_params: PyTree = dataclasses.field(default_factory=dict)
 
   @classmethod
   def create(cls, params: PyTree, model_state: PyTree,
              tx: optax.GradientTransformation, seed: int,
              loss_state: PyTree | None = None,
-             projector_params: PyTree | None = None) -> "TrainState":
+             projector_params: PyTree | None = None,
+             combiner_params: PyTree | None = None) -> "TrainState":
     projector_params = {} if projector_params is None else projector_params
+    combiner_params = {} if combiner_params is None else combiner_params
     return cls(
         step=jnp.zeros((), jnp.int32),
         params=params,
         model_state=model_state,
-        opt_state=tx.init(trainables(params, projector_params)),
+        opt_state=tx.init(trainables(params, projector_params,
+                                     combiner_params)),
         rng=jax.random.key_data(jax.random.key(seed)),
         loss_state={} if loss_state is None else loss_state,
         projector_params=projector_params,
+        combiner_params=combiner_params,
     )
 
   def trainables(self) -> PyTree:
     """What the optimizer updates (see `trainables`)."""
-    return trainables(self.params, self.projector_params)
+    return trainables(self.params, self.projector_params,
+                      self.combiner_params)
 
   def with_trainables(self, tree: PyTree) -> "TrainState":
     """The state with ``tree`` (shaped like `trainables`) written back."""
-    if not jax.tree.leaves(self.projector_params):
+    if not (jax.tree.leaves(self.projector_params)
+            or jax.tree.leaves(self.combiner_params)):
       return self.replace(params=tree)
-    return self.replace(params=tree["model"],
-                        projector_params=tree["projectors"])
+    return self.replace(
+        params=tree["model"],
+        projector_params=tree.get("projectors", self.projector_params),
+        combiner_params=tree.get("combiner", self.combiner_params))
 
   def step_key(self) -> jax.Array:
     """A typed PRNG key unique to the current step."""
     return jax.random.fold_in(jax.random.wrap_key_data(self.rng), self.step)
 
 
-def trainables(params: PyTree, projector_params: PyTree) -> PyTree:
+def trainables(params: PyTree, projector_params: PyTree,
+               combiner_params: PyTree = None) -> PyTree:
   """The optimizer's pytree: ``params`` alone when there are no projector
-  parameters (so plain runs keep their optimizer-state layout), else
-  ``{"model": params, "projectors": projector_params}``."""
-  if not jax.tree.leaves(projector_params):
+  or combiner parameters (so plain runs keep their optimizer-state layout),
+  else ``{"model": params}`` plus ``"projectors": projector_params`` and
+  ``"combiner": combiner_params`` where they have parameters."""
+  extra = {name: tree for name, tree in (("projectors", projector_params),
+                                         ("combiner", combiner_params))
+           if jax.tree.leaves(tree)}
+  if not extra:
     return params
-  return {"model": params, "projectors": projector_params}
+  return {"model": params, **extra}

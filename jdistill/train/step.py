@@ -22,7 +22,8 @@ Batch = dict[str, jax.Array]
 Metrics = dict[str, jax.Array]
 
 
-def _accuracy(logits: jax.Array, labels: jax.Array, mask) -> jax.Array:
+def masked_accuracy(logits: jax.Array, labels: jax.Array, mask) -> jax.Array:
+  """Top-1 accuracy over the examples where ``mask`` is True."""
   return masked_mean((jnp.argmax(logits, -1) == labels).astype(jnp.float32),
                      mask)
 
@@ -62,11 +63,31 @@ def make_train_step(model: FunctionalModel, tx: optax.GradientTransformation,
         loss_fn, has_aux=True)(state.params, state, batch)
     state, grad_norm = _apply_gradients(state, tx, grads, new_model_state)
     metrics = {"loss": loss, "ce": loss,
-               "accuracy": _accuracy(logits, batch["y"], batch.get("mask")),
+               "accuracy": masked_accuracy(logits, batch["y"],
+                                           batch.get("mask")),
                "grad_norm": grad_norm}
     return state, metrics
 
   return step
+
+
+def student_forward(student: FunctionalModel,
+                    projectors: FunctionalProjectors | None, terms,
+                    state: TrainState, x: jax.Array, teacher_feats):
+  """The student's training forward for a distillation step.
+
+  Returns:
+    ``(logits, pairs, new_model_state)``: ``pairs`` holds, per feature term,
+    ``(projected student tap, teacher feature)`` (``()`` without terms).
+  """
+  logits, feats, new_model_state = student.apply(
+      state.params, state.model_state, x, train=True)
+  if not terms:
+    return logits, (), new_model_state
+  feats = {**feats, "logits": logits}
+  projected = projectors.apply(state.projector_params,
+                               [feats[t.student_tap] for t in terms])
+  return logits, tuple(zip(projected, teacher_feats)), new_model_state
 
 
 def make_distill_step(student: FunctionalModel, teacher: FunctionalModel,
@@ -108,14 +129,8 @@ def make_distill_step(student: FunctionalModel, teacher: FunctionalModel,
   def loss_fn(trainables, state: TrainState, teacher_logits, teacher_feats,
               batch: Batch):
     state = state.with_trainables(trainables)
-    logits, feats, new_model_state = student.apply(
-        state.params, state.model_state, batch["x"], train=True)
-    pairs = ()
-    if terms:
-      feats = {**feats, "logits": logits}
-      projected = projectors.apply(
-          state.projector_params, [feats[t.student_tap] for t in terms])
-      pairs = tuple(zip(projected, teacher_feats))
+    logits, pairs, new_model_state = student_forward(
+        student, projectors, terms, state, batch["x"], teacher_feats)
     loss, parts = objective(logits, teacher_logits, batch["y"],
                             batch.get("mask"), step=state.step,
                             loss_state=state.loss_state, features=pairs)
@@ -140,8 +155,9 @@ def make_distill_step(student: FunctionalModel, teacher: FunctionalModel,
     mask = batch.get("mask")
     metrics = {
         "loss": loss, **parts,
-        "accuracy": _accuracy(logits, batch["y"], mask),
-        "teacher_accuracy": _accuracy(teacher_logits, batch["y"], mask),
+        "accuracy": masked_accuracy(logits, batch["y"], mask),
+        "teacher_accuracy": masked_accuracy(teacher_logits, batch["y"],
+                                            mask),
         "agreement": masked_mean(
             (jnp.argmax(logits, -1) == jnp.argmax(teacher_logits, -1)
              ).astype(jnp.float32), mask),

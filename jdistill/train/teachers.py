@@ -29,7 +29,7 @@ from jdistill.train.mesh import DATA_AXIS
 from jdistill.train.state import FunctionalModel
 
 PyTree = Any
-STACKINGS = ("auto", "vmap", "map")
+STACKINGS = ("auto", "vmap", "map", "loop")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -44,11 +44,14 @@ class TeacherEnsemble:
       teachers on its slice of the batch.
     stacking: how a group's stacked teachers run: ``"vmap"`` (one batched
       forward), ``"map"`` (``lax.map``: one compiled forward applied to the
-      teachers in turn) or ``"auto"``: ``"map"`` on CPU for models with 2-D
-      convolutions, whose vmap over the weights becomes a grouped
-      convolution that XLA:CPU runs 5-7x slower than separate ones
-      (`benchmarks/multi_teacher_forward.py`), ``"vmap"`` otherwise. Both
-      compile one program per group, whatever its size.
+      teachers in turn), ``"loop"`` (one forward per teacher, a Python loop
+      inside the jit: the program grows with the group) or ``"auto"``:
+      ``"vmap"`` on GPU and TPU and, on CPU, for models without
+      convolutions or batched matmuls (e.g. MLPs); ``"loop"`` on CPU for
+      the others, because XLA:CPU runs the grouped convolutions and the
+      extra batch axis of attention matmuls that vmap makes of them slower
+      than K separate forwards (whole steps: 6-14% for 1-D CNNs and ViTs,
+      about 6x for ResNets; `benchmarks/multi_teacher_step.py`).
   """
 
   models: tuple[FunctionalModel, ...]
@@ -127,7 +130,12 @@ class TeacherEnsemble:
       if len(group) == 1 and not sharded:  # A lone teacher needs no stacking.
         run = lambda v, x, forward=forward: jax.tree.map(
             lambda a: a[None], forward(jax.tree.map(lambda a: a[0], v), x))
-      elif self._stacking(model, v, x) == "vmap":
+      elif (stacking := self._stacking(model, v, x)) == "loop":
+        run = lambda v, x, forward=forward: jax.tree.map(
+            lambda *outs: jnp.stack(outs),
+            *[forward(jax.tree.map(lambda a, j=j: a[j], v), x)
+              for j in range(jax.tree.leaves(v)[0].shape[0])])
+      elif stacking == "vmap":
         run = jax.vmap(forward, in_axes=(0, None))
       else:
         run = lambda v, x, forward=forward: jax.lax.map(
@@ -158,6 +166,7 @@ class TeacherEnsemble:
     return dataclasses.replace(self, mesh=mesh, teacher_axis=axis)
 
   def _stacking(self, model: FunctionalModel, v, x) -> str:
+    """The forward (``vmap`` or ``loop``) that ``auto`` picks for a group."""
     if self.stacking != "auto":
       return self.stacking
     if jax.default_backend() != "cpu":
@@ -165,7 +174,7 @@ class TeacherEnsemble:
     one = jax.tree.map(lambda a: a[0], v)
     jaxpr = jax.make_jaxpr(lambda one, x: model.apply(
         one["params"], one["model_state"], x, train=False))(one, x)
-    return "map" if _has_2d_convolution(jaxpr.jaxpr) else "vmap"
+    return "loop" if _slow_to_vmap_on_cpu(jaxpr.jaxpr) else "vmap"
 
   def _is_sharded(self, group_size: int) -> bool:
     return (self.mesh is not None
@@ -182,32 +191,26 @@ class TeacherEnsemble:
 
   def apply_loop(self, variables: Sequence[PyTree], x: jax.Array
                  ) -> jax.Array:
-    """The same logits as `apply`, one forward per teacher (a Python loop
-    over the unstacked variables); the baseline of the benchmark."""
-    logits: list[Any] = [None] * self.num_teachers
-    for model, group, v in zip(self.models, self.groups, variables):
-      for j, i in enumerate(group):
-        one = jax.tree.map(lambda a, j=j: a[j], v)
-        out, _, _ = model.apply(one["params"], one["model_state"], x,
-                                train=False)
-        logits[i] = out.astype(jnp.float32)
-    _check_same_classes(logits)
-    return jnp.stack(logits)
+    """The same logits as `apply`, one forward per teacher (``stacking=
+    "loop"``); the baseline of the benchmark."""
+    return dataclasses.replace(self, stacking="loop").apply(variables, x)[0]
 
 
-def _has_2d_convolution(jaxpr) -> bool:
-  """Whether ``jaxpr`` (or a jaxpr nested in it) convolves over two or more
-  spatial axes: vmapped over the weights, such a convolution becomes a
-  grouped one that XLA:CPU runs several times slower than separate ones
-  (1-D convolutions are not affected)."""
+def _slow_to_vmap_on_cpu(jaxpr) -> bool:
+  """Whether ``jaxpr`` (or a jaxpr nested in it) has a convolution or a
+  matmul with batch dimensions (attention): vmapped over the weights, they
+  become grouped convolutions and matmuls with an extra batch axis, which
+  XLA:CPU runs slower than separate ones."""
   for eqn in jaxpr.eqns:
-    if (eqn.primitive.name == "conv_general_dilated"
-        and eqn.invars[0].aval.ndim >= 4):
+    name = eqn.primitive.name
+    if name == "conv_general_dilated":
+      return True
+    if name == "dot_general" and eqn.params["dimension_numbers"][1][0]:
       return True
     for param in eqn.params.values():
       for sub in param if isinstance(param, (tuple, list)) else (param,):
         inner = getattr(sub, "jaxpr", None)
-        if inner is not None and _has_2d_convolution(
+        if inner is not None and _slow_to_vmap_on_cpu(
             getattr(inner, "jaxpr", inner)):
           return True
   return False
