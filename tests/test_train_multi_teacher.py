@@ -329,3 +329,21 @@ def test_mismatched_teachers_are_refused(models):
     term = jt.FeatureTerm("hint", "penultimate", "penultimate")
     mt.MultiTeacherObjective(
         dataclasses.replace(jt.DistillObjective(), feature_terms=(term,)), 2)
+
+
+def test_per_teacher_dropping_keeps_the_label_loss_on_every_example():
+  s, t, y = _logits(9)
+  base = jt.DistillObjective(loss="kd", temperature=2.0, ce_weight=0.7,
+                             kd_weight=1.0, schedule_steps=10)
+  obj = mt.MultiTeacherObjective.create(base, K, combiner="per_teacher",
+                                        drop_rate=0.5)
+  key = jax.random.key(3)
+  loss, parts, _ = obj(jnp.asarray(s), jnp.asarray(t), jnp.asarray(y),
+                       key=key)
+  keep = np.asarray(obj.keep_mask(key, jnp.asarray(s), jnp.asarray(t), 2.0))
+  ce = -ref.log_softmax(s)[np.arange(B), y]
+  kd = np.mean([ref.kd(s[keep[k]], t[k][keep[k]], 2.0).mean()
+                for k in range(K)])
+  np.testing.assert_allclose(parts["ce"], ce.mean(), rtol=1e-5)
+  np.testing.assert_allclose(parts["kd"], kd, rtol=1e-5)
+  np.testing.assert_allclose(loss, 0.7 * ce.mean() + kd, rtol=1e-5)

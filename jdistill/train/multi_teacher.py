@@ -64,7 +64,8 @@ import optax
 
 from jdistill import teachers as combine
 from jdistill.losses import kd
-from jdistill.train.objective import DistillObjective, masked_mean
+from jdistill.train.objective import (DistillObjective, cross_entropy,
+                                      masked_mean)
 from jdistill.train.projectors import FunctionalProjectors
 from jdistill.train.state import FunctionalModel, TrainState
 from jdistill.train.step import masked_accuracy, student_forward
@@ -323,9 +324,15 @@ class MultiTeacherObjective:
         total_i, parts_i = objective.logit_loss(
             student_logits, t[i], labels, mask_i, step=step,
             loss_state=loss_state)
-        wi = prior[i]
-        total = total + wi * total_i
-        parts = {n: parts.get(n, 0.0) + wi * v for n, v in parts_i.items()}
+        # The CE on the labels counts once, over every example (below).
+        total_i = total_i - parts_i["ce_weight"] * parts_i["ce"]
+        total = total + prior[i] * total_i
+        parts = {n: parts.get(n, 0.0) + prior[i] * v
+                 for n, v in parts_i.items()}
+      parts["ce"] = masked_mean(cross_entropy(
+          student_logits, labels, label_smoothing=objective.label_smoothing),
+          mask)
+      total = total + parts["ce_weight"] * parts["ce"]
       combined = temperature * combine.ensemble_log_probs(
           t, temperature=temperature, weights=w)
     else:
