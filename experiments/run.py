@@ -99,6 +99,10 @@ def _check_workdir(cfg: Config) -> None:
       except json.JSONDecodeError:
         raise ValueError(f"--workdir={cfg.workdir}: {path} is corrupt; "
                          "expected JSON (use a new --workdir)") from None
+    # A setting added after the run was written has its default there.
+    defaults = json.loads(json.dumps(Config().to_json()))
+    previous = {**{k: v for k, v in defaults.items() if k not in previous},
+                **previous}
     diffs = [k for k in sorted(set(previous) | set(current))
              if k not in _RESUMABLE and previous.get(k) != current.get(k)]
     if diffs:

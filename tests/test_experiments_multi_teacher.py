@@ -156,3 +156,22 @@ def test_teacher_with_other_classes_or_missing_is_refused(teacher_dirs,
   _one_line_error(proc, f"--teacher_checkpoints={tmp_path / 'no'}")
   assert not (tmp_path / "s").exists()
   assert _tree_digest(teacher_dirs[0]) == before
+
+
+def test_workdir_written_before_the_multi_teacher_flags_resumes(tmp_path):
+  # A run_config.json from before a flag existed holds the flag's default.
+  cfg = Config(mode="train", workdir=str(tmp_path / "run"), model="mlp",
+               num_steps=8, batch_size=64, log_every=8, checkpoint_every=8)
+  run_lib.run_train(cfg)
+  path = tmp_path / "run" / run_lib.RUN_CONFIG_FILE
+  old = {k: v for k, v in json.loads(path.read_text()).items()
+         if not k.startswith(("teacher_", "combiner"))
+         or k in ("teacher_model", "teacher_model_kwargs",
+                  "teacher_checkpoint", "teacher_num_steps",
+                  "teacher_learning_rate")}
+  path.write_text(json.dumps(old))
+  resumed = run_lib.run_train(cfg.replace(num_steps=16))
+  assert resumed["start_step"] == 8
+  with pytest.raises(ValueError, match="holds a run with --combiner="
+                     "mean_probs but this run has --combiner=best"):
+    run_lib.run_train(cfg.replace(num_steps=24, combiner="best"))

@@ -7,7 +7,9 @@ Layout of a run directory (``--workdir``)::
     checkpoints/<step>/   orbax composite with two items:
       model/              {"params", "model_state"}: all a teacher needs
       train/              {"step", "opt_state", "rng", "loss_state",
-                           "projector_params"} (projectors: dropped at export)
+                           "projector_params"} (projectors: dropped at
+                          export), plus "combiner_params" for a learned
+                          multi-teacher combiner
 
 A teacher is loaded by restoring only the ``model`` item, so neither the
 teacher's optimizer state nor anything else of its run is read. orbax writes
@@ -39,10 +41,14 @@ def _model_item(state: TrainState) -> dict:
 
 
 def _train_item(state: TrainState) -> dict:
-  return {"step": state.step, "opt_state": state.opt_state, "rng": state.rng,
+  item = {"step": state.step, "opt_state": state.opt_state, "rng": state.rng,
           "loss_state": state.loss_state,
-          "projector_params": state.projector_params,
-          "combiner_params": state.combiner_params}
+          "projector_params": state.projector_params}
+  if jax.tree.leaves(state.combiner_params):
+    # Only runs with a learned combiner have it, so that checkpoints written
+    # before it existed restore unchanged.
+    item["combiner_params"] = state.combiner_params
+  return item
 
 
 class Checkpointer:
@@ -86,7 +92,8 @@ class Checkpointer:
                         opt_state=train["opt_state"], rng=train["rng"],
                         loss_state=train["loss_state"],
                         projector_params=train["projector_params"],
-                        combiner_params=train.get("combiner_params", {}))
+                        combiner_params=train.get("combiner_params",
+                                                  like.combiner_params))
 
   def wait(self) -> None:
     self._manager.wait_until_finished()
