@@ -171,7 +171,7 @@ class Config:
 
   def num_teachers(self) -> int:
     """Teachers of this run: ``--teacher_checkpoints`` (distill) or
-    ``--teacher_seeds`` (compare/tune trains them); 1 without them."""
+    ``--teacher_seeds`` (compare trains them); 1 without them."""
     return max(len(self.teacher_checkpoints), len(self.teacher_seeds), 1)
 
   def multi_teacher(self) -> bool:
@@ -200,9 +200,9 @@ class Config:
              "--teacher_models", ",".join(self.teacher_models),
              f"one architecture per --teacher_seeds entry "
              f"({len(self.teacher_seeds)})")
-    if len(set(self.teacher_checkpoints)) != len(self.teacher_checkpoints):
-      _check(False, "--teacher_checkpoints", ",".join(
-          self.teacher_checkpoints), "distinct teacher workdirs")
+    _check(len(set(self.teacher_checkpoints)) == len(self.teacher_checkpoints),
+           "--teacher_checkpoints", ",".join(self.teacher_checkpoints),
+           "distinct teacher workdirs")
     if self.multi_teacher():
       self.multi_teacher_objective()  # Validates the combiner's options.
 
@@ -395,9 +395,9 @@ def define_flags() -> None:
   F.DEFINE_list("teacher_checkpoints", [], "Multi-teacher distillation: the "
                 "workdirs of several --mode=train runs (instead of "
                 "--teacher_checkpoint); see --combiner.")
-  F.DEFINE_list("teacher_seeds", [], "--mode=compare/tune: train one teacher "
+  F.DEFINE_list("teacher_seeds", [], "--mode=compare: train one teacher "
                 "per seed and distill from all of them (multi-teacher).")
-  F.DEFINE_list("teacher_models", [], "--mode=compare/tune: the architecture "
+  F.DEFINE_list("teacher_models", [], "--mode=compare: the architecture "
                 "of each --teacher_seeds teacher (default: --teacher_model; "
                 "--teacher_model_kwargs apply to --teacher_model only).")
   F.DEFINE_enum("combiner", d.combiner, COMBINERS, "How several teachers "

@@ -353,13 +353,18 @@ def run_multi_teacher_distill(cfg: Config, dataset: jdata.Dataset) -> dict:
     tap, k = split_teacher_tap(name)
     return alone[k][0], alone[k][1], tap
 
+  def loss_state_factory():
+    state = objective.init_loss_state(
+        _init_feature_states(cfg, terms, dataset, mesh, teacher_of,
+                             teacher_shapes), teacher_shapes)
+    alone.clear()  # Training keeps only the stacked (or sharded) teachers.
+    return state
+
   summary = _train(
       cfg, dataset, mesh, spec, factory,
       name=f"distill {cfg.model}<-{cfg.combiner}({names})",
       projector_factory=projector_factory,
-      loss_state_factory=lambda: objective.init_loss_state(
-          _init_feature_states(cfg, terms, dataset, mesh, teacher_of,
-                               teacher_shapes), teacher_shapes),
+      loss_state_factory=loss_state_factory,
       combiner_params=objective.init_combiner_params())
   summary["teachers"] = [s["name"] for s in specs]
   summary["combiner"] = cfg.combiner
