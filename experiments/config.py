@@ -18,7 +18,9 @@ from jdistill.train.teachers import STACKINGS
 from jdistill.train.optim import OPTIMIZERS, SCHEDULES
 from jdistill.train.schedules import SCHEDULE_KINDS
 
-MODES = ("train", "distill", "compare", "tune")
+MODES = ("train", "distill", "compare", "tune", "kip")
+KIP_METHODS = ("kip", "rfad", "frepo", "krr_st")
+KIP_KERNELS = ("fc_nngp", "fc_ntk", "conv_nngp", "conv_ntk")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -96,6 +98,18 @@ class Config:
   methods: tuple[str, ...] = ()
   tune_grid: str | None = None
   tune_output_dir: str | None = None
+  kip_method: str = "kip"
+  kernel: str = "fc_ntk"
+  kernel_kwargs: tuple[tuple[str, Any], ...] = ()
+  images_per_class: tuple[int, ...] = (1, 10, 50)
+  learn_labels: bool = True
+  zca_strength: float = 0.0
+  krr_reg: float = 1e-6
+  target_per_class: int = 16
+  frepo_pool_size: int = 10
+  frepo_max_online_steps: int = 100
+  frepo_learning_rate: float = 1e-3
+  eval_num_steps: int = 1000
   num_devices: int = 0
   coordinator_address: str | None = None
   num_processes: int = 1
@@ -160,6 +174,8 @@ class Config:
     for path in self.methods:
       _check(path.endswith(".flags"), "--methods", path,
              "paths of method flagfiles ending in .flags")
+    if self.mode == "kip":
+      self._check_kip()
     _check(self.num_processes >= 1, "--num_processes", self.num_processes,
            "a positive integer")
     _check(0 <= self.process_id < self.num_processes, "--process_id",
@@ -205,6 +221,30 @@ class Config:
            "distinct teacher workdirs")
     if self.multi_teacher():
       self.multi_teacher_objective()  # Validates the combiner's options.
+
+  def _check_kip(self) -> None:
+    _check(self.kip_method in KIP_METHODS, "--kip_method", self.kip_method,
+           f"one of: {', '.join(KIP_METHODS)}")
+    _check(self.kernel in KIP_KERNELS, "--kernel", self.kernel,
+           f"one of: {', '.join(KIP_KERNELS)}")
+    _check(len(self.images_per_class) > 0
+           and all(n > 0 for n in self.images_per_class),
+           "--images_per_class", ",".join(map(str, self.images_per_class)),
+           "positive integers such as 1,10,50")
+    _check(self.krr_reg >= 0, "--krr_reg", self.krr_reg,
+           "a non-negative number")
+    _check(self.zca_strength >= 0, "--zca_strength", self.zca_strength,
+           "a non-negative number (0: no ZCA whitening)")
+    for name in ("target_per_class", "frepo_pool_size",
+                 "frepo_max_online_steps", "eval_num_steps"):
+      _check(getattr(self, name) > 0, f"--{name}", getattr(self, name),
+             "a positive integer")
+    _check(self.frepo_learning_rate > 0, "--frepo_learning_rate",
+           self.frepo_learning_rate, "a positive number")
+    _check(self.kip_method != "krr_st" or bool(self.teacher_checkpoint),
+           "--teacher_checkpoint", self.teacher_checkpoint,
+           "the workdir of a --mode=train run whose penultimate "
+           "representations --kip_method=krr_st distills")
 
   def multi_teacher_objective(self) -> MultiTeacherObjective:
     """The multi-teacher objective of these flags (`MultiTeacherObjective`,
@@ -288,7 +328,9 @@ class Config:
 
   def to_json(self) -> dict:
     d = dataclasses.asdict(self)
-    for key in ("model_kwargs", "teacher_model_kwargs", "loss_kwargs",
+    d["images_per_class"] = list(d["images_per_class"])
+    for key in ("model_kwargs", "teacher_model_kwargs", "kernel_kwargs",
+                "loss_kwargs",
                 "aux_loss_kwargs", "feature_loss_kwargs"):
       d[key] = dict(d[key])
     d["seeds"] = list(d["seeds"])
@@ -369,7 +411,10 @@ def define_flags() -> None:
                 "KD from --teacher_checkpoint; compare: teacher, students "
                 "from labels and distilled students over --seeds, as a table; "
                 "tune: choose each method's hyperparameters on the validation "
-                "split from --tune_grid and write tuned method flagfiles.")
+                "split from --tune_grid and write tuned method flagfiles; "
+                "kip: kernel-ridge dataset distillation (--kip_method) at "
+                "each --images_per_class, evaluated "
+                "against random real subsets and the full training set.")
   F.DEFINE_string("workdir", d.workdir, "Run directory: checkpoints, "
                   "metrics.jsonl, model.json. A rerun resumes from it.")
   F.DEFINE_string("dataset", d.dataset, "mnist1d, digits, digits_flat or "
@@ -506,6 +551,37 @@ def define_flags() -> None:
   F.DEFINE_integer("checkpoint_every", d.checkpoint_every,
                    "Checkpoint every N steps (0: at the end only).")
   F.DEFINE_integer("max_to_keep", d.max_to_keep, "Checkpoints to keep.")
+  F.DEFINE_enum("kip_method", d.kip_method, KIP_METHODS, "--mode=kip: "
+                "kip (KIP with --kernel), rfad (random ConvNet features), "
+                "frepo (KRR on the features of a pool of --model networks "
+                "trained online), krr_st (self-supervised: FRePo regressing "
+                "the --teacher_checkpoint model's representations).")
+  F.DEFINE_enum("kernel", d.kernel, KIP_KERNELS, "--mode=kip: the "
+                "closed-form kernel of kip, and the kernel of every "
+                "method's KRR evaluation.")
+  F.DEFINE_string("kernel_kwargs", "", "JSON options of --kernel (depth, "
+                  "w_std, b_std, filter_size, pool) or, for rfad, of the "
+                  "random features (num_networks, width, depth, ...).")
+  F.DEFINE_list("images_per_class", [str(n) for n in d.images_per_class],
+                "--mode=kip: support sizes to distil, per class.")
+  F.DEFINE_boolean("learn_labels", d.learn_labels,
+                   "--mode=kip: also learn the support labels.")
+  F.DEFINE_float("zca_strength", d.zca_strength, "--mode=kip: regularised "
+                 "ZCA whitening of the inputs (0: off; KIP uses 0.1).")
+  F.DEFINE_float("krr_reg", d.krr_reg, "--mode=kip: KRR ridge relative to "
+                 "the mean kernel diagonal.")
+  F.DEFINE_integer("target_per_class", d.target_per_class, "--mode=kip: "
+                   "examples of each class in a target batch.")
+  F.DEFINE_integer("frepo_pool_size", d.frepo_pool_size, "frepo/krr_st: "
+                   "networks in the pool.")
+  F.DEFINE_integer("frepo_max_online_steps", d.frepo_max_online_steps,
+                   "frepo/krr_st: a network is re-initialised after this "
+                   "many online steps.")
+  F.DEFINE_float("frepo_learning_rate", d.frepo_learning_rate,
+                 "frepo/krr_st: Adam learning rate of the pool networks.")
+  F.DEFINE_integer("eval_num_steps", d.eval_num_steps, "--mode=kip: steps "
+                   "of the fresh --model networks trained on each support "
+                   "set (one per --seeds entry).")
   F.DEFINE_integer("num_devices", d.num_devices,
                    "Devices of the data mesh (0: all).")
   F.DEFINE_string("coordinator_address", None,
@@ -592,6 +668,18 @@ def config_from_flags(FLAGS=flags.FLAGS) -> Config:
       feature_weight_end=_floats("--feature_weight_end",
                                  FLAGS.feature_weight_end),
       feature_weight_schedule_steps=FLAGS.feature_weight_schedule_steps,
+      kip_method=FLAGS.kip_method,
+      kernel=FLAGS.kernel,
+      kernel_kwargs=parse_json_kwargs("--kernel_kwargs", FLAGS.kernel_kwargs),
+      images_per_class=_ints("--images_per_class", FLAGS.images_per_class),
+      learn_labels=FLAGS.learn_labels,
+      zca_strength=FLAGS.zca_strength,
+      krr_reg=FLAGS.krr_reg,
+      target_per_class=FLAGS.target_per_class,
+      frepo_pool_size=FLAGS.frepo_pool_size,
+      frepo_max_online_steps=FLAGS.frepo_max_online_steps,
+      frepo_learning_rate=FLAGS.frepo_learning_rate,
+      eval_num_steps=FLAGS.eval_num_steps,
       log_every=FLAGS.log_every,
       eval_every=FLAGS.eval_every,
       checkpoint_every=FLAGS.checkpoint_every,

@@ -28,7 +28,7 @@ def main(argv):
     cfg = config_lib.config_from_flags(FLAGS)
     from experiments import run as run_lib  # Imports JAX only after parsing.
     run_lib.run(cfg)
-  except (ValueError, FileNotFoundError) as e:
+  except (ValueError, FileNotFoundError, FloatingPointError) as e:
     if FLAGS.debug:
       raise
     message = " ".join(str(e).split())

@@ -777,8 +777,13 @@ def format_table(rows: dict, models: dict, settings: dict, dataset: str,
   return "\n".join(lines)
 
 
+def run_kip(cfg: Config) -> dict:
+  from experiments import kip as kip_program
+  return kip_program.run_kip(cfg)
+
+
 RUNNERS = {"train": run_train, "distill": run_distill, "compare": run_compare,
-           "tune": run_tune}
+           "tune": run_tune, "kip": run_kip}
 
 
 def run(cfg: Config) -> dict:

@@ -36,3 +36,9 @@ def test_multi_teacher_example_runs():
   assert namespace["ensemble"].groups == ((0, 1, 2), (3,))
   weights = namespace["state"].combiner_params["teacher_weight_logits"]
   assert weights.shape == (4,) and np.any(np.asarray(weights) != 0)
+
+
+def test_kip_example_runs():
+  namespace = _run_example("`tests/test_readme.py` runs this block")
+  assert namespace["state"].support_x.shape == (10, 64)
+  assert namespace["accuracy"] > 0.8  # One learned image per class.
