@@ -150,7 +150,7 @@ def _krr_test_accuracy(kernel, task: _Task, support_x, support_y,
   support_x = jnp.asarray(support_x)
   support_y = jnp.asarray(support_y)
   key = jax.random.key(0)
-  k_ss = kernel(key, support_x, support_x)
+  k_ss = kernel(key, support_x, None)
   correct = 0
   for start in range(0, len(x_test), 500):
     xb = jnp.asarray(x_test[start:start + 500])

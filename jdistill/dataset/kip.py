@@ -36,7 +36,8 @@ from jax.sharding import PartitionSpec as P
 from jdistill.dataset import kernels as kernels_lib
 from jdistill.dataset.krr import centered_one_hot, krr_predict
 
-# kernel(key, x1, x2) -> [n1, n2]; closed-form kernels ignore the key.
+# kernel(key, x1, x2) -> [n1, n2] (x2=None: x1's own kernel); closed-form
+# kernels ignore the key.
 Kernel = Callable[[jax.Array, jax.Array, jax.Array], jax.Array]
 
 
@@ -44,7 +45,7 @@ def closed_form(name: str, **arch) -> Kernel:
   """A `Kernel` from `kernels.closed_form_kernel` (``fc_nngp``, ``fc_ntk``,
   ``conv_nngp``, ``conv_ntk``) with architecture options ``arch``."""
   kernel = kernels_lib.closed_form_kernel(name, **arch)
-  return lambda key, x1, x2: kernel(x1, x2)
+  return lambda key, x1, x2=None: kernel(x1, x2)
 
 
 def random_features(**rf) -> Kernel:
@@ -53,8 +54,10 @@ def random_features(**rf) -> Kernel:
   kernels_lib._check_options("random features",
                              kernels_lib.random_conv_features, rf,
                              exclude=("key", "x"))
-  def kernel(key, x1, x2):
+  def kernel(key, x1, x2=None):
     f1 = kernels_lib.random_conv_features(key, x1, **rf)
+    if x2 is None:
+      return f1 @ f1.T
     f2 = kernels_lib.random_conv_features(key, x2, **rf)
     return f1 @ f2.T
   return kernel
@@ -175,7 +178,9 @@ def kip_loss(support_x, support_y, target_x, target_y, key, kernel: Kernel, *,
   """KIP's loss ``0.5 * mean ||krr(target) - y_target||^2`` and metrics
   (``accuracy`` is the argmax agreement with the targets)."""
   k_ts = target_kernel(kernel, mesh)(key, target_x, support_x)
-  k_ss = kernel(key, support_x, support_x)
+  # x2=None: the support's own kernel, exactly symmetric with cos(theta) = 1
+  # on its diagonal (passing support_x twice rounds the two sides apart).
+  k_ss = kernel(key, support_x, None)
   pred = krr_predict(k_ts, k_ss, support_y, reg=reg, precision=precision)
   loss = 0.5 * jnp.mean(jnp.sum((pred - target_y) ** 2, axis=-1))
   accuracy = jnp.mean(jnp.argmax(pred, -1) == jnp.argmax(target_y, -1))
@@ -229,7 +234,7 @@ def krr_evaluate(kernel: Kernel, support_x, support_y, x, labels, *,
   key = jax.random.key(0) if key is None else key
   support_x = jnp.asarray(support_x)
   support_y = jnp.asarray(support_y)
-  k_ss = kernel(key, support_x, support_x)
+  k_ss = kernel(key, support_x, None)
   correct = 0
   for start in range(0, len(x), batch_size):
     xb = jnp.asarray(x[start:start + batch_size])
