@@ -34,6 +34,7 @@ import numpy as np
 import optax
 from flax import nnx
 
+from experiments import run as run_lib
 from experiments.config import Config
 from jdistill import data as jdata
 from jdistill import dataset as jdd
@@ -45,13 +46,12 @@ from jdistill.dataset import kip as kip_lib
 SYNC_EVERY = 16  # Host sync at least this often (multi-device CPU safety).
 
 
-def _log(msg: str) -> None:
-  if jax.process_index() == 0:
-    print(msg, flush=True)
+_log = run_lib._log
 
 
-def _write_atomic(path: str, write) -> None:
-  """``write(tmp_path)`` then rename, so a crash never leaves half a file."""
+def _write_atomic_with(path: str, write) -> None:
+  """``write(tmp_path)`` then rename, so a crash never leaves half a file
+  (binary files; text goes through ``run_lib._write_atomic``)."""
   tmp = path + ".tmp"
   write(tmp)
   os.replace(tmp, path)
@@ -111,7 +111,6 @@ class _Task:
           jdd.centered_one_hot(labels, self.num_classes), np.float32)
       self.readout_matrix = None
       return
-    from experiments import run as run_lib
     teacher, variables, _ = run_lib.load_teacher(cfg, dataset, mesh)
     if "penultimate" not in teacher.apply(
         variables["params"], variables["model_state"],
@@ -145,27 +144,10 @@ class _Task:
                           axis=1) @ self.readout_matrix
 
 
-def _krr_test_accuracy(kernel, task: _Task, support_x, support_y,
-                       x_test, y_test, reg: float) -> float:
-  support_x = jnp.asarray(support_x)
-  support_y = jnp.asarray(support_y)
-  key = jax.random.key(0)
-  k_ss = kernel(key, support_x, None)
-  correct = 0
-  for start in range(0, len(x_test), 500):
-    xb = jnp.asarray(x_test[start:start + 500])
-    pred = jdd.krr_predict(kernel(key, xb, support_x), k_ss, support_y,
-                           reg=reg)
-    scores = task.readout(pred)
-    correct += int(np.sum(scores.argmax(-1) == y_test[start:start + 500]))
-  return correct / len(x_test)
-
-
 def _fit_network(cfg: Config, spec: dict, seed: int, x, y, task: _Task,
                  x_test, y_test, *, batch_size: int = 256) -> float:
   """Trains a fresh ``--model`` network on ``(x, y)`` (MSE onto the
   targets, Adam, cosine decay) and returns its test accuracy."""
-  from experiments import run as run_lib
   spec = dict(spec, num_classes=task.dim)
   model, params, model_state = run_lib.build_model(spec, seed)
   steps = cfg.eval_num_steps
@@ -207,7 +189,6 @@ def _fit_network(cfg: Config, spec: dict, seed: int, x, y, task: _Task,
 def _frepo_functions(cfg: Config, dataset: jdata.Dataset, out_dim: int):
   """``init_fn(key) -> params`` and ``apply_fn(params, x) -> (outputs,
   penultimate features)`` of ``--model`` for the FRePo pool."""
-  from experiments import run as run_lib
   spec = dict(run_lib.model_spec(cfg.model, cfg.model_kwargs, dataset),
               num_classes=out_dim)
   model, params, model_state = run_lib.build_model(spec, cfg.seed)
@@ -294,14 +275,10 @@ def _distil(cfg: Config, dataset: jdata.Dataset, task: _Task, mesh,
 
 
 def _support_indices(rng, labels, ipc, num_classes):
-  out = []
-  for c in range(num_classes):
-    idx = np.flatnonzero(labels == c)
-    if len(idx) < ipc:
-      raise ValueError(f"--images_per_class={ipc}: class {c} has only "
-                       f"{len(idx)} training examples")
-    out.append(rng.choice(idx, ipc, replace=False))
-  return np.concatenate(out)
+  try:
+    return kip_lib.support_indices(rng, labels, ipc, num_classes)
+  except ValueError as e:
+    raise ValueError(f"--images_per_class={ipc}: {e}") from None
 
 
 def _plot_set(path: str, support_x, classes, ipc: int, image: bool) -> None:
@@ -337,7 +314,8 @@ def _plot_set(path: str, support_x, classes, ipc: int, image: bool) -> None:
       ax.set_xticks([])
       ax.set_yticks([])
   fig.tight_layout()
-  _write_atomic(path, lambda tmp: fig.savefig(tmp, dpi=80, format="png"))
+  _write_atomic_with(path,
+                     lambda tmp: fig.savefig(tmp, dpi=80, format="png"))
   plt.close(fig)
 
 
@@ -356,7 +334,8 @@ def _plot_curve(path: str, curve: list[dict], title: str) -> None:
   ax[1].set_title("KRR accuracy on target batches")
   fig.suptitle(title, fontsize=9)
   fig.tight_layout()
-  _write_atomic(path, lambda tmp: fig.savefig(tmp, dpi=80, format="png"))
+  _write_atomic_with(path,
+                     lambda tmp: fig.savefig(tmp, dpi=80, format="png"))
   plt.close(fig)
 
 
@@ -380,15 +359,7 @@ def format_kip_table(results: dict) -> str:
   return "\n".join(lines)
 
 
-def _write_text(path: str, text: str) -> None:
-  def write(tmp):
-    with open(tmp, "w") as f:
-      f.write(text)
-  _write_atomic(path, write)
-
-
 def run_kip(cfg: Config) -> dict:
-  from experiments import run as run_lib
   dataset = run_lib.load_data(cfg)
   mesh = jtrain.make_data_mesh(cfg.num_devices)
   n_dev = mesh.devices.size
@@ -431,8 +402,9 @@ def run_kip(cfg: Config) -> dict:
           cfg.kip_method]
 
   def evaluate(x, y, name, ipc):
-    krr = _krr_test_accuracy(eval_kernel, task, for_kernel(x), y,
-                             for_kernel(x_test), y_test, cfg.krr_reg)
+    krr = kip_lib.krr_evaluate(eval_kernel, for_kernel(x), y,
+                               for_kernel(x_test), y_test, reg=cfg.krr_reg,
+                               readout=task.readout)
     nets = [_fit_network(cfg, spec, s, for_net(x), y, task, x_test, y_test)
             for s in cfg.seeds]
     _log(f"[kip ipc={ipc}] {name}: KRR test accuracy {krr:.4f}; "
@@ -469,8 +441,9 @@ def run_kip(cfg: Config) -> dict:
       def write_npz(tmp, arrays=arrays):
         with open(tmp, "wb") as f:
           np.savez(f, **arrays)
-      _write_atomic(os.path.join(out_dir, "distilled.npz"), write_npz)
-      _write_text(os.path.join(out_dir, "curve.jsonl"),
+      _write_atomic_with(os.path.join(out_dir, "distilled.npz"),
+                         write_npz)
+      run_lib._write_atomic(os.path.join(out_dir, "curve.jsonl"),
                   "".join(json.dumps(r) + "\n" for r in curve))
       _plot_curve(os.path.join(out_dir, "curve.png"), curve,
                   f"{cfg.kip_method} on {dataset.name}, {ipc} per class")
@@ -484,8 +457,9 @@ def run_kip(cfg: Config) -> dict:
                              "full training set", "all")
   table = format_kip_table(results)
   if jax.process_index() == 0:
-    _write_text(os.path.join(cfg.workdir, "results.json"),
+    run_lib._write_atomic(os.path.join(cfg.workdir, "results.json"),
                 json.dumps(results, indent=2))
-    _write_text(os.path.join(cfg.workdir, "results.md"), table + "\n")
+    run_lib._write_atomic(os.path.join(cfg.workdir, "results.md"),
+                          table + "\n")
   _log("\n" + table)
   return results

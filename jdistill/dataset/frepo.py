@@ -35,6 +35,7 @@ import jax.numpy as jnp
 import optax
 from jax.sharding import PartitionSpec as P
 
+from jdistill.dataset.kip import apply_support_gradients
 from jdistill.dataset.krr import krr_predict
 
 InitFn = Callable[[jax.Array], Any]
@@ -136,16 +137,12 @@ def make_frepo_step(init_fn: InitFn, apply_fn: ApplyFn,
     pool_size = state.pool_age.shape[0]
     i = jax.random.randint(pick_key, (), 0, pool_size)
     params = _take(state.pool_params, i)
-    (_, metrics), (gx, gy) = jax.value_and_grad(
+    (_, metrics), grads = jax.value_and_grad(
         loss_fn, argnums=(0, 1), has_aux=True)(
             state.support_x, state.support_y, batch["x"], batch["y"], params)
-    if not learn_labels:
-      gy = jnp.zeros_like(gy)
-    support = (state.support_x, state.support_y)
-    updates, opt_state = tx.update((gx, gy), state.opt_state, support)
-    support_x, support_y = optax.apply_updates(support, updates)
-    if not learn_labels:
-      support_y = state.support_y
+    support_x, support_y, opt_state, grad_norm = apply_support_gradients(
+        tx, state.opt_state, state.support_x, state.support_y, *grads,
+        learn_labels=learn_labels)
 
     # The picked network trains on the support set (not differentiated).
     xs, ys = jax.lax.stop_gradient((support_x, support_y))
@@ -166,7 +163,7 @@ def make_frepo_step(init_fn: InitFn, apply_fn: ApplyFn,
     model_opt = jax.tree.map(lambda f, o: jnp.where(reset, f, o),
                              model_tx.init(fresh), model_opt)
     age = jnp.where(reset, 0, age)
-    metrics = dict(metrics, grad_norm=optax.tree.norm((gx, gy)),
+    metrics = dict(metrics, grad_norm=grad_norm,
                    model_loss=model_losses[-1])
     return FrepoState(
         state.step + 1, support_x, support_y, opt_state,

@@ -60,7 +60,8 @@ def _arccos_j1(c):
   """
   c = jnp.clip(c, -1.0, 1.0)
   theta = jnp.arccos(c)
-  return (jnp.sqrt(jnp.maximum(1.0 - c * c, 0.0)) + (jnp.pi - theta) * c) / jnp.pi
+  sin = jnp.sqrt(jnp.maximum(1.0 - c * c, 0.0))
+  return (sin + (jnp.pi - theta) * c) / jnp.pi
 
 
 @_arccos_j1.defjvp
@@ -491,7 +492,9 @@ def _check_options(name: str, fn, kwargs: dict, exclude=()) -> None:
 KERNELS = ("fc_nngp", "fc_ntk", "conv_nngp", "conv_ntk")
 
 
-def closed_form_kernel(name: str, **kwargs) -> Callable[[jax.Array, jax.Array | None], jax.Array]:
+def closed_form_kernel(name: str, **kwargs
+                       ) -> Callable[[jax.Array, jax.Array | None],
+                                     jax.Array]:
   """``kernel(x1, x2) -> [n1, n2]`` for one of ``KERNELS`` with the given
   architecture options (``depth``, ``w_std``, ``b_std``, and for conv
   ``filter_size``, ``pool``, ``block_rows``)."""

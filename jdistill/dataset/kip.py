@@ -66,11 +66,10 @@ def random_features(**rf) -> Kernel:
 # --------------------------------------------------------------------------
 # Data: support initialisation, class-balanced targets, ZCA.
 
-def init_support(rng: np.random.Generator, x: np.ndarray, labels: np.ndarray,
-                 images_per_class: int, num_classes: int
-                 ) -> tuple[np.ndarray, np.ndarray]:
-  """``images_per_class`` distinct real examples of every class, class by
-  class. Returns ``(x_support, labels_support)``.
+def support_indices(rng: np.random.Generator, labels: np.ndarray,
+                    images_per_class: int, num_classes: int) -> np.ndarray:
+  """Indices of ``images_per_class`` distinct examples of every class,
+  class by class.
 
   Raises:
     ValueError: a class has fewer than ``images_per_class`` examples.
@@ -86,8 +85,15 @@ def init_support(rng: np.random.Generator, x: np.ndarray, labels: np.ndarray,
           f"class {c} has {len(idx)} training examples; images_per_class="
           f"{images_per_class} needs at least that many")
     chosen.append(rng.choice(idx, images_per_class, replace=False))
-  chosen = np.concatenate(chosen)
-  return np.asarray(x)[chosen], labels[chosen]
+  return np.concatenate(chosen)
+
+
+def init_support(rng: np.random.Generator, x: np.ndarray, labels: np.ndarray,
+                 images_per_class: int, num_classes: int
+                 ) -> tuple[np.ndarray, np.ndarray]:
+  """`support_indices`' examples: ``(x_support, labels_support)``."""
+  chosen = support_indices(rng, labels, images_per_class, num_classes)
+  return np.asarray(x)[chosen], np.asarray(labels)[chosen]
 
 
 def class_balanced_indices(rng: np.random.Generator, labels: np.ndarray,
@@ -187,6 +193,27 @@ def kip_loss(support_x, support_y, target_x, target_y, key, kernel: Kernel, *,
   return loss, {"loss": loss, "accuracy": accuracy}
 
 
+def apply_support_gradients(tx: optax.GradientTransformation, opt_state,
+                            support_x, support_y, gx, gy, *,
+                            learn_labels: bool):
+  """One optimiser step on the support set (shared by KIP and FRePo).
+
+  Without ``learn_labels`` the label gradient is zeroed and the labels are
+  kept as they were (an optimiser with weight decay would move them).
+
+  Returns:
+    ``(support_x, support_y, opt_state, grad_norm)``.
+  """
+  if not learn_labels:
+    gy = jnp.zeros_like(gy)
+  params = (support_x, support_y)
+  updates, opt_state = tx.update((gx, gy), opt_state, params)
+  new_x, new_y = optax.apply_updates(params, updates)
+  if not learn_labels:
+    new_y = support_y
+  return new_x, new_y, opt_state, optax.tree.norm((gx, gy))
+
+
 def make_kip_step(kernel: Kernel, tx: optax.GradientTransformation, *,
                   reg: float = 1e-6, learn_labels: bool = True, mesh=None,
                   precision: str = "float32"
@@ -209,16 +236,12 @@ def make_kip_step(kernel: Kernel, tx: optax.GradientTransformation, *,
         functools.partial(kip_loss, kernel=kernel, reg=reg, mesh=mesh,
                           precision=precision),
         argnums=(0, 1), has_aux=True)
-    (_, metrics), (gx, gy) = grad_fn(state.support_x, state.support_y,
-                                     batch["x"], batch["y"], sub)
-    if not learn_labels:
-      gy = jnp.zeros_like(gy)
-    params = (state.support_x, state.support_y)
-    updates, opt_state = tx.update((gx, gy), state.opt_state, params)
-    support_x, support_y = optax.apply_updates(params, updates)
-    if not learn_labels:
-      support_y = state.support_y
-    metrics = dict(metrics, grad_norm=optax.tree.norm((gx, gy)))
+    (_, metrics), grads = grad_fn(state.support_x, state.support_y,
+                                  batch["x"], batch["y"], sub)
+    support_x, support_y, opt_state, grad_norm = apply_support_gradients(
+        tx, state.opt_state, state.support_x, state.support_y, *grads,
+        learn_labels=learn_labels)
+    metrics = dict(metrics, grad_norm=grad_norm)
     return KipState(state.step + 1, support_x, support_y, opt_state,
                     key), metrics
 
@@ -227,10 +250,13 @@ def make_kip_step(kernel: Kernel, tx: optax.GradientTransformation, *,
 
 def krr_evaluate(kernel: Kernel, support_x, support_y, x, labels, *,
                  reg: float, key=None, batch_size: int = 500,
-                 precision: str = "float32") -> float:
+                 precision: str = "float32",
+                 readout: Callable | None = None) -> float:
   """KRR test accuracy of a support set: ``x`` in batches of
   ``batch_size`` rows against the support set, the argmax of the
-  prediction against ``labels``. Runs eagerly (its checks apply)."""
+  prediction (mapped to class scores by ``readout`` when the support
+  targets are not labels) against ``labels``. Runs eagerly (its checks
+  apply)."""
   key = jax.random.key(0) if key is None else key
   support_x = jnp.asarray(support_x)
   support_y = jnp.asarray(support_y)
@@ -240,11 +266,14 @@ def krr_evaluate(kernel: Kernel, support_x, support_y, x, labels, *,
     xb = jnp.asarray(x[start:start + batch_size])
     k_ts = kernel(key, xb, support_x)
     pred = krr_predict(k_ts, k_ss, support_y, reg=reg, precision=precision)
-    correct += int(jnp.sum(jnp.argmax(pred, -1) == jnp.asarray(
+    scores = np.asarray(pred if readout is None else readout(pred))
+    correct += int(np.sum(scores.argmax(-1) == np.asarray(
         labels[start:start + batch_size])))
   return correct / len(x)
 
 
-__all__ = ("Kernel", "KipState", "Zca", "centered_one_hot", "class_balanced_indices",
-           "closed_form", "fit_zca", "init_support", "kip_init", "kip_loss",
-           "krr_evaluate", "make_kip_step", "random_features", "target_kernel")
+__all__ = ("Kernel", "KipState", "Zca", "apply_support_gradients",
+           "centered_one_hot", "class_balanced_indices", "closed_form",
+           "fit_zca", "init_support", "kip_init", "kip_loss", "krr_evaluate",
+           "make_kip_step", "random_features", "support_indices",
+           "target_kernel")
