@@ -19,34 +19,14 @@ import pytest
 from jax.flatten_util import ravel_pytree
 
 from jdistill.dataset import kernels
+from tests.kernel_testing import assert_rel, normal, rel
+from tests.loss_testing import finite_diff
 from tests.reference import numpy_kernels as ref
 
 FIXTURES = os.path.join(os.path.dirname(__file__), "fixtures")
 with open(os.path.join(FIXTURES, "nt_kernels.json")) as f:
   NT_CASES = json.load(f)["cases"]
 NT_ARRAYS = np.load(os.path.join(FIXTURES, "nt_kernels.npz"))
-
-
-def _rel(got, want):
-  """max |got - want| / max |want|, in float64."""
-  got = np.asarray(got, np.float64)
-  want = np.asarray(want, np.float64)
-  return float(np.max(np.abs(got - want)) / np.max(np.abs(want)))
-
-
-def _assert_rel(got, want, tol, what):
-  got = np.asarray(got, np.float64)
-  assert got.shape == np.shape(want), (
-      f"{what}: shape {got.shape} != {np.shape(want)}")
-  assert np.all(np.isfinite(got)), f"{what}: non-finite values"
-  err = _rel(got, want)
-  assert err <= tol, f"{what}: relative error {err:.3g} > {tol:g}"
-
-
-def _normal(seed, shape, scale=1.0, dtype=np.float32):
-  return (scale * np.random.default_rng(seed).standard_normal(shape)).astype(
-      dtype)
-
 
 # Compiling dominates these tests on CPU: every kernel is jitted once per
 # static configuration (one program compiles much faster than its ops one by
@@ -109,7 +89,7 @@ def test_fixture_float32(case):
                                     None if x2 is None else jnp.asarray(x2))
   assert out.nngp.dtype == jnp.float32 and out.ntk.dtype == jnp.float32
   for which in ("nngp", "ntk"):
-    _assert_rel(getattr(out, which), NT_ARRAYS[f"{case['name']}/{which}"],
+    assert_rel(getattr(out, which), NT_ARRAYS[f"{case['name']}/{which}"],
                 1e-5, f"{case['name']} {which}")
 
 
@@ -122,20 +102,20 @@ def test_fixture_float64(case):
     assert out.nngp.dtype == jnp.float64 and out.ntk.dtype == jnp.float64
     nngp, ntk = np.asarray(out.nngp), np.asarray(out.ntk)
   name = case["name"]
-  _assert_rel(nngp, NT_ARRAYS[f"{name}/nngp"], 1e-9, f"{name} nngp")
+  assert_rel(nngp, NT_ARRAYS[f"{name}/nngp"], 1e-9, f"{name} nngp")
   # On the NTK diagonal of a kernel of x1 with itself neural-tangents gets
   # cos(theta) = 1 - O(1e-16), i.e. theta ~ 1e-8, and a relative error
   # ~9e-9 there (the fixture's notes); jdistill takes cos(theta) = 1 exactly.
   # The float64 numpy reference agrees with jdistill to 1e-12.
   tol = 2e-8 if case["x2_is_none"] else 1e-9
-  _assert_rel(ntk, NT_ARRAYS[f"{name}/ntk"], tol, f"{name} ntk")
+  assert_rel(ntk, NT_ARRAYS[f"{name}/ntk"], tol, f"{name} ntk")
   if case["x2_is_none"]:
     off = ~np.eye(len(ntk), dtype=bool)
-    _assert_rel(ntk[off], NT_ARRAYS[f"{name}/ntk"][off], 1e-9,
+    assert_rel(ntk[off], NT_ARRAYS[f"{name}/ntk"][off], 1e-9,
                 f"{name} ntk off-diagonal")
     p = case["params"]
     want = ref.fc_kernels(x1, None, p["depth"], p["W_std"], p["b_std"])
-    _assert_rel(ntk, want[1], 1e-12, f"{name} ntk vs numpy")
+    assert_rel(ntk, want[1], 1e-12, f"{name} ntk vs numpy")
 
 
 # ---------------------------------------------------------------------------
@@ -148,14 +128,14 @@ def test_fixture_float64(case):
     (6, math.sqrt(2.0), 0.05)])
 @pytest.mark.parametrize("self_kernel", [False, True])
 def test_fc_vs_numpy(depth, w_std, b_std, self_kernel):
-  x1 = _normal(depth, (6, 3, 5), scale=0.7)
-  x2 = None if self_kernel else _normal(depth + 100, (4, 3, 5), scale=1.6)
+  x1 = normal(depth, (6, 3, 5), scale=0.7)
+  x2 = None if self_kernel else normal(depth + 100, (4, 3, 5), scale=1.6)
   out = kernels.fc_kernels(jnp.asarray(x1),
                            None if x2 is None else jnp.asarray(x2),
                            depth=depth, w_std=w_std, b_std=b_std)
   nngp, ntk = ref.fc_kernels(x1, x2, depth, w_std, b_std)
-  _assert_rel(out.nngp, nngp, 1e-5, "nngp")
-  _assert_rel(out.ntk, ntk, 1e-5, "ntk")
+  assert_rel(out.nngp, nngp, 1e-5, "nngp")
+  assert_rel(out.ntk, ntk, 1e-5, "ntk")
   only = kernels.fc_kernels(jnp.asarray(x1),
                             None if x2 is None else jnp.asarray(x2),
                             depth=depth, w_std=w_std, b_std=b_std,
@@ -167,21 +147,21 @@ def test_fc_vs_numpy(depth, w_std, b_std, self_kernel):
 @pytest.mark.parametrize("filter_size,w_std,b_std", [
     (3, math.sqrt(2.0), 0.0), (1, 1.5, 0.3), (5, 1.2, 0.1)])
 def test_conv1d_depth1_vs_numpy(filter_size, w_std, b_std):
-  x1 = _normal(filter_size, (3, 7, 2))
-  x2 = _normal(filter_size + 10, (4, 7, 2), scale=2.0)
+  x1 = normal(filter_size, (3, 7, 2))
+  x2 = normal(filter_size + 10, (4, 7, 2), scale=2.0)
   kw = dict(depth=1, w_std=w_std, b_std=b_std, filter_size=filter_size)
   out = _conv(jnp.asarray(x1), jnp.asarray(x2), **kw)
   nngp, ntk = ref.conv1d_depth1_kernels(x1, x2, w_std, b_std, filter_size)
-  _assert_rel(out.nngp, nngp, 1e-5, "cnngp")
-  _assert_rel(out.ntk, ntk, 1e-5, "cntk")
+  assert_rel(out.nngp, nngp, 1e-5, "cnngp")
+  assert_rel(out.ntk, ntk, 1e-5, "cntk")
   out = _conv(jnp.asarray(x1), None, **kw)
   nngp, ntk = ref.conv1d_depth1_kernels(x1, None, w_std, b_std, filter_size)
-  _assert_rel(out.nngp, nngp, 1e-5, "cnngp (self)")
+  assert_rel(out.nngp, nngp, 1e-5, "cnngp (self)")
   # The self-kernel's NTK: see test_conv_self_kernel_ntk_float32.
-  _assert_rel(out.ntk, ntk, 1e-4, "cntk (self)")
+  assert_rel(out.ntk, ntk, 1e-4, "cntk (self)")
   with jax.enable_x64(True):
     out = _conv(jnp.asarray(x1, jnp.float64), None, **kw)
-    _assert_rel(out.ntk, ntk, 1e-12, "cntk (self, float64)")
+    assert_rel(out.ntk, ntk, 1e-12, "cntk (self, float64)")
 
 
 @pytest.mark.xfail(strict=True, reason=(
@@ -197,12 +177,12 @@ def test_conv_self_kernel_ntk_float32():
   its float32 self-kernel NTK should be as accurate as fc_kernels'."""
   worst = 0.0
   for seed in range(10):
-    x = _normal(seed, (4, 1, 7), dtype=np.float64)
+    x = normal(seed, (4, 1, 7), dtype=np.float64)
     want = ref.fc_kernels(x, None, 1)[1]
     fc = kernels.fc_kernels(jnp.asarray(x, jnp.float32), depth=1)
-    _assert_rel(fc.ntk, want, 1e-6, "fc self-kernel ntk")
+    assert_rel(fc.ntk, want, 1e-6, "fc self-kernel ntk")
     out = _conv(jnp.asarray(x, jnp.float32), None, depth=1, filter_size=1)
-    worst = max(worst, _rel(out.ntk, want))
+    worst = max(worst, rel(out.ntk, want))
   assert worst <= 1e-5, f"conv self-kernel ntk: relative error {worst:.3g}"
 
 
@@ -215,8 +195,8 @@ def test_conv_self_kernel_ntk_float32():
 def test_conv_blocks_self_symmetric_psd(pool):
   # Blocking is independent of the number of spatial dims: 1-D signals
   # (cheaper to compile); the 2-D paths are covered by the fixture.
-  x1 = jnp.asarray(_normal(0, (5, 8, 2)))
-  x2 = jnp.asarray(_normal(1, (5, 8, 2)))  # (x1, x1) compiles once with it.
+  x1 = jnp.asarray(normal(0, (5, 8, 2)))
+  x2 = jnp.asarray(normal(1, (5, 8, 2)))  # (x1, x1) compiles once with it.
   # Depth 2 has two layers of variances to block; the pooled kernel (depth
   # 2 in the fixture) takes them from another path.
   kw = dict(depth=1 if pool else 2, b_std=0.1, pool=pool)
@@ -247,8 +227,8 @@ def test_conv_blocks_self_symmetric_psd(pool):
 
 
 def test_conv_block_size_from_memory_bound():
-  x1 = jnp.asarray(_normal(0, (5, 8, 2)))
-  x2 = jnp.asarray(_normal(1, (3, 8, 2)))
+  x1 = jnp.asarray(normal(0, (5, 8, 2)))
+  x2 = jnp.asarray(normal(1, (3, 8, 2)))
   kw = dict(depth=1, b_std=0.1)
   full = _conv(x1, x2, **kw)
   per_row = 3 * 8 * 8 * 4 * 3  # n2 * pixels^2 * 4 bytes * 3 arrays.
@@ -261,14 +241,14 @@ def test_conv_block_size_from_memory_bound():
 
 
 def test_fc_self_symmetric_psd():
-  x = jnp.asarray(_normal(3, (8, 10)))
+  x = jnp.asarray(normal(3, (8, 10)))
   for depth in (0, 1, 3):
     out = kernels.fc_kernels(x, depth=depth, b_std=0.2)
     pair = kernels.fc_kernels(x, x, depth=depth, b_std=0.2)
     for which in ("nngp", "ntk"):
       k = np.asarray(getattr(out, which), np.float64)
       want = ref.fc_kernels(x, None, depth, math.sqrt(2.0), 0.2)
-      _assert_rel(k, want[which == "ntk"], 1e-6, f"depth={depth} {which}")
+      assert_rel(k, want[which == "ntk"], 1e-6, f"depth={depth} {which}")
       # fc_kernels(x, x) cannot know that its rows coincide: its variances
       # and covariances are rounded differently, so cos(theta) != 1 on the
       # diagonal and the NTK's (pi - theta) factor errs by ~sqrt(eps).
@@ -291,25 +271,13 @@ def _loss(kernel_fn, w_nngp, w_ntk):
     return jnp.sum(w_nngp * out.nngp) + jnp.sum(w_ntk * out.ntk)
   return loss
 
-
-def _finite_diff(f, x, h=1e-5):
-  """Central differences of scalar ``f`` at ``x`` (float64), every entry."""
-  x = np.asarray(x, np.float64)
-  g = np.zeros_like(x)
-  for i in np.ndindex(x.shape):
-    e = np.zeros_like(x)
-    e[i] = h
-    g[i] = (float(f(x + e)) - float(f(x - e))) / (2 * h)
-  return g
-
-
 def test_grad_self_kernel_finite():
   """On a self-kernel cos(theta) = 1 exactly on the diagonal, where autodiff
   through arccos would give 0 * inf; a zero input has zero variance."""
   def total(fn):
     return lambda x: jnp.sum(fn(x).nngp) + jnp.sum(fn(x).ntk)
 
-  x = jnp.asarray(_normal(0, (4, 6)))
+  x = jnp.asarray(normal(0, (4, 6)))
   # With b_std = 0 a zero input has zero variance in every layer.
   for depth, b_std, xx in ((1, 0.0, x.at[0].set(0.0)), (3, 0.1, x)):
     fn = functools.partial(kernels.fc_kernels, depth=depth, b_std=b_std)
@@ -318,7 +286,7 @@ def test_grad_self_kernel_finite():
     assert np.all(np.isfinite(k.nngp)) and np.all(np.isfinite(k.ntk))
     assert np.all(np.isfinite(g)), f"fc depth={depth}: {g}"
     assert np.all(g[1:] != 0), f"fc depth={depth}: {g}"
-  xc = jnp.asarray(_normal(1, (3, 6, 1)))
+  xc = jnp.asarray(normal(1, (3, 6, 1)))
   fn = functools.partial(kernels.conv_kernels, depth=2, b_std=0.1)
   g = jax.jit(jax.grad(total(fn)), compiler_options=FAST_COMPILE)(xc)
   assert np.all(np.isfinite(g)) and np.any(g != 0), f"conv: {g}"
@@ -330,14 +298,14 @@ def test_grad_vs_finite_differences(family):
   off-diagonal kernel (x1 != x2), and for fc also of a self-kernel."""
   if family == "fc":
     fn = functools.partial(kernels.fc_kernels, depth=2, w_std=1.4, b_std=0.3)
-    x1 = _normal(0, (3, 5), dtype=np.float64)
-    x2 = _normal(1, (2, 5), dtype=np.float64)
+    x1 = normal(0, (3, 5), dtype=np.float64)
+    x2 = normal(1, (2, 5), dtype=np.float64)
   else:
     fn = functools.partial(kernels.conv_kernels, depth=2, w_std=1.4,
                            b_std=0.3)
-    x1 = _normal(0, (2, 4, 2), dtype=np.float64)
-    x2 = _normal(1, (2, 4, 2), dtype=np.float64)
-  w = [_normal(2 + i, (len(x1), len(x2)), dtype=np.float64) for i in (0, 1)]
+    x1 = normal(0, (2, 4, 2), dtype=np.float64)
+    x2 = normal(1, (2, 4, 2), dtype=np.float64)
+  w = [normal(2 + i, (len(x1), len(x2)), dtype=np.float64) for i in (0, 1)]
   with jax.enable_x64(True):
     # One compiled function gives the gradient and the finite differences.
     value_and_grad = jax.jit(jax.value_and_grad(_loss(fn, *w), argnums=(0, 1)),
@@ -345,10 +313,12 @@ def test_grad_vs_finite_differences(family):
     value = lambda a, b: value_and_grad(a, b)[0]
     _, (g1, g2) = value_and_grad(x1, x2)
     np.testing.assert_allclose(
-        g1, _finite_diff(lambda a: value(a, x2), x1), rtol=1e-5, atol=1e-8,
+        g1, finite_diff(lambda a: value(a, x2), x1, h=1e-5), rtol=1e-5,
+        atol=1e-8,
         err_msg=f"{family} d/dx1")
     np.testing.assert_allclose(
-        g2, _finite_diff(lambda b: value(x1, b), x2), rtol=1e-5, atol=1e-8,
+        g2, finite_diff(lambda b: value(x1, b), x2, h=1e-5), rtol=1e-5,
+        atol=1e-8,
         err_msg=f"{family} d/dx2")
     if family == "fc":
       # The self-kernel (x2=None) is differentiable too: its diagonal has
@@ -356,13 +326,13 @@ def test_grad_vs_finite_differences(family):
       # conv: there cos(theta) is 1 - O(eps) on the diagonal, and finite
       # differences pick up its sqrt(eps) noise; see
       # test_conv_self_kernel_ntk_float32.)
-      w = [_normal(4 + i, (len(x1), len(x1)), dtype=np.float64)
+      w = [normal(4 + i, (len(x1), len(x1)), dtype=np.float64)
            for i in (0, 1)]
       value_and_grad = jax.jit(jax.value_and_grad(_loss(fn, *w)),
                                compiler_options=FAST_COMPILE)
       np.testing.assert_allclose(
           value_and_grad(x1)[1],
-          _finite_diff(lambda a: value_and_grad(a)[0], x1), rtol=1e-5,
+          finite_diff(lambda a: value_and_grad(a)[0], x1, h=1e-5), rtol=1e-5,
           atol=1e-8, err_msg="fc self-kernel d/dx")
 
 
@@ -372,14 +342,14 @@ def test_grad_vs_finite_differences(family):
 
 
 def test_bfloat16_inputs():
-  x1, x2 = _normal(0, (5, 12)), _normal(1, (4, 12))
+  x1, x2 = normal(0, (5, 12)), normal(1, (4, 12))
   for depth in (1, 3):
     want = _fc(jnp.asarray(x1), jnp.asarray(x2), depth=depth, b_std=0.1)
     got = _fc(jnp.asarray(x1, jnp.bfloat16), jnp.asarray(x2, jnp.bfloat16),
               depth=depth, b_std=0.1)
     for which in ("nngp", "ntk"):
       assert getattr(got, which).dtype == jnp.bfloat16
-      _assert_rel(getattr(got, which), getattr(want, which), 2e-2,
+      assert_rel(getattr(got, which), getattr(want, which), 2e-2,
                   f"fc depth={depth} bf16 {which}")
   case = _case("conv2d_d2_w1p5_b0p2")
   kw = _fixture_kw(case["params"])
@@ -389,22 +359,22 @@ def test_bfloat16_inputs():
               **kw)
   for which in ("nngp", "ntk"):
     assert getattr(got, which).dtype == jnp.bfloat16
-    _assert_rel(getattr(got, which), getattr(want, which), 2e-2,
+    assert_rel(getattr(got, which), getattr(want, which), 2e-2,
                 f"conv bf16 {which}")
 
 
 @pytest.mark.parametrize("scale", [1e3, 1e-3])
 def test_extreme_scales(scale):
-  x1, x2 = _normal(0, (5, 12), scale), _normal(1, (4, 12), scale)
+  x1, x2 = normal(0, (5, 12), scale), normal(1, (4, 12), scale)
   for b_std in (0.0, 0.1):
     out = kernels.fc_kernels(jnp.asarray(x1), jnp.asarray(x2), depth=3,
                              b_std=b_std)
     want = ref.fc_kernels(x1, x2, 3, math.sqrt(2.0), b_std)
-    _assert_rel(out.nngp, want[0], 1e-4, f"fc x{scale:g} b={b_std} nngp")
-    _assert_rel(out.ntk, want[1], 1e-4, f"fc x{scale:g} b={b_std} ntk")
+    assert_rel(out.nngp, want[0], 1e-4, f"fc x{scale:g} b={b_std} nngp")
+    assert_rel(out.ntk, want[1], 1e-4, f"fc x{scale:g} b={b_std} ntk")
     self_k = kernels.fc_kernels(jnp.asarray(x1), depth=3, b_std=b_std)
     want = ref.fc_kernels(x1, None, 3, math.sqrt(2.0), b_std)
-    _assert_rel(self_k.ntk, want[1], 1e-4, f"fc self x{scale:g} ntk")
+    assert_rel(self_k.ntk, want[1], 1e-4, f"fc self x{scale:g} ntk")
 
   # A fixture configuration (compiled already), float32 vs float64.
   case = _case("conv2d_d2_w1p5_b0p2")
@@ -415,18 +385,18 @@ def test_extreme_scales(scale):
   with jax.enable_x64(True):
     want = tuple(np.asarray(k) for k in _conv(jnp.asarray(xc1),
                                               jnp.asarray(xc2), **kw))
-  _assert_rel(out.nngp, want[0], 1e-4, f"conv x{scale:g} nngp")
-  _assert_rel(out.ntk, want[1], 1e-4, f"conv x{scale:g} ntk")
+  assert_rel(out.nngp, want[0], 1e-4, f"conv x{scale:g} nngp")
+  assert_rel(out.ntk, want[1], 1e-4, f"conv x{scale:g} ntk")
   # 1-D depth 1 against the explicit-patch numpy reference (the
   # configurations of test_conv1d_depth1_vs_numpy).
-  xs1, xs2 = _normal(3, (3, 7, 2), scale), _normal(13, (4, 7, 2), scale)
+  xs1, xs2 = normal(3, (3, 7, 2), scale), normal(13, (4, 7, 2), scale)
   for w_std, b_std in ((math.sqrt(2.0), 0.0), (1.2, 0.1)):
     fs = 3 if b_std == 0 else 5
     out = _conv(jnp.asarray(xs1), jnp.asarray(xs2), depth=1, w_std=w_std,
                 b_std=b_std, filter_size=fs)
     want = ref.conv1d_depth1_kernels(xs1, xs2, w_std, b_std, fs)
-    _assert_rel(out.nngp, want[0], 1e-4, f"conv1d x{scale:g} nngp")
-    _assert_rel(out.ntk, want[1], 1e-4, f"conv1d x{scale:g} ntk")
+    assert_rel(out.nngp, want[0], 1e-4, f"conv1d x{scale:g} nngp")
+    assert_rel(out.ntk, want[1], 1e-4, f"conv1d x{scale:g} ntk")
 
 
 # ---------------------------------------------------------------------------
@@ -457,7 +427,7 @@ def _rf_errors(x, seeds, depth, pool, num, width, b_std=0.1):
   for seed in seeds:
     feats = fn(jax.random.key(seed), x)
     assert feats.shape == (n, num * width + 1)
-    full_errs.append(_rel(kernels.feature_kernel(feats), nngp))
+    full_errs.append(rel(kernels.feature_kernel(feats), nngp))
     feats = np.asarray(feats, np.float64)
     np.testing.assert_allclose(feats[:, -1], b_std)
     per_net = feats[:, :-1].reshape(n, num, width)
@@ -465,7 +435,7 @@ def _rf_errors(x, seeds, depth, pool, num, width, b_std=0.1):
     while k <= num:
       for g in range(num // k):
         f = per_net[:, g * k:(g + 1) * k].reshape(n, -1) * math.sqrt(num / k)
-        errs.setdefault(k, []).append(_rel(f @ f.T + b_std ** 2, nngp))
+        errs.setdefault(k, []).append(rel(f @ f.T + b_std ** 2, nngp))
       k *= 4
   return {k: float(np.mean(v)) for k, v in errs.items()}, full_errs
 
@@ -478,7 +448,7 @@ def _rf_errors(x, seeds, depth, pool, num, width, b_std=0.1):
     pytest.param(2, False, 128, 256, 0.02, marks=pytest.mark.slow),
     pytest.param(2, True, 128, 256, 0.02, marks=pytest.mark.slow)])
 def test_random_features_converge(depth, pool, width, num, tol):
-  x = jnp.asarray(_normal(depth + 2 * pool, (4, 6, 6, 2)))
+  x = jnp.asarray(normal(depth + 2 * pool, (4, 6, 6, 2)))
   # Depth 2 with pooling ends on a single pixel (6 -> 3 -> 1): its
   # estimates vary more, so three draws are averaged.
   seeds = range(3) if (depth, pool) == (2, True) else [0]
@@ -489,7 +459,7 @@ def test_random_features_converge(depth, pool, width, num, tol):
 
 
 def test_random_features_batches_and_errors():
-  x = jnp.asarray(_normal(0, (3, 5, 2)))  # 1-D signals.
+  x = jnp.asarray(normal(0, (3, 5, 2)))  # 1-D signals.
   kw = dict(num_networks=4, width=8, depth=1, b_std=0.2)
   f_all = _rf(tuple(sorted(kw.items())))(jax.random.key(1), x)
   f_two = _rf(tuple(sorted(dict(kw, networks_per_batch=2).items())))(
@@ -514,11 +484,11 @@ def test_random_features_batches_and_errors():
 
 
 def _mlp_params(seed, d, hidden, outputs):
-  return {"w1": jnp.asarray(_normal(seed, (d, hidden), 1 / math.sqrt(d))),
-          "b1": jnp.asarray(_normal(seed + 1, (hidden,), 0.1)),
-          "w2": jnp.asarray(_normal(seed + 2, (hidden, outputs),
+  return {"w1": jnp.asarray(normal(seed, (d, hidden), 1 / math.sqrt(d))),
+          "b1": jnp.asarray(normal(seed + 1, (hidden,), 0.1)),
+          "w2": jnp.asarray(normal(seed + 2, (hidden, outputs),
                                     1 / math.sqrt(hidden))),
-          "b2": jnp.asarray(_normal(seed + 3, (outputs,), 0.1))}
+          "b2": jnp.asarray(normal(seed + 3, (outputs,), 0.1))}
 
 
 def _mlp(params, x):
@@ -528,8 +498,8 @@ def _mlp(params, x):
 
 def test_empirical_ntk_vs_jacobian():
   params = _mlp_params(0, 5, 7, 3)
-  x1 = jnp.asarray(_normal(1, (4, 5)))
-  x2 = jnp.asarray(_normal(2, (3, 5)))
+  x1 = jnp.asarray(normal(1, (4, 5)))
+  x2 = jnp.asarray(normal(2, (3, 5)))
   flat, unravel = ravel_pytree(params)
   jac = jax.jit(jax.jacfwd(lambda p: _mlp(unravel(p), jnp.concatenate(
       [x1, x2]))), compiler_options=FAST_COMPILE)
@@ -542,9 +512,9 @@ def test_empirical_ntk_vs_jacobian():
     full = np.einsum("iap,jbp->ijab", j1, j)
     got = ntk(_mlp, params, x1, x, trace_outputs=False)
     assert got.shape == (4, len(j), 3, 3)
-    _assert_rel(got, full, 1e-5, f"empirical ntk [n1, n2, o, o] ({what})")
+    assert_rel(got, full, 1e-5, f"empirical ntk [n1, n2, o, o] ({what})")
     traced = ntk(_mlp, params, x1, x, trace_outputs=True)
-    _assert_rel(traced, np.einsum("ijaa->ij", full) / 3, 1e-5,
+    assert_rel(traced, np.einsum("ijaa->ij", full) / 3, 1e-5,
                 f"empirical ntk traced ({what})")
   with pytest.raises(ValueError, match=r"apply_fn must return \[n, outputs\]"):
     kernels.empirical_ntk(lambda p, x: _mlp(p, x)[:, 0], params, x1)
@@ -569,16 +539,16 @@ def test_empirical_ntk_wide_network_matches_closed_form():
               "b2": jax.random.normal(k[3], (1,))}
     return kernels.empirical_ntk(apply_fn, params, x1, x2)
 
-  x1 = jnp.asarray(_normal(0, (4, d)))
-  x2 = jnp.asarray(_normal(1, (3, d), scale=1.5))
+  x1 = jnp.asarray(normal(0, (4, d)))
+  x2 = jnp.asarray(normal(1, (3, d), scale=1.5))
   want = ref.fc_kernels(x1, x2, 1, w_std, b_std)[1]
-  _assert_rel(kernels.fc_kernels(x1, x2, depth=1, w_std=w_std,
+  assert_rel(kernels.fc_kernels(x1, x2, depth=1, w_std=w_std,
                                  b_std=b_std).ntk, want, 1e-5, "fc depth 1")
   estimates = [np.asarray(empirical(jax.random.key(seed), x1, x2))
                for seed in range(3)]
-  errs = [_rel(e, want) for e in estimates]
+  errs = [rel(e, want) for e in estimates]
   assert max(errs) < 0.2, errs
-  err = _rel(np.mean(estimates, axis=0), want)
+  err = rel(np.mean(estimates, axis=0), want)
   assert err < 0.1, f"empirical vs closed-form NTK: relative error {err:.3g}"
 
 
@@ -588,8 +558,8 @@ def test_empirical_ntk_wide_network_matches_closed_form():
 
 
 def test_closed_form_kernel():
-  x1 = jnp.asarray(_normal(5, (3, 4, 1)))
-  x2 = jnp.asarray(_normal(15, (2, 4, 1)))
+  x1 = jnp.asarray(normal(5, (3, 4, 1)))
+  x2 = jnp.asarray(normal(15, (2, 4, 1)))
   kw = dict(depth=1, w_std=1.2, b_std=0.1)
   assert kernels.KERNELS == ("fc_nngp", "fc_ntk", "conv_nngp", "conv_ntk")
   for name in kernels.KERNELS:

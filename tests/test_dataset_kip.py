@@ -18,6 +18,8 @@ import pytest
 from jdistill import train
 from jdistill.data import load_dataset
 from jdistill.dataset import kernels, kip, krr
+from tests.kernel_testing import assert_rel, normal, rel
+from tests.loss_testing import finite_diff
 from tests.reference import numpy_kernels as ref
 
 # Compiling dominates on CPU; the arrays here are tiny (see
@@ -26,38 +28,18 @@ FAST_COMPILE = {"xla_backend_optimization_level": 0}
 jit = functools.partial(jax.jit, compiler_options=FAST_COMPILE)
 
 
-def _rel(got, want):
-  got = np.asarray(got, np.float64)
-  want = np.asarray(want, np.float64)
-  return float(np.max(np.abs(got - want)) / np.max(np.abs(want)))
-
-
-def _assert_rel(got, want, tol, what):
-  got = np.asarray(got, np.float64)
-  assert got.shape == np.shape(want), (
-      f"{what}: shape {got.shape} != {np.shape(want)}")
-  assert np.all(np.isfinite(got)), f"{what}: non-finite values"
-  err = _rel(got, want)
-  assert err <= tol, f"{what}: relative error {err:.3g} > {tol:g}"
-
-
-def _normal(seed, shape, scale=1.0, dtype=np.float32):
-  return (scale * np.random.default_rng(seed).standard_normal(shape)).astype(
-      dtype)
-
-
 def _psd_system(seed, n=12, t=7, d=40):
   """A well-conditioned kernel: k_ss = A A^T / d, k_ts = B A^T / d."""
-  a, b = _normal(seed, (n, d), dtype=np.float64), _normal(seed + 1, (t, d),
+  a, b = normal(seed, (n, d), dtype=np.float64), normal(seed + 1, (t, d),
                                                           dtype=np.float64)
   return (b @ a.T / d).astype(np.float32), (a @ a.T / d).astype(np.float32)
 
 
 def _ill_conditioned(seed, n=12, t=7, cond=1e5):
   """k_ss with eigenvalues from 1 to 1/cond, and a random k_ts."""
-  u, _, _ = np.linalg.svd(_normal(seed, (n, n), dtype=np.float64))
+  u, _, _ = np.linalg.svd(normal(seed, (n, n), dtype=np.float64))
   k_ss = ((u * np.logspace(0, -np.log10(cond), n)) @ u.T).astype(np.float32)
-  return _normal(seed + 1, (t, n)), k_ss
+  return normal(seed + 1, (t, n)), k_ss
 
 
 @functools.lru_cache(maxsize=None)
@@ -74,31 +56,31 @@ def _digits():
 @pytest.mark.parametrize("reg", [1e-6, 1e-2])
 def test_krr_predict_vs_numpy(y_shape, reg):
   k_ts, k_ss = _psd_system(0)
-  y = _normal(2, (12,) + y_shape)
+  y = normal(2, (12,) + y_shape)
   want = ref.krr_predict(k_ts, k_ss, y, reg)
   got = krr.krr_predict(jnp.asarray(k_ts), jnp.asarray(k_ss), jnp.asarray(y),
                         reg=reg)
   assert got.shape == (7,) + y_shape and got.dtype == jnp.float32
-  _assert_rel(got, want, 1e-4, f"krr float32 y{y_shape}")
+  assert_rel(got, want, 1e-4, f"krr float32 y{y_shape}")
   got = krr.krr_predict(jnp.asarray(k_ts), jnp.asarray(k_ss), jnp.asarray(y),
                         reg=reg, precision="float64")
   assert got.dtype == jnp.float32  # The input dtype.
-  _assert_rel(got, want, 1e-6, f"krr precision=float64 y{y_shape}")
+  assert_rel(got, want, 1e-6, f"krr precision=float64 y{y_shape}")
   with jax.enable_x64(True):
     got = krr.krr_predict(jnp.asarray(k_ts, jnp.float64),
                           jnp.asarray(k_ss, jnp.float64),
                           jnp.asarray(y, jnp.float64), reg=reg,
                           precision="float64")
     assert got.dtype == jnp.float64
-    _assert_rel(got, want, 1e-10, f"krr float64 y{y_shape}")
+    assert_rel(got, want, 1e-10, f"krr float64 y{y_shape}")
 
 
 def test_krr_float64_precision_is_scoped():
   """precision='float64' solves in float64 under a scoped enable_x64 (also
   under jit, and for gradients) and leaves the global flag off."""
   k_ts, k_ss = _ill_conditioned(0)
-  y = _normal(2, (12, 3))
-  weights = _normal(3, (7, 3))
+  y = normal(2, (12, 3))
+  weights = normal(3, (7, 3))
   want = ref.krr_predict(k_ts, k_ss, y, 0.0)
   assert not jax.config.jax_enable_x64
   f32 = krr.krr_predict(k_ts, k_ss, y, reg=0.0)
@@ -107,11 +89,11 @@ def test_krr_float64_precision_is_scoped():
   assert f64.dtype == jnp.float32
   # A condition number of 1e5 costs float32 ~1e-4; the float64 solve is
   # exact up to the output's float32 rounding.
-  assert _rel(f32, want) > 1e-5, _rel(f32, want)
-  _assert_rel(f64, want, 1e-6, "precision=float64")
+  assert rel(f32, want) > 1e-5, rel(f32, want)
+  assert_rel(f64, want, 1e-6, "precision=float64")
   jitted = jit(functools.partial(krr.krr_predict, reg=0.0,
                                  precision="float64"))(k_ts, k_ss, y)
-  _assert_rel(jitted, want, 1e-6, "precision=float64 under jit")
+  assert_rel(jitted, want, 1e-6, "precision=float64 under jit")
   assert not jax.config.jax_enable_x64
 
   def loss(precision):
@@ -130,12 +112,12 @@ def test_krr_float64_precision_is_scoped():
   assert not jax.config.jax_enable_x64
   for g, t, name in zip(grads, truth, ("k_ts", "k_ss", "y")):
     assert g.dtype == jnp.float32
-    _assert_rel(g, t, 1e-6, f"d/d{name} with precision=float64")
+    assert_rel(g, t, 1e-6, f"d/d{name} with precision=float64")
 
 
 def test_krr_predict_errors():
   k_ts, k_ss = _psd_system(0)
-  y = _normal(2, (12, 3))
+  y = normal(2, (12, 3))
   cases = [
       ((k_ts, k_ss[:, :5], y), r"krr: k_ss must be square \[n_support, "
        r"n_support\]; got shape \(12, 5\)"),
@@ -170,8 +152,8 @@ def test_krr_singular_system():
   support = np.array([[1, 0, 0], [0, 2, 0], [1, 0, 0], [0, 1, 1]],
                      np.float32)
   k_ss = support @ support.T
-  k_ts = _normal(0, (5, 3)) @ support.T
-  y = _normal(1, (4, 2))
+  k_ts = normal(0, (5, 3)) @ support.T
+  y = normal(1, (4, 2))
   with pytest.raises(FloatingPointError,
                      match=r"k_ss \+ reg\*tr\(k_ss\)/n\*I is not positive "
                      r"definite \(reg=0, n_support=4\)") as info:
@@ -182,7 +164,7 @@ def test_krr_singular_system():
   assert np.all(np.isnan(pred))
   # The ridge makes the system definite.
   pred = krr.krr_predict(k_ts, k_ss, y, reg=1e-3)
-  _assert_rel(pred, ref.krr_predict(k_ts, k_ss, y, 1e-3), 1e-3, "ridge")
+  assert_rel(pred, ref.krr_predict(k_ts, k_ss, y, 1e-3), 1e-3, "ridge")
 
 
 @pytest.mark.xfail(strict=False, reason=(
@@ -194,7 +176,7 @@ def test_krr_singular_system():
 def test_krr_duplicate_support_rows_always_detected():
   missed = []
   for seed in range(10):
-    x = _normal(seed, (6, 10))
+    x = normal(seed, (6, 10))
     x[3] = x[0]
     for name in ("fc_ntk", "fc_nngp"):
       k = kernels.closed_form_kernel(name, depth=2)(jnp.asarray(x))
@@ -327,17 +309,6 @@ def _tiny_problem(seed, n_support=4, n_target=8, d=6, classes=3):
                                        classes), np.float64)
   return sx, sy, tx, ty
 
-
-def _finite_diff(f, x, h=1e-6):
-  x = np.asarray(x, np.float64)
-  g = np.zeros_like(x)
-  for i in np.ndindex(x.shape):
-    e = np.zeros_like(x)
-    e[i] = h
-    g[i] = (float(f(x + e)) - float(f(x - e))) / (2 * h)
-  return g
-
-
 @pytest.mark.parametrize("name", ["fc_ntk", "random_features"])
 def test_kip_loss_gradients_finite(name):
   sx, sy, tx, ty = _tiny_problem(0, d=16)
@@ -374,10 +345,12 @@ def test_kip_loss_vs_finite_differences():
     value = lambda a, b: value_and_grad(a, b)[0]
     gx, gy = value_and_grad(sx, sy)[1]
     assert gx.dtype == jnp.float64
-    np.testing.assert_allclose(gx, _finite_diff(lambda a: value(a, sy), sx),
-                               rtol=1e-5, atol=1e-9, err_msg="support_x")
-    np.testing.assert_allclose(gy, _finite_diff(lambda b: value(sx, b), sy),
-                               rtol=1e-5, atol=1e-9, err_msg="support_y")
+    np.testing.assert_allclose(
+        gx, finite_diff(lambda a: value(a, sy), sx, h=1e-6), rtol=1e-5,
+        atol=1e-9, err_msg="support_x")
+    np.testing.assert_allclose(
+        gy, finite_diff(lambda b: value(sx, b), sy, h=1e-6), rtol=1e-5,
+        atol=1e-9, err_msg="support_y")
     # The loss itself: 0.5 * mean ||krr - y||^2 with the numpy reference.
     k = functools.partial(kernels.fc_kernels, depth=2, b_std=0.1)
     pred = ref.krr_predict(k(tx, sx).ntk, k(sx, sx).ntk, sy, 1e-4)
@@ -529,5 +502,5 @@ def test_kip_loss_float32_gradient_accuracy():
     want, wx, wy = float(want), np.asarray(wx), np.asarray(wy)
   got, (gx, gy) = value_and_grad(*(jnp.asarray(a, jnp.float32)
                                    for a in (sx, sy, tx, ty)))
-  errors = (abs(float(got) - want) / want, _rel(gx, wx), _rel(gy, wy))
+  errors = (abs(float(got) - want) / want, rel(gx, wx), rel(gy, wy))
   assert max(errors) < 1e-5, f"loss, d/dsupport_x, d/dsupport_y: {errors}"
