@@ -33,23 +33,33 @@ def _records(workdir):
           .splitlines()]
 
 
-def test_two_processes_equal_one_process(tmp_path):
+def _run_two_processes(args, workdir):
+  """Runs ``experiments.main`` as 2 processes x 2 devices, joined through
+  jax.distributed on a free local port; both must succeed."""
   port = _free_port()
   procs = [subprocess.Popen(
-      [sys.executable, "-m", "experiments.main", *COMMON,
-       f"--workdir={tmp_path / 'multi'}",
-       f"--coordinator_address=127.0.0.1:{port}", "--num_processes=2",
-       f"--process_id={i}"],
+      [sys.executable, "-m", "experiments.main", *args,
+       f"--workdir={workdir}", f"--coordinator_address=127.0.0.1:{port}",
+       "--num_processes=2", f"--process_id={i}"],
       cwd=ROOT, env=_env(2), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
       text=True) for i in range(2)]
   outs = [p.communicate(timeout=240) for p in procs]
-  for p, (out, err) in zip(procs, outs):
+  for p, (_, err) in zip(procs, outs):
     assert p.returncode == 0, err[-3000:]
-  single = subprocess.run(
-      [sys.executable, "-m", "experiments.main", *COMMON,
-       f"--workdir={tmp_path / 'single'}"],
-      cwd=ROOT, env=_env(4), capture_output=True, text=True, timeout=240)
-  assert single.returncode == 0, single.stderr[-3000:]
+
+
+def _run_one_process(args, workdir, devices=4):
+  proc = subprocess.run(
+      [sys.executable, "-m", "experiments.main", *args,
+       f"--workdir={workdir}"],
+      cwd=ROOT, env=_env(devices), capture_output=True, text=True,
+      timeout=240)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+
+
+def test_two_processes_equal_one_process(tmp_path):
+  _run_two_processes(COMMON, tmp_path / "multi")
+  _run_one_process(COMMON, tmp_path / "single")
 
   multi, one = _records(tmp_path / "multi"), _records(tmp_path / "single")
   assert [r["step"] for r in multi] == [r["step"] for r in one]
@@ -69,12 +79,9 @@ def test_multi_teacher_distillation_on_two_processes(tmp_path):
   teachers = []
   for seed in (0, 1):
     workdir = tmp_path / f"teacher{seed}"
-    proc = subprocess.run(
-        [sys.executable, "-m", "experiments.main", "--mode=train",
-         "--model=mlp", "--num_steps=8", "--batch_size=64",
-         f"--seed={seed}", f"--workdir={workdir}", "--log_every=8"],
-        cwd=ROOT, env=_env(1), capture_output=True, text=True, timeout=240)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    _run_one_process(["--mode=train", "--model=mlp", "--num_steps=8",
+                      "--batch_size=64", f"--seed={seed}", "--log_every=8"],
+                     workdir, devices=1)
     teachers.append(str(workdir))
   distill = ["--mode=distill", "--model=mlp", "--num_steps=16",
              "--batch_size=64", "--eval_batch_size=256", "--log_every=8",
@@ -82,23 +89,9 @@ def test_multi_teacher_distillation_on_two_processes(tmp_path):
              f"--teacher_checkpoints={','.join(teachers)}"]
   runs = {}
   for name, extra in (("replicated", []), ("sharded", ["--teacher_shards=2"])):
-    port = _free_port()
-    procs = [subprocess.Popen(
-        [sys.executable, "-m", "experiments.main", *distill, *extra,
-         f"--workdir={tmp_path / name}",
-         f"--coordinator_address=127.0.0.1:{port}", "--num_processes=2",
-         f"--process_id={i}"],
-        cwd=ROOT, env=_env(2), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-        text=True) for i in range(2)]
-    outs = [p.communicate(timeout=240) for p in procs]
-    for p, (_, err) in zip(procs, outs):
-      assert p.returncode == 0, err[-3000:]
+    _run_two_processes([*distill, *extra], tmp_path / name)
     runs[name] = _records(tmp_path / name)
-  single = subprocess.run(
-      [sys.executable, "-m", "experiments.main", *distill,
-       f"--workdir={tmp_path / 'single'}"],
-      cwd=ROOT, env=_env(4), capture_output=True, text=True, timeout=240)
-  assert single.returncode == 0, single.stderr[-3000:]
+  _run_one_process(distill, tmp_path / "single")
   one = _records(tmp_path / "single")
   for name, records in runs.items():
     assert [r["step"] for r in records] == [r["step"] for r in one], name
