@@ -344,20 +344,20 @@ class Config:
     return d
 
 
-def _floats(flag: str, items) -> tuple[float, ...]:
+def _parse_list(flag: str, items, convert, what: str) -> tuple:
   try:
-    return tuple(float(x) for x in items)
+    return tuple(convert(x) for x in items)
   except ValueError:
-    raise ValueError(f"{flag}: expected comma-separated numbers; got "
+    raise ValueError(f"{flag}: expected comma-separated {what}; got "
                      f"{','.join(items)!r}") from None
+
+
+def _floats(flag: str, items) -> tuple[float, ...]:
+  return _parse_list(flag, items, float, "numbers")
 
 
 def _ints(flag: str, items) -> tuple[int, ...]:
-  try:
-    return tuple(int(x) for x in items)
-  except ValueError:
-    raise ValueError(f"{flag}: expected comma-separated integers; got "
-                     f"{','.join(items)!r}") from None
+  return _parse_list(flag, items, int, "integers")
 
 
 def _check(ok: bool, flag: str, value, expected: str) -> None:
@@ -592,13 +592,6 @@ def define_flags() -> None:
 
 def config_from_flags(FLAGS=flags.FLAGS) -> Config:
   """Builds and validates a `Config` from parsed absl flags."""
-  seeds = []
-  for s in FLAGS.seeds:
-    try:
-      seeds.append(int(s))
-    except ValueError:
-      raise ValueError(f"--seeds: expected comma-separated integers; got "
-                       f"{','.join(FLAGS.seeds)!r}") from None
   return Config(
       mode=FLAGS.mode,
       workdir=FLAGS.workdir,
@@ -625,7 +618,7 @@ def config_from_flags(FLAGS=flags.FLAGS) -> Config:
       teacher_stacking=FLAGS.teacher_stacking,
       teacher_shards=FLAGS.teacher_shards,
       seed=FLAGS.seed,
-      seeds=tuple(seeds),
+      seeds=_ints("--seeds", FLAGS.seeds),
       num_steps=FLAGS.num_steps,
       teacher_num_steps=FLAGS.teacher_num_steps,
       batch_size=FLAGS.batch_size,
