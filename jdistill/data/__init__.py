@@ -3,7 +3,7 @@
 from jdistill.data.embedded import load_digits, load_mnist1d
 from jdistill.data.pipeline import TrainBatches, eval_batches
 from jdistill.data.sources import (ArraySource, Dataset, Source, SubsetSource,
-                                   hold_out_validation)
+                                   ZippedSource, hold_out_validation)
 from jdistill.data.tfds import TFDSSource, load_tfds
 
 EMBEDDED_DATASETS = ("mnist1d", "digits", "digits_flat")
@@ -27,7 +27,7 @@ def load_dataset(name: str, *, data_dir: str | None = None,
 
 __all__ = [
     "ArraySource", "Dataset", "EMBEDDED_DATASETS", "Source", "SubsetSource",
-    "TFDSSource", "hold_out_validation",
+    "TFDSSource", "ZippedSource", "hold_out_validation",
     "TrainBatches", "eval_batches", "load_dataset", "load_digits",
     "load_mnist1d", "load_tfds",
 ]

@@ -89,6 +89,38 @@ class SubsetSource:
     return self.source.get_batch(self.indices[np.asarray(indices)])
 
 
+@dataclasses.dataclass(frozen=True)
+class ZippedSource:
+  """Example ``i`` of ``source`` with the arrays of example ``i`` of
+  ``extra`` added, e.g. a corpus and an offline teacher cache of it.
+
+  ``extra.get_batch`` must return arrays with the same leading size and no
+  key that ``source`` already has.
+  """
+
+  source: Source
+  extra: Source
+  name: str = "extra"
+
+  def __post_init__(self):
+    if len(self.source) != len(self.extra):
+      raise ValueError(
+          f"{self.name} has {len(self.extra)} examples but the data has "
+          f"{len(self.source)}; expected one entry per example")
+
+  def __len__(self) -> int:
+    return len(self.source)
+
+  def get_batch(self, indices: np.ndarray) -> dict[str, np.ndarray]:
+    batch = self.source.get_batch(indices)
+    extra = self.extra.get_batch(indices)
+    clash = sorted(set(batch) & set(extra))
+    if clash:
+      raise ValueError(f"{self.name} has arrays {clash} that the data "
+                       "already has")
+    return {**batch, **extra}
+
+
 def stratified_holdout_mask(labels: np.ndarray, fraction: float,
                             rng: np.random.Generator) -> np.ndarray:
   """Boolean mask holding out ``round(fraction * n_c)`` random examples of

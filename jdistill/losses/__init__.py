@@ -42,6 +42,14 @@ with an ``example_mask``: ``rkd_distance``, ``rkd_angle`` (RKD),
 ``similarity_preserving`` (SP), ``pkt`` (PKT), ``cka`` / ``cka_loss`` (linear
 CKA), ``contrastive`` (InfoNCE with in-batch and memory-bank negatives;
 ``memory_bank_init`` / ``memory_bank_update``).
+
+Sequence (LLM) distillation:
+
+* ``jdistill.losses.sequence``: ``sequence_kd`` applies any registered logit
+  loss to ``[batch, time, vocab]`` logits with a ``token_mask`` and a
+  ``reduction`` (per token, per sequence, token-weighted batch mean, or mean
+  of sequence means); ``reduce_tokens`` / ``reduction_weights`` expose the
+  reductions.
 """
 
 from jdistill.losses.logit import (
@@ -85,6 +93,8 @@ from jdistill.losses.ofa import ofa
 from jdistill.losses.ranking import pld
 from jdistill.losses.taid import TAIDState, taid, taid_init, taid_update
 from jdistill.losses.transport import sinkhorn
+from jdistill.losses.sequence import (reduce_tokens, reduction_weights,
+                                      sequence_kd)
 
 LOGIT_LOSSES["bdkd"] = bdkd  # Same signature as the registry's other losses.
 
@@ -114,11 +124,14 @@ __all__ = [
     "orthogonal_projection",
     "pkt",
     "pld",
+    "reduce_tokens",
+    "reduction_weights",
     "reverse_kl",
     "rkd_angle",
     "rkd_distance",
     "similarity_preserving",
     "skew_kl",
+    "sequence_kd",
     "sinkhorn",
     "skew_reverse_kl",
     "standardize_logits",

@@ -5,6 +5,7 @@ and called as ``model(x, train=False)``; ``model.feature_names`` lists the
 keys of the returned feature dict. See ``create_model`` for names.
 """
 
+from jdistill.models.causal_lm import CausalLM
 from jdistill.models.cnn1d import CNN1D
 from jdistill.models.convnet import ConvNet
 from jdistill.models.mlp import MLP
@@ -14,6 +15,7 @@ from jdistill.models.transformer import ViT
 
 __all__ = [
     "BasicBlock",
+    "CausalLM",
     "CNN1D",
     "CifarResNet",
     "ConvNet",

@@ -9,6 +9,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from jdistill.models.causal_lm import CausalLM
 from jdistill.models.cnn1d import CNN1D
 from jdistill.models.convnet import ConvNet
 from jdistill.models.mlp import MLP
@@ -20,7 +21,7 @@ RESNET_NAMES = (
     "resnet44", "resnet56", "resnet110",
 )
 MODEL_NAMES: tuple[str, ...] = (
-    ("mlp", "cnn1d", "convnet") + RESNET_NAMES + ("vit",))
+    ("mlp", "cnn1d", "convnet") + RESNET_NAMES + ("vit", "causal_lm"))
 
 
 def _need_hwc(name: str, input_shape: tuple[int, ...]) -> None:
@@ -47,14 +48,16 @@ def create_model(
       ``(8, 8, 1)`` for digits images, ``(32, 32, 3)`` for CIFAR. ``mlp``
       accepts any shape (flattened); ``cnn1d`` needs ``(L,)`` or ``(L, C)``;
       ``convnet`` and ``resnet*`` need ``(H, W, C)``; ``vit`` takes
-      ``(L,)``, ``(L, C)`` or ``(H, W, C)``.
+      ``(L,)``, ``(L, C)`` or ``(H, W, C)``; ``causal_lm`` takes ``(T,)``
+      int tokens and ``num_classes`` is its vocabulary size.
     rngs: parameter initialisation RNGs.
     dtype: computation dtype (e.g. ``jnp.bfloat16``); params stay
       ``param_dtype`` (float32 unless given in ``kwargs``).
     **kwargs: override constructor defaults, e.g. ``hidden_sizes=(128,)`` for
       ``mlp``, ``width=64, depth=4, norm='batch'`` for ``convnet``,
       ``channels=(25, 25, 25)`` for ``cnn1d``, ``widths=...`` for resnets,
-      ``dim=32, depth=2, num_heads=4, patch_size=5`` for ``vit``.
+      ``dim=32, depth=2, num_heads=4, patch_size=5`` for ``vit``,
+      ``dim=128, depth=2, num_heads=4`` for ``causal_lm``.
 
   Raises:
     ValueError: unknown ``name`` or an ``input_shape`` the model cannot take.
@@ -85,6 +88,13 @@ def create_model(
     cfg = dict(in_shape=input_shape)
     cfg.update(kwargs)
     return ViT(**cfg, **common)
+  if name == "causal_lm":
+    if len(input_shape) != 1:
+      raise ValueError(f"model {name!r} expects input_shape (T,) of token ids "
+                       f"but got {input_shape}")
+    cfg = dict(max_len=input_shape[0])
+    cfg.update(kwargs)
+    return CausalLM(vocab_size=num_classes, rngs=rngs, dtype=dtype, **cfg)
   _need_hwc(name, input_shape)
   if name == "convnet":
     cfg = dict(in_shape=input_shape)
