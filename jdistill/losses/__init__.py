@@ -50,6 +50,15 @@ Sequence (LLM) distillation:
   ``reduction`` (per token, per sequence, token-weighted batch mean, or mean
   of sequence means); ``reduce_tokens`` / ``reduction_weights`` expose the
   reductions.
+* ``jdistill.losses.sparse``: offline teacher targets and their losses:
+  ``dense_teacher_targets`` / ``dense_kd``, ``topk_teacher_targets`` /
+  ``topk_kd`` (renormalized, raw or tail; biased, ``topk_bias`` measures
+  it), and Random-Sampling KD (``sample_teacher_tokens`` / ``sampled_kd``,
+  unbiased in expectation; ``sampled_gradient_rmse`` its noise). Their
+  ``where`` is a token mask, not a vocabulary mask.
+* ``jdistill.losses.fused``: ``fused_linear_kd`` computes any of the
+  divergences from the final hidden states and unembeddings in token
+  chunks, never forming the ``[N, V]`` logits (optionally vocab-sharded).
 """
 
 from jdistill.losses.logit import (
@@ -95,11 +104,30 @@ from jdistill.losses.taid import TAIDState, taid, taid_init, taid_update
 from jdistill.losses.transport import sinkhorn
 from jdistill.losses.sequence import (reduce_tokens, reduction_weights,
                                       sequence_kd)
+from jdistill.losses.fused import FUSED_KD_LOSSES, fused_linear_kd
+from jdistill.losses.sparse import (TOPK_VARIANTS, dense_kd,
+                                    dense_teacher_targets,
+                                    sample_teacher_tokens,
+                                    sampled_gradient_rmse, sampled_kd,
+                                    scatter_to_vocab, teacher_entropy,
+                                    topk_bias, topk_kd, topk_teacher_targets)
 
 LOGIT_LOSSES["bdkd"] = bdkd  # Same signature as the registry's other losses.
 
 __all__ = [
+    "FUSED_KD_LOSSES",
     "LOGIT_LOSSES",
+    "TOPK_VARIANTS",
+    "dense_kd",
+    "dense_teacher_targets",
+    "sample_teacher_tokens",
+    "sampled_gradient_rmse",
+    "sampled_kd",
+    "scatter_to_vocab",
+    "teacher_entropy",
+    "topk_bias",
+    "topk_kd",
+    "topk_teacher_targets",
     "TAIDState",
     "attention_map",
     "attention_transfer",
@@ -110,6 +138,7 @@ __all__ = [
     "contrastive",
     "dist",
     "dkd",
+    "fused_linear_kd",
     "get_logit_loss",
     "hint",
     "jsd",

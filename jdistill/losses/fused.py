@@ -1,0 +1,666 @@
+"""Chunked fused linear-KD: distillation losses that never hold [N, V] logits.
+
+For LLM distillation the logits of the student and of the teacher are
+``[num_tokens, vocab]``; at 8k tokens and a 128k vocabulary one float32 copy
+is 4 GiB, and autodiff of ``loss(h_s @ W_s, h_t @ W_t)`` keeps several. The
+loss here takes the last hidden states and the unembedding matrices instead,
+and walks over the tokens in chunks: only ``[chunk_size, vocab]`` logits
+exist at any time, in the forward pass and in the backward pass.
+
+Conventions (shared with :mod:`jdistill.losses.logit`): student arguments
+first, teacher arguments second, hyperparameters keyword-only, float32
+log-space math (bfloat16 inputs are multiplied in bfloat16 with float32
+accumulation), ``ValueError`` at trace time for bad arguments. Unlike the
+per-example losses of :mod:`jdistill.losses.logit`, :func:`fused_linear_kd`
+returns a scalar: the reduction over tokens is part of the fusion (per-token
+weights, ``token_weights``, let a caller choose any linear reduction).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import inspect
+from typing import Any, Callable, NamedTuple, Optional
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
+
+from jdistill.losses.bdkd import bdkd as _bdkd
+from jdistill.losses.logit import (
+    LOGIT_LOSSES,
+    ArrayLike,
+    _check_positive,
+    _check_unit_interval,
+    _is_concrete_number,
+    _log_mixture,
+)
+
+__all__ = ["FUSED_KD_LOSSES", "fused_linear_kd"]
+
+_F32 = jnp.float32
+
+
+# ---------------------------------------------------------------------------
+# Divergences as sums over the vocabulary of elementwise terms.
+#
+# Each divergence is written as ``combine(sum_k terms_k)``: ``terms`` maps the
+# temperature-scaled logits and log-probabilities of one chunk (one vocabulary
+# shard of them, under vocab sharding) to a tuple of elementwise arrays, whose
+# sums over the vocabulary (psum'd across shards) ``combine`` turns into
+# per-token losses. The elementwise expressions are those of
+# ``jdistill.losses.logit`` (same ``p == 0`` guards, same ``logaddexp``
+# mixtures, same ``T**2`` factors), so values and gradients agree with
+# ``LOGIT_LOSSES[name]`` applied to materialised logits.
+# ---------------------------------------------------------------------------
+
+
+class _Divergence(NamedTuple):
+  # (z_s, z_t, log_ps, log_pt, hp) -> tuple of [chunk, vocab] arrays.
+  terms: Callable[..., tuple[jax.Array, ...]]
+  # (sums, hp, t2, vocab_size) -> [chunk]; sums[i] = sum_k terms[i].
+  combine: Callable[..., jax.Array]
+  # The reference loss (its keyword defaults are the defaults here).
+  reference: Callable[..., jax.Array]
+
+
+def _kl_terms(log_p: jax.Array, log_q: jax.Array) -> jax.Array:
+  """Elementwise p (log p - log q), 0 where p == 0 (as logit._kl)."""
+  p = jnp.exp(log_p)
+  zero = p == 0
+  diff = jnp.where(zero, 0.0, log_p) - jnp.where(zero, 0.0, log_q)
+  return jnp.where(zero, 0.0, p * diff)
+
+
+def _neg_entropy_terms(log_p: jax.Array) -> jax.Array:
+  """Elementwise p log p, 0 where p == 0 (as bdkd._entropy, negated)."""
+  p = jnp.exp(log_p)
+  return jnp.where(p == 0, 0.0, p * log_p)
+
+
+def _one_sum(sums, hp, t2, vocab_size):
+  del hp, vocab_size
+  return t2 * sums[0]
+
+
+def _jsd_terms(z_s, z_t, log_ps, log_pt, hp):
+  del z_s, z_t
+  log_m = _log_mixture(log_pt, log_ps, hp["beta"], _F32)
+  return _kl_terms(log_pt, log_m), _kl_terms(log_ps, log_m)
+
+
+def _jsd_combine(sums, hp, t2, vocab_size):
+  del vocab_size
+  b = jnp.asarray(hp["beta"], _F32)
+  return t2 * (b * sums[0] + (1 - b) * sums[1])
+
+
+def _bdkd_terms(z_s, z_t, log_ps, log_pt, hp):
+  del z_s, z_t, hp
+  return (_neg_entropy_terms(lax.stop_gradient(log_ps)),
+          _neg_entropy_terms(lax.stop_gradient(log_pt)),
+          _kl_terms(log_pt, log_ps), _kl_terms(log_ps, log_pt))
+
+
+def _bdkd_combine(sums, hp, t2, vocab_size):
+  del vocab_size
+  h_s, h_t, forward, reverse = -sums[0], -sums[1], sums[2], sums[3]
+  mu = jnp.asarray(hp["weight"], _F32)
+  one = jnp.ones((), _F32)
+  w_fwd = lax.stop_gradient(jnp.where(h_t > h_s, mu, one))
+  w_rev = lax.stop_gradient(jnp.where(h_s > h_t, mu, one))
+  return t2 * (w_fwd * forward + w_rev * reverse)
+
+
+def _mse_combine(sums, hp, t2, vocab_size):
+  del hp, t2  # mse_logits has no T**2 factor.
+  return sums[0] / vocab_size
+
+
+_DIVERGENCES: dict[str, _Divergence] = {
+    "kd": _Divergence(
+        lambda z_s, z_t, ls, lt, hp: (_kl_terms(lt, ls),), _one_sum,
+        LOGIT_LOSSES["kd"]),
+    "reverse_kl": _Divergence(
+        lambda z_s, z_t, ls, lt, hp: (_kl_terms(ls, lt),), _one_sum,
+        LOGIT_LOSSES["reverse_kl"]),
+    "jsd": _Divergence(_jsd_terms, _jsd_combine, LOGIT_LOSSES["jsd"]),
+    "skew_kl": _Divergence(
+        lambda z_s, z_t, ls, lt, hp: (_kl_terms(
+            lt, _log_mixture(lt, ls, hp["alpha"], _F32)),),
+        _one_sum, LOGIT_LOSSES["skew_kl"]),
+    "skew_reverse_kl": _Divergence(
+        lambda z_s, z_t, ls, lt, hp: (_kl_terms(
+            ls, _log_mixture(ls, lt, hp["alpha"], _F32)),),
+        _one_sum, LOGIT_LOSSES["skew_reverse_kl"]),
+    "total_variation": _Divergence(
+        lambda z_s, z_t, ls, lt, hp: (
+            0.5 * jnp.abs(jnp.exp(lt) - jnp.exp(ls)),),
+        _one_sum, LOGIT_LOSSES["total_variation"]),
+    "mse_logits": _Divergence(
+        lambda z_s, z_t, ls, lt, hp: (jnp.square(z_s - z_t),),
+        _mse_combine, LOGIT_LOSSES["mse_logits"]),
+    "bdkd": _Divergence(_bdkd_terms, _bdkd_combine, _bdkd),
+}
+
+#: Names accepted by ``fused_linear_kd(loss=...)``, each mapped to the
+#: ``jdistill.losses`` function whose per-token value it reproduces.
+FUSED_KD_LOSSES: dict[str, Callable[..., jax.Array]] = {
+    name: div.reference for name, div in _DIVERGENCES.items()
+}
+
+# Hyperparameter checks applied to concrete values (traced ones pass).
+_HP_CHECKS = {
+    "beta": _check_unit_interval,
+    "alpha": _check_unit_interval,
+}
+
+
+def _hyperparameters(loss: str, given: dict[str, Any]) -> dict[str, Any]:
+  """The loss's hyperparameters: its reference's defaults updated by
+  ``given``; unknown names and out-of-range values raise ValueError."""
+  params = inspect.signature(_DIVERGENCES[loss].reference).parameters
+  defaults = {
+      k: p.default for k, p in params.items()
+      if p.kind is inspect.Parameter.KEYWORD_ONLY
+      and k not in ("temperature", "axis", "where")
+  }
+  unknown = sorted(set(given) - set(defaults))
+  if unknown:
+    raise ValueError(
+        f"loss {loss!r} got unexpected hyperparameters {unknown}; it accepts "
+        f"{sorted(defaults) or 'none'}"
+    )
+  hp = {**defaults, **given}
+  for k, v in hp.items():
+    if k in _HP_CHECKS:
+      _HP_CHECKS[k](v, k)
+    elif k == "weight" and _is_concrete_number(v) and not float(v) >= 0:
+      raise ValueError(f"weight must be >= 0, got {v}")
+  return hp
+
+
+# ---------------------------------------------------------------------------
+# The chunk loop (runs on one device, or per device inside shard_map).
+# ---------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class _Config:
+  """Static configuration of one call (hashable: a nondiff argument)."""
+
+  loss: str
+  num_chunks: int          # chunks per device (per token shard)
+  chunk: int               # tokens per chunk
+  vocab_size: int          # global vocabulary size
+  mesh: Any = None         # jax.sharding.Mesh or None
+  vocab_axis: Optional[str] = None
+  token_axis: Optional[str] = None
+  # dtypes of (student_hidden, student_unembed, student_bias or None).
+  grad_dtypes: tuple[Any, ...] = ()
+
+
+def _psum(x, axis):
+  return x if axis is None else lax.psum(x, axis)
+
+
+def _varying(x, *axes):
+  """Marks ``x`` as varying over the given (non-None) manual mesh axes, as
+  a scan carry that accumulates per-device values must be."""
+  axes = tuple(a for a in axes if a is not None)
+  return lax.pcast(x, axes, to="varying") if axes else x
+
+
+def _matmul(x: jax.Array, w: jax.Array, contract: tuple[int, int]
+            ) -> jax.Array:
+  """x . w contracting dims ``contract``, inputs in their (common) dtype,
+  float32 accumulation and result."""
+  dtype = jnp.promote_types(x.dtype, w.dtype)
+  return lax.dot_general(
+      x.astype(dtype), w.astype(dtype),
+      (((contract[0],), (contract[1],)), ((), ())),
+      preferred_element_type=_F32,
+  )
+
+
+def _logits(h, w, b):
+  z = _matmul(h, w, (1, 0))
+  return z if b is None else z + b.astype(_F32)
+
+
+def _log_softmax(z: jax.Array, vocab_axis: Optional[str]) -> jax.Array:
+  """log_softmax over the last axis, sharded over ``vocab_axis`` if given.
+
+  The same arithmetic as ``jax.nn.log_softmax`` (the max is a stop_gradient
+  shift), with the max and the normaliser reduced across vocab shards.
+  """
+  m = lax.stop_gradient(jnp.max(z, axis=-1, keepdims=True))
+  if vocab_axis is not None:
+    m = lax.pmax(m, vocab_axis)
+  shifted = z - m
+  total = _psum(jnp.sum(jnp.exp(shifted), axis=-1, keepdims=True), vocab_axis)
+  return shifted - jnp.log(total)
+
+
+def _per_token(cfg: _Config, z_s, z_t_scaled, log_pt, temp, hp):
+  """Per-token losses [chunk] of raw student logits ``z_s`` (local shard)."""
+  div = _DIVERGENCES[cfg.loss]
+  z_s = z_s / temp
+  log_ps = _log_softmax(z_s, cfg.vocab_axis)
+  terms = div.terms(z_s, z_t_scaled, log_ps, log_pt, hp)
+  sums = _psum(jnp.stack([jnp.sum(x, axis=-1) for x in terms]),
+               cfg.vocab_axis)
+  return div.combine(tuple(sums), hp, temp * temp, cfg.vocab_size)
+
+
+def _teacher(cfg, ht, wt, bt, temp):
+  z_t = _logits(ht, wt, bt) / temp
+  return z_t, _log_softmax(z_t, cfg.vocab_axis)
+
+
+def _chunks(x, cfg):
+  return x.reshape((cfg.num_chunks, cfg.chunk) + x.shape[1:])
+
+
+def _local_loss(cfg, hs, ws, bs, ht, wt, bt, w, temp, hp):
+  """sum_i w_i loss_i over this device's tokens; no gradient work."""
+
+  def step(acc, xs):
+    hs_c, ht_c, w_c = xs
+    z_t, log_pt = _teacher(cfg, ht_c, wt, bt, temp)
+    loss = _per_token(cfg, _logits(hs_c, ws, bs), z_t, log_pt, temp, hp)
+    return acc + jnp.sum(w_c * loss), None
+
+  xs = (_chunks(hs, cfg), _chunks(ht, cfg), _chunks(w, cfg))
+  init = _varying(jnp.zeros((), _F32), cfg.token_axis)
+  total, _ = lax.scan(step, init, xs)
+  return _psum(total, cfg.token_axis)
+
+
+def _local_loss_and_grads(cfg, hs, ws, bs, ht, wt, bt, w, temp, hp):
+  """The loss, its gradients w.r.t. (hs, ws, bs), and per-token losses.
+
+  Per chunk: both logits, ``g = d(sum w * loss) / d z_s`` by ``jax.vjp`` of
+  the chunk's loss, ``dH = g W_s^T`` (psum'd over vocab shards) and
+  ``dW_s += h_s^T g`` (local to the vocab shard).
+  """
+
+  def step(carry, xs):
+    acc, dws, dbs = carry
+    hs_c, ht_c, w_c = xs
+    z_t, log_pt = _teacher(cfg, ht_c, wt, bt, temp)
+
+    def weighted(z_s):
+      loss = _per_token(cfg, z_s, z_t, log_pt, temp, hp)
+      return jnp.sum(w_c * loss), loss
+
+    value, vjp, loss = jax.vjp(weighted, _logits(hs_c, ws, bs),
+                               has_aux=True)
+    (g,) = vjp(jnp.ones_like(value))  # [chunk, local vocab], float32.
+    g_in = g.astype(ws.dtype)
+    dh = _psum(_matmul(g_in, ws, (1, 1)), cfg.vocab_axis)
+    dws = dws + _matmul(hs_c, g_in, (0, 0))
+    if dbs is not None:
+      dbs = dbs + jnp.sum(g, axis=0)
+    return (acc + value, dws, dbs), (dh, loss)
+
+  xs = (_chunks(hs, cfg), _chunks(ht, cfg), _chunks(w, cfg))
+  both = (cfg.token_axis, cfg.vocab_axis)
+  init = (_varying(jnp.zeros((), _F32), cfg.token_axis),
+          _varying(jnp.zeros(ws.shape, _F32), *both),
+          None if bs is None else _varying(jnp.zeros(bs.shape, _F32), *both))
+  (total, dws, dbs), (dhs, losses) = lax.scan(step, init, xs)
+  dhs = dhs.reshape(hs.shape)
+  losses = losses.reshape(w.shape)
+  total = _psum(total, cfg.token_axis)
+  dws = _psum(dws, cfg.token_axis)
+  dbs = None if dbs is None else _psum(dbs, cfg.token_axis)
+  return total, (dhs, dws, dbs, losses)
+
+
+def _specs(cfg: _Config, bs, bt):
+  """shard_map in_specs of (hs, ws, bs, ht, wt, bt, w, temp, hp)."""
+  tok, voc = cfg.token_axis, cfg.vocab_axis
+  bias = lambda b: None if b is None else P(voc)
+  return (P(tok, None), P(None, voc), bias(bs), P(tok, None), P(None, voc),
+          bias(bt), P(tok), P(), P())
+
+
+def _run(cfg: _Config, local_fn, out_specs, args):
+  """``local_fn(cfg, *args)`` on one device, or under shard_map."""
+  if cfg.mesh is None:
+    return local_fn(cfg, *args)
+  in_specs = _specs(cfg, args[2], args[5])
+  return jax.shard_map(
+      functools.partial(local_fn, cfg), mesh=cfg.mesh, in_specs=in_specs,
+      out_specs=out_specs,
+  )(*args)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _fused(cfg, hs, ws, bs, ht, wt, bt, w, temp, hp):
+  return _run(cfg, _local_loss, P(), (hs, ws, bs, ht, wt, bt, w, temp, hp))
+
+
+def _fused_fwd(cfg, hs, ws, bs, ht, wt, bt, w, temp, hp):
+  tok, voc = cfg.token_axis, cfg.vocab_axis
+  out_specs = (P(), (P(tok, None), P(None, voc),
+                     None if bs is None else P(voc), P(tok)))
+  total, (dhs, dws, dbs, losses) = _run(
+      cfg, _local_loss_and_grads, out_specs,
+      (hs, ws, bs, ht, wt, bt, w, temp, hp))
+  return total, (dhs, dws, dbs, losses)
+
+
+def _fused_bwd(cfg, res, ct):
+  dhs, dws, dbs, losses = res
+  hs_dtype, ws_dtype, bs_dtype = cfg.grad_dtypes
+  scale = lambda g, dtype: (ct * g).astype(dtype)
+  # Teacher arrays, temperature and hyperparameters: zero cotangents (None).
+  return (scale(dhs, hs_dtype), scale(dws, ws_dtype),
+          None if dbs is None else scale(dbs, bs_dtype),
+          None, None, None, ct * losses, None, None)
+
+
+_fused.defvjp(_fused_fwd, _fused_bwd)
+
+
+# ---------------------------------------------------------------------------
+# Validation.
+# ---------------------------------------------------------------------------
+
+
+def _float_array(x: ArrayLike, name: str, ndim: int, what: str) -> jax.Array:
+  x = jnp.asarray(x)
+  if not jnp.issubdtype(x.dtype, jnp.floating):
+    raise ValueError(f"{name} must be a floating-point array, got dtype "
+                     f"{x.dtype}")
+  if x.ndim != ndim:
+    raise ValueError(f"{name} must be {what}, got shape {tuple(x.shape)}")
+  return x
+
+
+def _check_bias(b, name, vocab, unembed_name):
+  if b is None:
+    return None
+  b = _float_array(b, name, 1, f"a 1-D [vocab] array ([{vocab}])")
+  if b.shape[0] != vocab:
+    raise ValueError(f"{name} has shape {tuple(b.shape)} but {unembed_name} "
+                     f"has vocab {vocab}; expected ({vocab},)")
+  return b
+
+
+def _token_weights(where, token_weights, n) -> jax.Array:
+  """Float32 weights [n]: token_weights (zeroed where masked) or the mean
+  over the tokens selected by ``where``."""
+  if where is not None:
+    where = jnp.asarray(where)
+    if where.dtype != jnp.bool_:
+      raise ValueError(f"where must be a boolean array, got dtype "
+                       f"{where.dtype}")
+    if where.shape != (n,):
+      raise ValueError(f"where has shape {tuple(where.shape)} but expected "
+                       f"({n},) (one flag per token of student_hidden)")
+  if token_weights is not None:
+    tw = jnp.asarray(token_weights)
+    if not jnp.issubdtype(tw.dtype, jnp.floating):
+      raise ValueError(f"token_weights must be a floating-point array, got "
+                       f"dtype {tw.dtype}")
+    if tw.shape != (n,):
+      raise ValueError(f"token_weights has shape {tuple(tw.shape)} but "
+                       f"expected ({n},) (one weight per token of "
+                       f"student_hidden)")
+    tw = tw.astype(_F32)
+    return tw if where is None else jnp.where(where, tw, 0.0)
+  if where is None:
+    return jnp.full((n,), 1.0 / max(n, 1), _F32)
+  count = jnp.maximum(jnp.sum(where, dtype=_F32), 1.0)
+  return jnp.where(where, 1.0 / count, 0.0).astype(_F32)
+
+
+def _mesh_sizes(mesh, vocab_axis, token_axis, vocab) -> tuple[int, int]:
+  """(vocab shards, token shards); checks the mesh arguments."""
+  if mesh is None:
+    if vocab_axis is not None or token_axis is not None:
+      raise ValueError("vocab_axis and token_axis need a mesh; got mesh=None")
+    return 1, 1
+  if vocab_axis is None and token_axis is None:
+    raise ValueError("a mesh needs vocab_axis and/or token_axis to shard "
+                     "over; got neither")
+  if vocab_axis is not None and vocab_axis == token_axis:
+    raise ValueError(f"vocab_axis and token_axis must differ, both are "
+                     f"{vocab_axis!r}")
+  sizes = dict(zip(mesh.axis_names, mesh.axis_sizes))
+  for name, axis in (("vocab_axis", vocab_axis), ("token_axis", token_axis)):
+    if axis is not None and axis not in sizes:
+      raise ValueError(f"{name} {axis!r} is not an axis of the mesh "
+                       f"(axes: {tuple(mesh.axis_names)})")
+  pv = 1 if vocab_axis is None else sizes[vocab_axis]
+  if vocab % pv:
+    raise ValueError(
+        f"student_unembed has vocab {vocab}, which is not divisible by the "
+        f"{pv} devices of mesh axis {vocab_axis!r}")
+  return pv, 1 if token_axis is None else sizes[token_axis]
+
+
+def _place(x, mesh, spec):
+  """Reshards ``x`` to ``spec`` on the Explicit axes of ``mesh`` (shard_map
+  requires inputs placed to match; Auto axes are resharded by shard_map)."""
+  if x is None:
+    return None
+  explicit = {n for n, t in zip(mesh.axis_names, mesh.axis_types)
+              if t == AxisType.Explicit}
+  if not explicit:
+    return x
+  keep = lambda a: a if a in explicit else None
+  return jax.reshard(x, NamedSharding(mesh, P(*map(keep, spec))))
+
+
+# ---------------------------------------------------------------------------
+# Public API.
+# ---------------------------------------------------------------------------
+
+
+def fused_linear_kd(
+    student_hidden: ArrayLike,
+    student_unembed: ArrayLike,
+    teacher_hidden: ArrayLike,
+    teacher_unembed: ArrayLike,
+    *,
+    loss: str = "kd",
+    temperature: float = 1.0,
+    where: Optional[ArrayLike] = None,
+    token_weights: Optional[ArrayLike] = None,
+    student_bias: Optional[ArrayLike] = None,
+    teacher_bias: Optional[ArrayLike] = None,
+    chunk_size: int = 1024,
+    mesh: Optional[jax.sharding.Mesh] = None,
+    vocab_axis: Optional[str] = None,
+    token_axis: Optional[str] = None,
+    **loss_hyperparameters: Any,
+) -> jax.Array:
+  r"""Token-weighted KD loss of two linear heads, without [N, V] logits.
+
+  With student logits ``z_s = h_s W_s + b_s``, teacher logits
+  ``z_t = h_t W_t + b_t`` and the per-token divergence ``D`` named by
+  ``loss`` (exactly ``FUSED_KD_LOSSES[loss]``, i.e. ``LOGIT_LOSSES[loss]``,
+  with its ``T**2`` factor and hyperparameters):
+
+  .. math::
+    \mathcal{L} = \sum_{i=1}^{N} w_i\, D\big(\mathrm{softmax}(z_{s,i} / T),
+      \mathrm{softmax}(z_{t,i} / T)\big), \qquad
+    w_i = \frac{\mathrm{where}_i}{\max(1, \sum_j \mathrm{where}_j)}
+    \text{ by default.}
+
+  The tokens are processed ``chunk_size`` at a time with ``lax.scan``, so
+  only ``[chunk_size, V]`` logits (a few of them) are live. A
+  ``jax.custom_vjp`` computes the gradients with respect to the student's
+  ``student_hidden``, ``student_unembed`` and ``student_bias`` during the
+  forward pass, chunk by chunk (per chunk: both logits, ``g = dL/dz_s`` by
+  ``jax.vjp``, ``dH = g W_s^T``, ``dW_s += h_s^T g``, ``db_s += sum g``),
+  and the backward pass only scales them by the incoming cotangent: four
+  matmuls per chunk, as many as the naive forward and backward. Without
+  differentiation only the loss is computed. (Liger-Kernel's fused linear
+  cross-entropy / JSD, in JAX.)
+
+  Gradients: the teacher (``teacher_hidden``, ``teacher_unembed``,
+  ``teacher_bias``) is frozen and gets zero cotangents, as under
+  ``lax.stop_gradient``; so do ``temperature`` and the hyperparameters.
+  ``token_weights`` gets its true gradient (the per-token losses). Tokens
+  with weight 0 (masked by ``where``, or padding added to fill the last
+  chunk) contribute exactly 0 to the value and get exactly 0 gradient,
+  provided their hidden states are finite.
+
+  Precision: the matmuls run in the inputs' dtype (bfloat16 stays bfloat16)
+  with float32 accumulation (``preferred_element_type``); the softmax and
+  divergence math is float32, as are ``g`` and the ``dW`` accumulator. The
+  gradients are returned in the inputs' dtypes.
+
+  Sharding (optional): with a ``mesh`` and ``vocab_axis``, the unembeddings
+  are split ``P(None, vocab_axis)`` (the biases ``P(vocab_axis)``) across
+  that mesh axis under ``jax.shard_map``, as for a vocab-parallel LM head:
+  each device computes ``[chunk, V / P]`` logits; the log-softmax max and
+  normaliser and each per-token sum over the vocabulary are
+  ``lax.pmax`` / ``lax.psum``-reduced over ``vocab_axis``; ``dH`` is
+  psum'd, and ``dW`` / ``db`` stay local to the shard (they come out
+  sharded like the unembedding). ``V`` must be divisible by the size of
+  ``vocab_axis``. With ``token_axis`` the tokens are split over that mesh
+  axis too (data parallelism; each device pads its share to whole chunks),
+  and the scalar, ``dW`` and ``db`` are psum'd over it. Axes of an Explicit
+  mesh (``jax.make_mesh``'s default) are resharded as needed; arrays already
+  placed with these specs move nowhere.
+
+  Args:
+    student_hidden: ``[N, H_s]`` final hidden states of the student (N
+      tokens, e.g. ``batch * time`` flattened); float32 or bfloat16.
+    student_unembed: ``[H_s, V]`` student unembedding (LM head) matrix.
+    teacher_hidden: ``[N, H_t]`` teacher hidden states (``H_t`` may differ
+      from ``H_s``).
+    teacher_unembed: ``[H_t, V]`` teacher unembedding; same ``V``.
+    loss: divergence name, one of ``FUSED_KD_LOSSES``: ``kd``,
+      ``reverse_kl``, ``jsd``, ``skew_kl``, ``skew_reverse_kl``,
+      ``total_variation``, ``mse_logits``, ``bdkd``.
+    temperature: softmax temperature ``T > 0``.
+    where: optional ``[N]`` boolean token mask; unselected tokens contribute
+      0. By default all tokens are selected.
+    token_weights: optional ``[N]`` float weights ``w`` replacing the default
+      mean over selected tokens (``where`` still zeroes masked tokens). For
+      example ``mask / (num_sequences * tokens_per_sequence)`` gives a mean of
+      per-sequence means.
+    student_bias: optional ``[V]`` bias of the student head.
+    teacher_bias: optional ``[V]`` bias of the teacher head.
+    chunk_size: maximum tokens per chunk (per device with ``token_axis``).
+      The chunks are balanced: ``ceil(N / chunk_size)`` chunks of equal size,
+      the last padded. Under ``value_and_grad`` the compiled CPU program's
+      scratch memory is about ``max(5 * chunk_size * V, H_s * V)`` float32
+      values (the second term is the per-chunk ``h_s^T g`` before it is added
+      to the ``dW`` accumulator; a bfloat16 unembedding adds the float32
+      accumulator itself), against about ``5 * N * V`` for the naive loss.
+      ``chunk_size <= N / 8`` thus cuts the logits memory by 8 or more;
+      chunks of 512 or more kept the CPU time within 1.2x of the naive loss
+      (``benchmarks/fused_kd.py``).
+    mesh: optional ``jax.sharding.Mesh`` for vocab / token sharding.
+    vocab_axis: mesh axis over which the vocabulary is split.
+    token_axis: mesh axis over which the tokens are split.
+    **loss_hyperparameters: keyword hyperparameters of the loss, with the
+      same names and defaults as in ``FUSED_KD_LOSSES[loss]``: ``beta`` of
+      ``jsd``, ``alpha`` of ``skew_kl`` / ``skew_reverse_kl``, ``weight`` of
+      ``bdkd``.
+
+  Returns:
+    A float32 scalar, ``sum_i w_i * loss_i``.
+
+  Raises:
+    ValueError: for arrays of the wrong rank, dtype or shape (the message
+      names the array), an unknown loss or hyperparameter, or bad mesh axes.
+
+  Example:
+    >>> import jax, jax.numpy as jnp
+    >>> k1, k2, k3, k4 = jax.random.split(jax.random.key(0), 4)
+    >>> h_s = jax.random.normal(k1, (50, 16))
+    >>> w_s = jax.random.normal(k2, (16, 97))
+    >>> h_t = jax.random.normal(k3, (50, 32))
+    >>> w_t = jax.random.normal(k4, (32, 97))
+    >>> mask = jnp.arange(50) < 40
+    >>> loss, grads = jax.value_and_grad(fused_linear_kd, argnums=(0, 1))(
+    ...     h_s, w_s, h_t, w_t, loss="jsd", beta=0.5, where=mask,
+    ...     temperature=2.0, chunk_size=16)
+    >>> loss.shape, grads[0].shape, grads[1].shape
+    ((), (50, 16), (16, 97))
+
+  References:
+    Hinton, Vinyals and Dean, `Distilling the Knowledge in a Neural Network
+    <https://arxiv.org/abs/1503.02531>`_, 2015. Hsu et al., `Liger Kernel:
+    Efficient Triton Kernels for LLM Training
+    <https://arxiv.org/abs/2410.10989>`_, 2024: the fused linear
+    cross-entropy and fused linear JSD
+    (``linkedin/Liger-Kernel`` ``src/liger_kernel/ops/fused_linear_jsd.py``),
+    whose chunking and in-forward gradients this follows. Tests check values
+    and gradients against ``LOGIT_LOSSES[loss]`` on materialised logits and a
+    float64 numpy reference of KD.
+  """
+  if loss not in _DIVERGENCES:
+    raise ValueError(f"unknown fused KD loss {loss!r}; expected one of: "
+                     + ", ".join(_DIVERGENCES))
+  hp = _hyperparameters(loss, loss_hyperparameters)
+  _check_positive(temperature, "temperature")
+  if (not isinstance(chunk_size, int) or isinstance(chunk_size, bool)
+      or chunk_size < 1):
+    raise ValueError(f"chunk_size must be a positive int, got {chunk_size!r}")
+
+  hs = _float_array(student_hidden, "student_hidden", 2,
+                    "a 2-D [num_tokens, student_hidden_size] array")
+  ht = _float_array(teacher_hidden, "teacher_hidden", 2,
+                    "a 2-D [num_tokens, teacher_hidden_size] array")
+  ws = _float_array(student_unembed, "student_unembed", 2,
+                    "a 2-D [student_hidden_size, vocab] array")
+  wt = _float_array(teacher_unembed, "teacher_unembed", 2,
+                    "a 2-D [teacher_hidden_size, vocab] array")
+  n, vocab = hs.shape[0], ws.shape[1]
+  if ws.shape[0] != hs.shape[1]:
+    raise ValueError(
+        f"student_unembed has {ws.shape[0]} rows but student_hidden has "
+        f"hidden size {hs.shape[1]}; expected student_unembed of shape "
+        f"[{hs.shape[1]}, vocab]")
+  if wt.shape[0] != ht.shape[1]:
+    raise ValueError(
+        f"teacher_unembed has {wt.shape[0]} rows but teacher_hidden has "
+        f"hidden size {ht.shape[1]}; expected teacher_unembed of shape "
+        f"[{ht.shape[1]}, vocab]")
+  if ht.shape[0] != n:
+    raise ValueError(f"teacher_hidden has {ht.shape[0]} tokens but "
+                     f"student_hidden has {n}")
+  if wt.shape[1] != vocab:
+    raise ValueError(f"teacher_unembed has vocab {wt.shape[1]} but "
+                     f"student_unembed has {vocab}")
+  bs = _check_bias(student_bias, "student_bias", vocab, "student_unembed")
+  bt = _check_bias(teacher_bias, "teacher_bias", vocab, "teacher_unembed")
+  w = _token_weights(where, token_weights, n)
+  _, token_shards = _mesh_sizes(mesh, vocab_axis, token_axis, vocab)
+
+  # Balanced chunks: ceil(n_local / chunk_size) chunks of equal size.
+  n_local = max(1, -(-n // token_shards))
+  num_chunks = -(-n_local // chunk_size)
+  chunk = -(-n_local // num_chunks)
+  padded = token_shards * num_chunks * chunk
+  if padded != n:
+    pad = padded - n
+    hs = jnp.pad(hs, ((0, pad), (0, 0)))
+    ht = jnp.pad(ht, ((0, pad), (0, 0)))
+    w = jnp.pad(w, (0, pad))
+
+  cfg = _Config(loss=loss, num_chunks=num_chunks, chunk=chunk,
+                vocab_size=vocab, mesh=mesh, vocab_axis=vocab_axis,
+                token_axis=token_axis,
+                grad_dtypes=(hs.dtype, ws.dtype,
+                             None if bs is None else bs.dtype))
+  temp = jnp.asarray(temperature, _F32)
+  hp = {k: jnp.asarray(v, _F32) for k, v in hp.items()}
+  if mesh is not None:
+    specs = _specs(cfg, bs, bt)
+    hs, ws, bs, ht, wt, bt, w = (
+        _place(x, mesh, s) for x, s in zip((hs, ws, bs, ht, wt, bt, w),
+                                           specs))
+  return _fused(cfg, hs, ws, bs, ht, wt, bt, w, temp, hp)
