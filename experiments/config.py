@@ -18,9 +18,12 @@ from jdistill.train.teachers import STACKINGS
 from jdistill.train.optim import OPTIMIZERS, SCHEDULES
 from jdistill.train.schedules import SCHEDULE_KINDS
 
-MODES = ("train", "distill", "compare", "tune", "kip")
+MODES = ("train", "distill", "compare", "tune", "kip", "distill_lm", "cache_lm")
 KIP_METHODS = ("kip", "rfad", "frepo", "krr_st")
 KIP_KERNELS = ("fc_nngp", "fc_ntk", "conv_nngp", "conv_ntk")
+LM_RUNS = ("baseline", "online", "dense", "topk", "sampled")
+LM_CACHE_FORMS = ("dense", "topk", "sampled")
+LM_REDUCTIONS = ("batch", "batch_of_sequences")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -110,6 +113,20 @@ class Config:
   frepo_max_online_steps: int = 100
   frepo_learning_rate: float = 1e-3
   eval_num_steps: int = 1000
+  seq_len: int = 128
+  corpus_train_bytes: int = 1_000_000
+  corpus_validation_bytes: int = 100_000
+  lm_runs: tuple[str, ...] = LM_RUNS
+  lm_reduction: str = "batch"
+  lm_fused_kd: bool = False
+  lm_chunk_size: int = 1024
+  lm_topk: int = 8
+  lm_topk_variant: str = "renormalized"
+  lm_num_samples: int = 12
+  lm_proposal_temperature: float = 1.0
+  lm_cache_dir: str | None = None
+  lm_cache_form: str = "sampled"
+  lm_cache_shards: int = 4
   num_devices: int = 0
   coordinator_address: str | None = None
   num_processes: int = 1
@@ -176,6 +193,8 @@ class Config:
              "paths of method flagfiles ending in .flags")
     if self.mode == "kip":
       self._check_kip()
+    if self.mode in ("distill_lm", "cache_lm"):
+      self._check_lm()
     _check(self.num_processes >= 1, "--num_processes", self.num_processes,
            "a positive integer")
     _check(0 <= self.process_id < self.num_processes, "--process_id",
@@ -245,6 +264,37 @@ class Config:
            "--teacher_checkpoint", self.teacher_checkpoint,
            "the workdir of a --mode=train run whose penultimate "
            "representations --kip_method=krr_st distills")
+
+  def _check_lm(self) -> None:
+    for name in ("seq_len", "lm_chunk_size", "lm_topk", "lm_num_samples",
+                 "lm_cache_shards"):
+      _check(getattr(self, name) > 0, f"--{name}", getattr(self, name),
+             "a positive integer")
+    for name in ("corpus_train_bytes", "corpus_validation_bytes"):
+      _check(getattr(self, name) > self.seq_len, f"--{name}",
+             getattr(self, name), f"more bytes than --seq_len={self.seq_len}")
+    _check(len(self.lm_runs) > 0 and set(self.lm_runs) <= set(LM_RUNS),
+           "--lm_runs", ",".join(self.lm_runs),
+           f"a list of: {', '.join(LM_RUNS)}")
+    _check(self.lm_reduction in LM_REDUCTIONS, "--lm_reduction",
+           self.lm_reduction, f"one of: {', '.join(LM_REDUCTIONS)}")
+    _check(self.lm_cache_form in LM_CACHE_FORMS, "--lm_cache_form",
+           self.lm_cache_form, f"one of: {', '.join(LM_CACHE_FORMS)}")
+    _check(self.lm_proposal_temperature > 0, "--lm_proposal_temperature",
+           self.lm_proposal_temperature, "a positive number")
+    _check(not (self.lm_fused_kd and self.ce_weight), "--lm_fused_kd",
+           self.lm_fused_kd, "only with --ce_weight=0 (the fused loss is the "
+           "KD term alone; a CE term would materialise the student's logits)")
+    _check(self.model == "causal_lm", "--model", self.model,
+           "causal_lm for --mode=distill_lm/cache_lm")
+    _check(self.teacher_model == "causal_lm", "--teacher_model",
+           self.teacher_model, "causal_lm for --mode=distill_lm/cache_lm")
+    if self.mode == "cache_lm":
+      _check(bool(self.teacher_checkpoint), "--teacher_checkpoint",
+             self.teacher_checkpoint, "the teacher workdir whose outputs "
+             "--mode=cache_lm writes")
+      _check(bool(self.lm_cache_dir), "--lm_cache_dir", self.lm_cache_dir,
+             "the directory --mode=cache_lm writes the cache to")
 
   def multi_teacher_objective(self) -> MultiTeacherObjective:
     """The multi-teacher objective of these flags (`MultiTeacherObjective`,
@@ -341,6 +391,7 @@ class Config:
                 "feature_weight_end"):
       d[key] = list(d[key])
     d["methods"] = list(d["methods"])
+    d["lm_runs"] = list(d["lm_runs"])
     return d
 
 
@@ -414,7 +465,12 @@ def define_flags() -> None:
                 "split from --tune_grid and write tuned method flagfiles; "
                 "kip: kernel-ridge dataset distillation (--kip_method) at "
                 "each --images_per_class, evaluated "
-                "against random real subsets and the full training set.")
+                "against random real subsets and the full training set; "
+                "distill_lm: byte-level LM distillation on the Python "
+                "stdlib (teacher, baseline, online KD and KD from dense, "
+                "top-k and sampled teacher caches), as a table; cache_lm: "
+                "write one teacher cache (--lm_cache_form) to "
+                "--lm_cache_dir.")
   F.DEFINE_string("workdir", d.workdir, "Run directory: checkpoints, "
                   "metrics.jsonl, model.json. A rerun resumes from it.")
   F.DEFINE_string("dataset", d.dataset, "mnist1d, digits, digits_flat or "
@@ -582,6 +638,38 @@ def define_flags() -> None:
   F.DEFINE_integer("eval_num_steps", d.eval_num_steps, "--mode=kip: steps "
                    "of the fresh --model networks trained on each support "
                    "set (one per --seeds entry).")
+  F.DEFINE_integer("seq_len", d.seq_len, "distill_lm/cache_lm: tokens "
+                   "(bytes) per training sequence.")
+  F.DEFINE_integer("corpus_train_bytes", d.corpus_train_bytes, "distill_lm: "
+                   "bytes of Python stdlib source in the train split.")
+  F.DEFINE_integer("corpus_validation_bytes", d.corpus_validation_bytes,
+                   "distill_lm: bytes in the validation split.")
+  F.DEFINE_list("lm_runs", list(d.lm_runs), "distill_lm: the students to "
+                "train: baseline (labels only), online (teacher run in the "
+                "step), dense, topk, sampled (from offline caches).")
+  F.DEFINE_enum("lm_reduction", d.lm_reduction, LM_REDUCTIONS,
+                "distill_lm: batch (mean over valid tokens) or "
+                "batch_of_sequences (mean of per-sequence means).")
+  F.DEFINE_boolean("lm_fused_kd", d.lm_fused_kd, "distill_lm: the online "
+                   "run uses the chunked fused linear-KD loss (no [N, V] "
+                   "logits; needs --ce_weight=0).")
+  F.DEFINE_integer("lm_chunk_size", d.lm_chunk_size, "Tokens per chunk of "
+                   "the fused loss.")
+  F.DEFINE_integer("lm_topk", d.lm_topk, "Top-k cache: teacher "
+                   "probabilities kept per token.")
+  F.DEFINE_enum("lm_topk_variant", d.lm_topk_variant,
+                ["renormalized", "raw", "tail"], "How a top-k cache is "
+                "turned into a loss (jdistill.losses.sparse.topk_kd).")
+  F.DEFINE_integer("lm_num_samples", d.lm_num_samples, "Sampled (RS-KD) "
+                   "cache: token draws per position.")
+  F.DEFINE_float("lm_proposal_temperature", d.lm_proposal_temperature,
+                 "Sampled cache: draws come from the teacher's softmax at "
+                 "this temperature, reweighted to be unbiased.")
+  F.DEFINE_string("lm_cache_dir", None, "cache_lm: where the cache goes.")
+  F.DEFINE_enum("lm_cache_form", d.lm_cache_form, list(LM_CACHE_FORMS),
+                "cache_lm: dense, topk or sampled.")
+  F.DEFINE_integer("lm_cache_shards", d.lm_cache_shards, "Shards (files) of "
+                   "a teacher cache.")
   F.DEFINE_integer("num_devices", d.num_devices,
                    "Devices of the data mesh (0: all).")
   F.DEFINE_string("coordinator_address", None,
@@ -673,6 +761,20 @@ def config_from_flags(FLAGS=flags.FLAGS) -> Config:
       frepo_max_online_steps=FLAGS.frepo_max_online_steps,
       frepo_learning_rate=FLAGS.frepo_learning_rate,
       eval_num_steps=FLAGS.eval_num_steps,
+      seq_len=FLAGS.seq_len,
+      corpus_train_bytes=FLAGS.corpus_train_bytes,
+      corpus_validation_bytes=FLAGS.corpus_validation_bytes,
+      lm_runs=tuple(FLAGS.lm_runs),
+      lm_reduction=FLAGS.lm_reduction,
+      lm_fused_kd=FLAGS.lm_fused_kd,
+      lm_chunk_size=FLAGS.lm_chunk_size,
+      lm_topk=FLAGS.lm_topk,
+      lm_topk_variant=FLAGS.lm_topk_variant,
+      lm_num_samples=FLAGS.lm_num_samples,
+      lm_proposal_temperature=FLAGS.lm_proposal_temperature,
+      lm_cache_dir=FLAGS.lm_cache_dir,
+      lm_cache_form=FLAGS.lm_cache_form,
+      lm_cache_shards=FLAGS.lm_cache_shards,
       log_every=FLAGS.log_every,
       eval_every=FLAGS.eval_every,
       checkpoint_every=FLAGS.checkpoint_every,

@@ -151,7 +151,8 @@ def _train(cfg: Config, dataset: jdata.Dataset, mesh, spec: dict,
            step_factory: Callable, name: str,
            projector_factory: Callable | None = None,
            loss_state_factory: Callable | None = None,
-           combiner_params=None) -> dict[str, Any]:
+           combiner_params=None,
+           eval_step_factory: Callable | None = None) -> dict[str, Any]:
   """Shared body of train and distill: init/restore, loop, save, summary.
 
   ``step_factory(model, tx)`` returns the compiled ``(state, batch) ->
@@ -159,7 +160,9 @@ def _train(cfg: Config, dataset: jdata.Dataset, mesh, spec: dict,
   (distillation with feature terms) returns the projector parameters, and
   ``loss_state_factory()`` the objective's initial loss state (after the
   projectors, which check the feature taps); ``combiner_params`` are a
-  multi-teacher combiner's trainable parameters.
+  multi-teacher combiner's trainable parameters;
+  ``eval_step_factory(model)`` the evaluation step (default
+  `jdistill.train.make_eval_step`).
   """
   batches, tx = _setup(cfg, dataset)
   student, params, model_state = build_model(spec, cfg.seed)
@@ -180,8 +183,9 @@ def _train(cfg: Config, dataset: jdata.Dataset, mesh, spec: dict,
       state = checkpointer.restore(state)
       _log(f"[{name}] resumed from {checkpointer.directory} at step {latest}")
     step_fn = step_factory(student, tx)
-    eval_step = jtrain.compile_step(jtrain.make_eval_step(student), mesh,
-                                    donate_state=False)
+    eval_step = jtrain.compile_step(
+        (eval_step_factory or jtrain.make_eval_step)(student), mesh,
+        donate_state=False)
 
     def evaluate_fn(s):
       return jtrain.evaluate(eval_step, s.params, s.model_state, dataset.test,
@@ -782,8 +786,19 @@ def run_kip(cfg: Config) -> dict:
   return kip_program.run_kip(cfg)
 
 
+def run_distill_lm(cfg: Config) -> dict:
+  from experiments import lm as lm_program
+  return lm_program.run_distill_lm(cfg)
+
+
+def run_cache_lm(cfg: Config) -> dict:
+  from experiments import lm as lm_program
+  return lm_program.run_cache_lm(cfg)
+
+
 RUNNERS = {"train": run_train, "distill": run_distill, "compare": run_compare,
-           "tune": run_tune, "kip": run_kip}
+           "tune": run_tune, "kip": run_kip, "distill_lm": run_distill_lm,
+           "cache_lm": run_cache_lm}
 
 
 def run(cfg: Config) -> dict:

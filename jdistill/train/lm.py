@@ -1,0 +1,281 @@
+"""Steps for language models: next-token training, token-level distillation
+(online teacher or an offline teacher cache, naive or fused chunked loss)
+and perplexity evaluation.
+
+Batches are dicts with ``"x"`` (int tokens ``[B, T]``), ``"y"`` (next-token
+targets ``[B, T]``), optionally ``"mask"`` (bool ``[B]``, False for padded
+examples) and ``"token_mask"`` (bool ``[B, T]``, False for padding or
+prompt tokens). The tokens that count are ``mask[:, None] & token_mask``.
+Steps from an offline cache read the teacher's targets from the batch:
+
+* ``source="dense"``: ``"teacher_log_probs"`` ``[B, T, V]`` (log-softmax at
+  temperature 1; as logits they give the teacher's softmax at any
+  temperature);
+* ``source="topk"``: ``"teacher_log_probs"``, ``"teacher_ids"``
+  ``[B, T, k]`` (`jdistill.losses.sparse.topk_teacher_targets`);
+* ``source="sampled"``: ``"teacher_ids"``, ``"teacher_weights"``
+  ``[B, T, n]`` (Random-Sampling KD,
+  `jdistill.losses.sparse.sample_teacher_tokens`).
+
+These are the fields of a `jdistill.data.teacher_cache.TeacherCache` with a
+``teacher_`` prefix.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx
+
+from jdistill.losses import fused as fused_losses
+from jdistill.losses import sparse as sparse_losses
+from jdistill.losses.logit import get_logit_loss
+from jdistill.losses.sequence import reduce_tokens, reduction_weights
+from jdistill.train.state import FunctionalModel, TrainState
+from jdistill.train.step import _apply_gradients
+
+Batch = dict[str, jax.Array]
+Metrics = dict[str, jax.Array]
+
+TEACHER_SOURCES = ("online", "dense", "topk", "sampled")
+SCALAR_REDUCTIONS = ("batch", "batch_of_sequences")
+
+
+def token_mask(batch: Batch) -> jax.Array:
+  """``[B, T]`` bool: the tokens that count (example mask & token mask)."""
+  shape = batch["y"].shape
+  mask = jnp.ones(shape, bool)
+  if batch.get("mask") is not None:
+    mask = mask & batch["mask"][:, None]
+  if batch.get("token_mask") is not None:
+    mask = mask & batch["token_mask"]
+  return mask
+
+
+def next_token_nll(logits: jax.Array, targets: jax.Array) -> jax.Array:
+  """``[B, T]`` float32 ``-log softmax(logits)[target]``."""
+  return optax.softmax_cross_entropy_with_integer_labels(
+      logits.astype(jnp.float32), targets)
+
+
+def _token_accuracy(logits, targets, mask):
+  return reduce_tokens((jnp.argmax(logits, -1) == targets).astype(jnp.float32),
+                       mask, "batch")
+
+
+@dataclasses.dataclass(frozen=True)
+class LMDistillObjective:
+  """``ce_weight * CE(next token) + kd_weight * KD(teacher)``, per token,
+  reduced over the batch.
+
+  Attributes:
+    loss: logit loss name for ``online`` and ``dense`` (``kd``,
+      ``reverse_kl``, ``jsd``, ...). The ``topk`` and ``sampled`` sources
+      use their own estimators (`jdistill.losses.sparse`).
+    temperature: softmax temperature of the KD term.
+    kd_weight, ce_weight: weights of the two terms.
+    reduction: ``"batch"`` (mean over valid tokens) or
+      ``"batch_of_sequences"`` (mean of per-sequence means).
+    source: where the teacher's targets come from (`TEACHER_SOURCES`).
+    fused: compute the online KD term with the chunked fused linear loss
+      (`jdistill.losses.fused.fused_linear_kd`): neither model's ``[B*T, V]``
+      logits are materialised. Only for ``source="online"`` and
+      ``ce_weight == 0``.
+    chunk_size: tokens per chunk of the fused loss.
+    topk_variant: the top-k estimator (`jdistill.losses.sparse.topk_kd`).
+    loss_kwargs: extra hyperparameters of ``loss`` as ``((name, value),)``.
+  """
+
+  loss: str = "kd"
+  temperature: float = 1.0
+  kd_weight: float = 1.0
+  ce_weight: float = 0.0
+  reduction: str = "batch"
+  source: str = "online"
+  fused: bool = False
+  chunk_size: int = 1024
+  topk_variant: str = "renormalized"
+  loss_kwargs: tuple[tuple[str, Any], ...] = ()
+
+  def __post_init__(self):
+    get_logit_loss(self.loss)
+    if self.source not in TEACHER_SOURCES:
+      raise ValueError(f"--lm_teacher_source={self.source!r}: expected one "
+                       f"of {', '.join(TEACHER_SOURCES)}")
+    if self.reduction not in SCALAR_REDUCTIONS:
+      raise ValueError(f"--lm_reduction={self.reduction!r}: expected one of "
+                       f"{', '.join(SCALAR_REDUCTIONS)}")
+    if self.fused and self.source != "online":
+      raise ValueError("--lm_fused_kd needs --lm_teacher_source=online (a "
+                       "cache already holds the teacher's targets)")
+    if self.fused and self.ce_weight:
+      raise ValueError("--lm_fused_kd computes only the KD term; set "
+                       "--ce_weight=0 (a CE term would materialise the "
+                       "student's logits)")
+    if not self.temperature > 0:
+      raise ValueError(f"--temperature must be > 0, got {self.temperature}")
+
+
+def make_lm_train_step(model: FunctionalModel,
+                       tx: optax.GradientTransformation
+                       ) -> Callable[[TrainState, Batch],
+                                     tuple[TrainState, Metrics]]:
+  """Next-token cross-entropy training (teachers and label-only baselines).
+
+  Returns:
+    ``step(state, batch) -> (state, metrics)`` with ``loss`` (mean NLL per
+    valid token), ``accuracy`` (next-token top-1) and ``grad_norm``.
+  """
+
+  def loss_fn(params, state: TrainState, batch: Batch):
+    logits, _, new_model_state = model.apply(params, state.model_state,
+                                             batch["x"], train=True)
+    mask = token_mask(batch)
+    loss = reduce_tokens(next_token_nll(logits, batch["y"]), mask, "batch")
+    return loss, (logits, mask, new_model_state)
+
+  def step(state: TrainState, batch: Batch):
+    (loss, (logits, mask, new_model_state)), grads = jax.value_and_grad(
+        loss_fn, has_aux=True)(state.params, state, batch)
+    state, grad_norm = _apply_gradients(state, tx, grads, new_model_state)
+    return state, {"loss": loss, "ce": loss,
+                   "accuracy": _token_accuracy(logits, batch["y"], mask),
+                   "grad_norm": grad_norm}
+
+  return step
+
+
+def _hidden_and_unembedding(model: FunctionalModel, params, model_state,
+                            tokens):
+  module = nnx.merge(model.graphdef, params, model_state)
+  if not hasattr(module, "hidden_states"):
+    raise ValueError(f"--lm_fused_kd needs a model with hidden_states() and "
+                     f"unembedding() (causal_lm), got {type(module).__name__}")
+  hidden = module.hidden_states(tokens)
+  w, b = module.unembedding()
+  return hidden.reshape(-1, hidden.shape[-1]), w, b
+
+
+def make_lm_distill_step(student: FunctionalModel,
+                         tx: optax.GradientTransformation,
+                         objective: LMDistillObjective,
+                         teacher: FunctionalModel | None = None
+                         ) -> Callable[[TrainState, Any, Batch],
+                                       tuple[TrainState, Metrics]]:
+  """Token-level distillation of a causal LM.
+
+  The teacher (``source="online"``) runs forward only under
+  ``stop_gradient``; its variables are an argument of the step, never part
+  of the state. With a cache source the teacher's targets come in the batch
+  and ``teacher_variables`` is ignored (pass ``{}``).
+
+  Returns:
+    ``step(state, teacher_variables, batch) -> (state, metrics)``; metrics
+    ``loss``, ``kd``, ``ce`` (next-token NLL of the student; computed from
+    the logits, so not with ``fused``), ``accuracy`` (not with ``fused``)
+    and ``grad_norm``.
+  """
+  if objective.source == "online" and teacher is None:
+    raise ValueError("make_lm_distill_step: source='online' needs a teacher")
+  kd_fn = get_logit_loss(objective.loss)
+  hp = dict(objective.loss_kwargs)
+  temp = objective.temperature
+
+  def per_token_kd(logits, batch, teacher_logits):
+    if objective.source in ("online", "dense"):
+      target = (teacher_logits if objective.source == "online"
+                else batch["teacher_log_probs"])
+      return kd_fn(logits, target, temperature=temp, **hp)
+    if objective.source == "topk":
+      return sparse_losses.topk_kd(logits, batch["teacher_log_probs"],
+                                   batch["teacher_ids"], temperature=temp,
+                                   variant=objective.topk_variant)
+    return sparse_losses.sampled_kd(logits, batch["teacher_ids"],
+                                    batch["teacher_weights"], temperature=temp)
+
+  def loss_fn(params, state: TrainState, batch: Batch, teacher_out):
+    mask = token_mask(batch)
+    if objective.fused:
+      h_s, w_s, b_s = _hidden_and_unembedding(student, params,
+                                              state.model_state, batch["x"])
+      h_t, w_t, b_t = teacher_out
+      weights = reduction_weights(mask, objective.reduction).reshape(-1)
+      kd = fused_losses.fused_linear_kd(
+          h_s, w_s, h_t, w_t, student_bias=b_s, teacher_bias=b_t,
+          loss=objective.loss, temperature=temp, token_weights=weights,
+          chunk_size=objective.chunk_size, **hp)
+      return objective.kd_weight * kd, ({"kd": kd}, None, state.model_state)
+    logits, _, new_model_state = student.apply(params, state.model_state,
+                                               batch["x"], train=True)
+    kd = reduce_tokens(per_token_kd(logits, batch, teacher_out), mask,
+                       objective.reduction)
+    ce = reduce_tokens(next_token_nll(logits, batch["y"]), mask,
+                       objective.reduction)
+    loss = objective.kd_weight * kd + objective.ce_weight * ce
+    return loss, ({"kd": kd, "ce": ce}, logits, new_model_state)
+
+  def step(state: TrainState, teacher_variables, batch: Batch):
+    teacher_out = None
+    if objective.source == "online":
+      if objective.fused:
+        teacher_out = jax.lax.stop_gradient(_hidden_and_unembedding(
+            teacher, teacher_variables["params"],
+            teacher_variables["model_state"], batch["x"]))
+      else:
+        teacher_out, _, _ = teacher.apply(
+            teacher_variables["params"], teacher_variables["model_state"],
+            batch["x"], train=False)
+        teacher_out = jax.lax.stop_gradient(teacher_out)
+    (loss, (parts, logits, new_model_state)), grads = jax.value_and_grad(
+        loss_fn, has_aux=True)(state.params, state, batch, teacher_out)
+    state, grad_norm = _apply_gradients(state, tx, grads, new_model_state)
+    metrics = {"loss": loss, **parts, "grad_norm": grad_norm}
+    if logits is not None:
+      metrics["accuracy"] = _token_accuracy(logits, batch["y"],
+                                            token_mask(batch))
+    return state, metrics
+
+  return step
+
+
+def make_lm_eval_step(model: FunctionalModel
+                      ) -> Callable[[Any, Any, Batch], Metrics]:
+  """Next-token evaluation sums over valid tokens.
+
+  Returns:
+    ``eval_step(params, model_state, batch) -> {"correct", "loss_sum",
+    "count"}`` summed over valid tokens, so `jdistill.train.evaluate` gives
+    per-token ``accuracy`` and ``loss`` (mean NLL in nats; perplexity is
+    ``exp(loss)``, bits per byte ``loss / ln 2`` for a byte-level model).
+  """
+
+  def eval_step(params, model_state, batch: Batch) -> Metrics:
+    logits, _, _ = model.apply(params, model_state, batch["x"], train=False)
+    mask = token_mask(batch)
+    nll = next_token_nll(logits, batch["y"])
+    correct = jnp.argmax(logits, -1) == batch["y"]
+    return {"correct": jnp.sum(jnp.where(mask, correct, 0)),
+            "loss_sum": jnp.sum(jnp.where(mask, nll, 0.0)),
+            "count": jnp.sum(mask)}
+
+  return eval_step
+
+
+def make_lm_teacher_outputs(teacher: FunctionalModel
+                            ) -> Callable[[Any, jax.Array], jax.Array]:
+  """``fn(teacher_variables, tokens) -> [B, T, V]`` float32 teacher
+  log-probabilities (temperature 1), for writing offline caches."""
+
+  def fn(teacher_variables, tokens):
+    logits, _, _ = teacher.apply(teacher_variables["params"],
+                                 teacher_variables["model_state"], tokens,
+                                 train=False)
+    return jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
+
+  return fn
+
+
