@@ -97,7 +97,8 @@ def _teacher_log_probs(models, batch):
   return np.asarray(fn(tv, batch["x"]))
 
 
-@pytest.mark.parametrize("reduction", ["batch", "batch_of_sequences"])
+@pytest.mark.parametrize("reduction", [
+    "batch", pytest.param("batch_of_sequences", marks=pytest.mark.slow)])
 def test_online_kd_matches_numpy_and_dense_cache(models, reduction):
   batch = _batch(2, lengths=[T, 3, 5, 0, T, 1, 2, T])
   obj = lm.LMDistillObjective(loss="kd", temperature=2.0, ce_weight=0.5,
@@ -128,7 +129,9 @@ def test_online_kd_matches_numpy_and_dense_cache(models, reduction):
     np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-6)
 
 
-@pytest.mark.parametrize("loss", ["kd", "reverse_kl", "jsd"])
+@pytest.mark.parametrize("loss", [
+    "kd", pytest.param("reverse_kl", marks=pytest.mark.slow),
+    pytest.param("jsd", marks=pytest.mark.slow)])
 def test_fused_online_step_equals_naive(models, loss):
   batch = _batch(3, lengths=[T, 3, 5, 0, T, 1, 2, T])
   naive = lm.LMDistillObjective(loss=loss, temperature=1.5)
