@@ -339,6 +339,9 @@ def run_distill_lm(cfg: Config) -> dict:
       variables["params"]), source="labels")]
   info = _source_info(cfg, corpus, teacher_dir)
   caches: dict[str, dict] = {}
+  # Every student has the same architecture: count its parameters once.
+  student_params = _num_params(run_lib.build_model(
+      run_lib.model_spec(cfg.model, cfg.model_kwargs, dataset), 0)[1])
   for run in cfg.lm_runs:
     t0 = time.perf_counter()
     if run == "baseline":
@@ -365,9 +368,6 @@ def run_distill_lm(cfg: Config) -> dict:
                 "dense": "dense cache",
                 "topk": f"top-{cfg.lm_topk} cache ({cfg.lm_topk_variant})",
                 "sampled": f"sampled cache (n={cfg.lm_num_samples})"}[run]
-    student_params = _num_params(
-        run_lib.build_model(run_lib.model_spec(cfg.model, cfg.model_kwargs,
-                                               dataset), 0)[1])
     rows.append(_row(run, summary["test"], params=student_params,
                      source=source, cache=caches.get(run),
                      wall_s=time.perf_counter() - t0))
