@@ -9,6 +9,7 @@ import subprocess
 import sys
 
 import numpy as np
+import pytest
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 COMMON = ["--mode=train", "--model=mlp", "--num_steps=24", "--batch_size=64",
@@ -72,9 +73,14 @@ def test_two_processes_equal_one_process(tmp_path):
       "16", "24", "8"]
 
 
-def test_multi_teacher_distillation_on_two_processes(tmp_path):
+@pytest.mark.parametrize("layout", [
+    "sharded",
+    # Replicated teachers are plain data parallelism, which
+    # test_two_processes_equal_one_process covers in the default run.
+    pytest.param("replicated", marks=pytest.mark.slow)])
+def test_multi_teacher_distillation_on_two_processes(tmp_path, layout):
   """Two stacked teachers, sharded over a 'teacher' axis that lies inside
-  each process (mesh data 2 x teacher 2 over 2 processes x 2 devices), and
+  each process (mesh data 2 x teacher 2 over 2 processes x 2 devices), or
   replicated, against 1 process x 4 devices."""
   teachers = []
   for seed in (0, 1):
@@ -87,10 +93,9 @@ def test_multi_teacher_distillation_on_two_processes(tmp_path):
              "--batch_size=64", "--eval_batch_size=256", "--log_every=8",
              "--checkpoint_every=8", "--combiner=confidence",
              f"--teacher_checkpoints={','.join(teachers)}"]
-  runs = {}
-  for name, extra in (("replicated", []), ("sharded", ["--teacher_shards=2"])):
-    _run_two_processes([*distill, *extra], tmp_path / name)
-    runs[name] = _records(tmp_path / name)
+  extra = {"replicated": [], "sharded": ["--teacher_shards=2"]}[layout]
+  _run_two_processes([*distill, *extra], tmp_path / layout)
+  runs = {layout: _records(tmp_path / layout)}
   _run_one_process(distill, tmp_path / "single")
   one = _records(tmp_path / "single")
   for name, records in runs.items():
