@@ -9,6 +9,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from jdistill.models.conv import conv_fn
+
 # PyTorch reference: kaiming_normal_(mode='fan_out', nonlinearity='relu').
 _conv_init = nnx.initializers.variance_scaling(2.0, "fan_out",
                                                "normal")
@@ -22,12 +24,13 @@ def _bn(num_features: int, *, rngs: nnx.Rngs, dtype: Any,
 
 
 def _conv3x3(cin: int, cout: int, stride: int, *, rngs: nnx.Rngs, dtype: Any,
-             param_dtype: Any) -> nnx.Conv:
+             param_dtype: Any, conv_impl: Any) -> nnx.Conv:
   # Explicit padding 1 (not 'SAME') so stride-2 alignment matches PyTorch.
   return nnx.Conv(cin, cout, (3, 3), strides=(stride, stride),
                   padding=((1, 1), (1, 1)), use_bias=False,
                   kernel_init=_conv_init, dtype=dtype,
-                  param_dtype=param_dtype, rngs=rngs)
+                  param_dtype=param_dtype, rngs=rngs,
+                  conv_general_dilated=conv_fn(conv_impl))
 
 
 class BasicBlock(nnx.Module):
@@ -39,18 +42,21 @@ class BasicBlock(nnx.Module):
 
   def __init__(self, in_channels: int, out_channels: int, stride: int = 1, *,
                rngs: nnx.Rngs, dtype: Any = jnp.float32,
-               param_dtype: Any = jnp.float32):
+               param_dtype: Any = jnp.float32, conv_impl: Any = "auto"):
     kw = dict(rngs=rngs, dtype=dtype, param_dtype=param_dtype)
-    self.conv1 = _conv3x3(in_channels, out_channels, stride, **kw)
+    self.conv1 = _conv3x3(in_channels, out_channels, stride,
+                          conv_impl=conv_impl, **kw)
     self.bn1 = _bn(out_channels, **kw)
-    self.conv2 = _conv3x3(out_channels, out_channels, 1, **kw)
+    self.conv2 = _conv3x3(out_channels, out_channels, 1, conv_impl=conv_impl,
+                          **kw)
     self.bn2 = _bn(out_channels, **kw)
     if stride != 1 or in_channels != out_channels:
       self.down_conv = nnx.Conv(in_channels, out_channels, (1, 1),
                                 strides=(stride, stride), padding="VALID",
                                 use_bias=False, kernel_init=_conv_init,
                                 dtype=dtype, param_dtype=param_dtype,
-                                rngs=rngs)
+                                rngs=rngs,
+                                conv_general_dilated=conv_fn(conv_impl))
       self.down_bn = _bn(out_channels, **kw)
     else:
       self.down_conv = None
@@ -86,6 +92,12 @@ class CifarResNet(nnx.Module):
       - ``"stage3"``: ``[B, H2, W2, widths[3]]``;
       - ``"penultimate"``: ``[B, widths[3]]`` (global average pool).
 
+  ``conv_impl`` picks how the convolutions are computed and differentiated
+  (`jdistill.models.conv.conv_fn`): ``"auto"`` (default: matmuls where they
+  measured faster on CPU: the 1×1 shortcuts and the RGB stem), ``"xla"``
+  (``lax.conv_general_dilated`` and its own VJP everywhere) or ``"matmul"``.
+  All compute the same values and gradients (up to float rounding).
+
   ``train=True`` uses batch statistics in BatchNorm and updates the running
   averages (``nnx.BatchStat``); ``train=False`` uses the running averages.
   """
@@ -102,6 +114,7 @@ class CifarResNet(nnx.Module):
       rngs: nnx.Rngs,
       dtype: Any = jnp.float32,
       param_dtype: Any = jnp.float32,
+      conv_impl: Any = "auto",
   ):
     depth = int(depth)
     if depth < 8 or (depth - 2) % 6 != 0:
@@ -118,14 +131,16 @@ class CifarResNet(nnx.Module):
     self.dtype = dtype
     n = (depth - 2) // 6
     kw = dict(rngs=rngs, dtype=dtype, param_dtype=param_dtype)
-    self.stem_conv = _conv3x3(self.in_channels, widths[0], 1, **kw)
+    self.stem_conv = _conv3x3(self.in_channels, widths[0], 1,
+                              conv_impl=conv_impl, **kw)
     self.stem_bn = _bn(widths[0], **kw)
     stages = []
     cin = widths[0]
     for cout, stride in zip(widths[1:], (1, 2, 2)):
       blocks = []
       for b in range(n):
-        blocks.append(BasicBlock(cin, cout, stride if b == 0 else 1, **kw))
+        blocks.append(BasicBlock(cin, cout, stride if b == 0 else 1,
+                                 conv_impl=conv_impl, **kw))
         cin = cout
       stages.append(nnx.List(blocks))
     self.stages = nnx.List(stages)
