@@ -24,6 +24,7 @@ KIP_KERNELS = ("fc_nngp", "fc_ntk", "conv_nngp", "conv_ntk")
 LM_RUNS = ("baseline", "online", "dense", "topk", "sampled")
 LM_CACHE_FORMS = ("dense", "topk", "sampled")
 LM_REDUCTIONS = ("batch", "batch_of_sequences")
+TEACHER_LOGITS = ("auto", "cached", "online")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -53,6 +54,7 @@ class Config:
   teacher_feature_standardize: str = "none"
   teacher_stacking: str = "auto"
   teacher_shards: int = 1
+  teacher_logits: str = "auto"
   seed: int = 0
   seeds: tuple[int, ...] = (0, 1, 2)
   num_steps: int = 1000
@@ -220,6 +222,8 @@ class Config:
     _check(self.teacher_feature_standardize in FEATURE_STANDARDIZATIONS,
            "--teacher_feature_standardize", self.teacher_feature_standardize,
            f"one of: {', '.join(FEATURE_STANDARDIZATIONS)}")
+    _check(self.teacher_logits in TEACHER_LOGITS, "--teacher_logits",
+           self.teacher_logits, f"one of: {', '.join(TEACHER_LOGITS)}")
     _check(self.teacher_shards >= 1, "--teacher_shards", self.teacher_shards,
            "a positive integer")
     if self.teacher_checkpoints:
@@ -493,6 +497,14 @@ def define_flags() -> None:
   F.DEFINE_string("teacher_model_kwargs", "", "JSON options of the teacher.")
   F.DEFINE_string("teacher_checkpoint", d.teacher_checkpoint,
                   "Workdir of a --mode=train run to distill from.")
+  F.DEFINE_enum("teacher_logits", d.teacher_logits, TEACHER_LOGITS,
+                "--mode=distill with one teacher: 'cached' runs the teacher "
+                "once over the training split before training and feeds its "
+                "logits with each batch (valid because the training inputs "
+                "are not augmented, so the teacher's outputs never change); "
+                "'online' runs the teacher in every step; 'auto' caches "
+                "unless feature terms need the teacher's features or the "
+                "run has several processes.")
   F.DEFINE_list("teacher_checkpoints", [], "Multi-teacher distillation: the "
                 "workdirs of several --mode=train runs (instead of "
                 "--teacher_checkpoint); see --combiner.")
@@ -705,6 +717,7 @@ def config_from_flags(FLAGS=flags.FLAGS) -> Config:
       teacher_feature_standardize=FLAGS.teacher_feature_standardize,
       teacher_stacking=FLAGS.teacher_stacking,
       teacher_shards=FLAGS.teacher_shards,
+      teacher_logits=FLAGS.teacher_logits,
       seed=FLAGS.seed,
       seeds=_ints("--seeds", FLAGS.seeds),
       num_steps=FLAGS.num_steps,

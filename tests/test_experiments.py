@@ -116,6 +116,37 @@ def test_distill_resume_matches_uninterrupted_run(teacher_dir, tmp_path):
   assert resumed["test"] == full["test"]
 
 
+def test_cached_teacher_logits_train_like_the_online_teacher(teacher_dir,
+                                                            tmp_path):
+  """--teacher_logits=cached (one teacher pass before training) gives the
+  run of --teacher_logits=online up to float rounding; feature terms need
+  the teacher in every step, so 'cached' is refused for them and 'auto'
+  falls back to online."""
+  base = Config(mode="distill", teacher_checkpoint=str(teacher_dir),
+                model="mlp", batch_size=64, num_steps=16, log_every=8,
+                seed=1)
+  runs = {}
+  for mode in ("online", "cached"):
+    workdir = tmp_path / mode
+    runs[mode] = run_lib.run_distill(base.replace(workdir=str(workdir),
+                                                  teacher_logits=mode))
+    runs[mode]["records"] = [json.loads(l) for l in (
+        workdir / "metrics.jsonl").read_text().splitlines()]
+  assert len(runs["online"]["records"]) == len(runs["cached"]["records"])
+  for a, b in zip(runs["online"]["records"], runs["cached"]["records"]):
+    for key in ("loss", "kd", "accuracy", "teacher_accuracy"):
+      if key in a:
+        np.testing.assert_allclose(a[key], b[key], rtol=1e-4, atol=1e-5,
+                                   err_msg=key)
+  hint = dict(feature_loss=("hint",), feature_pairs=("hidden2:conv3",),
+              projector=("linear",))
+  with pytest.raises(ValueError, match="--teacher_logits=cached: feature "
+                     "terms need"):
+    run_lib.run_distill(base.replace(workdir=str(tmp_path / "f"),
+                                     teacher_logits="cached", **hint))
+  assert not (tmp_path / "f").exists()
+
+
 def test_unknown_flag_and_mode(tmp_path):
   proc = _main("--no_such_flag=1", f"--workdir={tmp_path}")
   assert proc.returncode != 0 and "no_such_flag" in proc.stderr

@@ -164,6 +164,44 @@ def test_distill_step_gradient_matches_closed_form_and_teacher_is_frozen():
   assert jax.tree.structure(new.params) == jax.tree.structure(params)
 
 
+def test_distill_step_with_given_teacher_logits_skips_the_teacher():
+  """batch['teacher_logits'] (precomputed once, no augmentation) gives the
+  closed-form update of the step that runs the teacher, whatever teacher
+  variables are passed."""
+  T = 2.0
+  student, params, ms = _linear_setup(seed=0)
+  teacher, tparams, tms = _linear_setup(seed=1)
+  tx = optax.sgd(1.0)
+  obj = jtrain.DistillObjective(loss="kd", temperature=T, ce_weight=0.5,
+                                kd_weight=1.0)
+  step = jax.jit(jtrain.make_distill_step(student, teacher, tx, obj))
+  rng = np.random.default_rng(1)
+  x = rng.normal(size=(8, 6)).astype(np.float32)
+  y = rng.integers(0, 4, 8).astype(np.int32)
+  state = jtrain.TrainState.create(params, ms, tx, seed=0)
+  tvars = {"params": tparams, "model_state": tms}
+  online, m_online = step(state, tvars, {"x": x, "y": y})
+  zt = (x @ np.asarray(tparams["dense"]["kernel"])
+        + np.asarray(tparams["dense"]["bias"]))
+  wrong = jax.tree.map(lambda a: a * 0 + 7.0, tvars)
+  cached, m_cached = step(state, wrong, {"x": x, "y": y,
+                                         "teacher_logits": zt})
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6,
+                                                       atol=1e-6),
+               online.params, cached.params)
+  for k in ("loss", "kd", "ce", "teacher_accuracy", "agreement"):
+    np.testing.assert_allclose(m_online[k], m_cached[k], rtol=1e-6)
+  # Feature terms need the teacher's features: refused.
+  fobj = jtrain.DistillObjective(
+      loss="kd", feature_terms=(jtrain.FeatureTerm("hint", "logits",
+                                                   "logits"),))
+  projectors, _ = jtrain.FunctionalProjectors.create(
+      [("identity", (4,), (4,))])
+  fstep = jtrain.make_distill_step(student, teacher, tx, fobj, projectors)
+  with pytest.raises(ValueError, match="teacher_logits"):
+    fstep(state, tvars, {"x": x, "y": y, "teacher_logits": zt})
+
+
 def test_train_step_updates_batchnorm_statistics_and_eval_uses_them():
   model, params, ms = jtrain.FunctionalModel.split(create_model(
       "resnet8", num_classes=3, input_shape=(8, 8, 1), rngs=nnx.Rngs(0)))

@@ -3,7 +3,8 @@
 from jdistill.data.embedded import load_digits, load_mnist1d
 from jdistill.data.pipeline import TrainBatches, eval_batches
 from jdistill.data.sources import (ArraySource, Dataset, Source, SubsetSource,
-                                   ZippedSource, hold_out_validation)
+                                   NamedArraysSource, ZippedSource,
+                                   hold_out_validation)
 from jdistill.data.teacher_cache import (TeacherCache, TeacherCacheWriter,
                                          cache_layout, layout_bytes_per_token)
 from jdistill.data.tfds import TFDSSource, load_tfds
@@ -29,7 +30,7 @@ def load_dataset(name: str, *, data_dir: str | None = None,
 
 __all__ = [
     "ArraySource", "Dataset", "EMBEDDED_DATASETS", "Source", "SubsetSource",
-    "TFDSSource", "TeacherCache", "TeacherCacheWriter", "ZippedSource",
+    "TFDSSource", "TeacherCache", "TeacherCacheWriter", "ZippedSource", "NamedArraysSource",
     "cache_layout", "hold_out_validation", "layout_bytes_per_token",
     "TrainBatches", "eval_batches", "load_dataset", "load_digits",
     "load_mnist1d", "load_tfds",

@@ -90,6 +90,26 @@ class SubsetSource:
 
 
 @dataclasses.dataclass(frozen=True)
+class NamedArraysSource:
+  """Per-example arrays by name, e.g. ``{"teacher_logits": [N, C]}``, to
+  add to another source with `ZippedSource`."""
+
+  arrays: dict
+
+  def __post_init__(self):
+    sizes = {k: int(np.shape(v)[0]) for k, v in self.arrays.items()}
+    if not sizes or len(set(sizes.values())) != 1:
+      raise ValueError(f"NamedArraysSource needs arrays with one common "
+                       f"leading size; got {sizes}")
+
+  def __len__(self) -> int:
+    return int(np.shape(next(iter(self.arrays.values())))[0])
+
+  def get_batch(self, indices: np.ndarray) -> dict[str, np.ndarray]:
+    return {k: v[indices] for k, v in self.arrays.items()}
+
+
+@dataclasses.dataclass(frozen=True)
 class ZippedSource:
   """Example ``i`` of ``source`` with the arrays of example ``i`` of
   ``extra`` added, e.g. a corpus and an offline teacher cache of it.

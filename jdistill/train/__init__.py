@@ -3,7 +3,8 @@ checkpoints and the training loop."""
 
 from jdistill.train.checkpoint import (Checkpointer, load_model_variables,
                                        read_model_spec, write_model_spec)
-from jdistill.train.loop import (MetricsWriter, evaluate, sum_over_source,
+from jdistill.train.loop import (MetricsWriter, evaluate, predict_logits,
+                                 sum_over_source,
                                  train_loop)
 from jdistill.train.mesh import (DATA_AXIS, TEACHER_AXIS, batch_sharding,
                                  compile_step, make_data_mesh,
@@ -41,6 +42,6 @@ __all__ = [
     "make_data_mesh", "make_distill_step", "make_eval_step", "make_optimizer",
     "make_schedule", "make_train_step", "masked_mean", "MetricsWriter",
     "PROJECTOR_KINDS", "put_batch", "read_model_spec", "replicate",
-    "replicated", "shard_teachers", "STACKINGS", "sum_over_source",
+    "replicated", "shard_teachers", "STACKINGS", "sum_over_source", "predict_logits",
     "TeacherEnsemble", "train_loop", "TrainState", "write_model_spec",
 ]

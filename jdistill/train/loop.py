@@ -17,11 +17,12 @@ import time
 from typing import Any, Callable
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from jdistill.data.pipeline import TrainBatches, eval_batches
 from jdistill.data.sources import Source
-from jdistill.train.mesh import put_batch
+from jdistill.train.mesh import put_batch, replicated
 
 MAX_SYNC_EVERY = 16
 
@@ -78,6 +79,40 @@ def sum_over_source(sum_step: Callable, params, model_state, source: Source,
       drain()
   drain()
   return totals
+
+
+def predict_logits(model, variables, source: Source, *, batch_size: int,
+                   mesh) -> np.ndarray:
+  """``model``'s inference-mode logits for every example of ``source``, in
+  order: float32 numpy ``[len(source), classes]``.
+
+  ``model`` is a `FunctionalModel`, ``variables = {"params",
+  "model_state"}`` placed on ``mesh``. Single process (each process would
+  need every example's logits). The host fetches results at least every
+  ``MAX_SYNC_EVERY`` batches.
+  """
+  if jax.process_count() != 1:
+    raise ValueError("predict_logits runs in a single process; got "
+                     f"{jax.process_count()} processes")
+
+  def forward(v, batch):
+    return model.apply(v["params"], v["model_state"], batch["x"],
+                       train=False)[0].astype(jnp.float32)
+
+  forward = jax.jit(forward, out_shardings=replicated(mesh))
+  out: list[np.ndarray] = []
+  pending = []
+
+  def drain():
+    out.extend(np.asarray(x) for x in jax.device_get(pending))
+    pending.clear()
+
+  for batch in eval_batches(source, batch_size):
+    pending.append(forward(variables, put_batch({"x": batch["x"]}, mesh)))
+    if len(pending) >= MAX_SYNC_EVERY:
+      drain()
+  drain()
+  return np.concatenate(out)[:len(source)]
 
 
 def evaluate(eval_step: Callable, params, model_state, source: Source, *,

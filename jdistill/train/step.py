@@ -116,7 +116,11 @@ def make_distill_step(student: FunctionalModel, teacher: FunctionalModel,
 
   Returns:
     ``step(state, teacher_variables, batch) -> (state, metrics)`` where
-    ``teacher_variables = {"params": ..., "model_state": ...}``. Metrics:
+    ``teacher_variables = {"params": ..., "model_state": ...}``. When the
+    batch carries ``"teacher_logits"`` (``[B, classes]``, e.g. computed once
+    over a training set that is not augmented), those are the targets and
+    the teacher does not run (logit losses only; ``teacher_variables`` is
+    then ignored). Metrics:
     ``loss``, ``ce``, ``kd``, one entry per feature term, ``accuracy``,
     ``teacher_accuracy``, ``agreement`` (student and teacher top-1 agree)
     and ``grad_norm``.
@@ -137,9 +141,19 @@ def make_distill_step(student: FunctionalModel, teacher: FunctionalModel,
     return loss, (logits, parts, new_model_state)
 
   def step(state: TrainState, teacher_variables, batch: Batch):
-    teacher_logits, teacher_all, _ = teacher.apply(
-        teacher_variables["params"], teacher_variables["model_state"],
-        batch["x"], train=False)
+    if "teacher_logits" in batch:
+      # Logits precomputed once (no augmentation): no teacher forward.
+      if terms:
+        raise ValueError(
+            "make_distill_step: batch['teacher_logits'] replaces the teacher "
+            "forward, but the objective has feature terms that need the "
+            "teacher's features")
+      teacher_logits = batch["teacher_logits"].astype(jnp.float32)
+      teacher_all = {}
+    else:
+      teacher_logits, teacher_all, _ = teacher.apply(
+          teacher_variables["params"], teacher_variables["model_state"],
+          batch["x"], train=False)
     teacher_logits = jax.lax.stop_gradient(teacher_logits)
     teacher_all = {**teacher_all, "logits": teacher_logits}
     teacher_feats = [jax.lax.stop_gradient(teacher_all[t.teacher_tap])
