@@ -25,6 +25,13 @@ LM_RUNS = ("baseline", "online", "dense", "topk", "sampled")
 LM_CACHE_FORMS = ("dense", "topk", "sampled")
 LM_REDUCTIONS = ("batch", "batch_of_sequences")
 TEACHER_LOGITS = ("auto", "cached", "online")
+CPU_DOT_LIBRARIES = ("auto", "ynnpack", "eigen")
+# Model families whose KD steps ran faster on XLA CPU with YNNPACK's dots
+# turned off (benchmarks/vs_pytorch.py, README "Performance against
+# PyTorch"): resnet8x4<-resnet32x4 +17%, causal_lm +19%; mlp and vit were
+# 21% and 7% slower, so they keep XLA's default.
+EIGEN_DOT_MODELS = ("resnet", "causal_lm")
+YNN_FLAG = "--xla_cpu_experimental_ynn_fusion_type"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -55,6 +62,7 @@ class Config:
   teacher_stacking: str = "auto"
   teacher_shards: int = 1
   teacher_logits: str = "auto"
+  cpu_dot_library: str = "auto"
   seed: int = 0
   seeds: tuple[int, ...] = (0, 1, 2)
   num_steps: int = 1000
@@ -222,6 +230,8 @@ class Config:
     _check(self.teacher_feature_standardize in FEATURE_STANDARDIZATIONS,
            "--teacher_feature_standardize", self.teacher_feature_standardize,
            f"one of: {', '.join(FEATURE_STANDARDIZATIONS)}")
+    _check(self.cpu_dot_library in CPU_DOT_LIBRARIES, "--cpu_dot_library",
+           self.cpu_dot_library, f"one of: {', '.join(CPU_DOT_LIBRARIES)}")
     _check(self.teacher_logits in TEACHER_LOGITS, "--teacher_logits",
            self.teacher_logits, f"one of: {', '.join(TEACHER_LOGITS)}")
     _check(self.teacher_shards >= 1, "--teacher_shards", self.teacher_shards,
@@ -505,6 +515,13 @@ def define_flags() -> None:
                 "'online' runs the teacher in every step; 'auto' caches "
                 "unless feature terms need the teacher's features or the "
                 "run has several processes.")
+  F.DEFINE_enum("cpu_dot_library", d.cpu_dot_library, CPU_DOT_LIBRARIES,
+                "On CPU: which library XLA uses for matmuls. 'ynnpack' is "
+                "XLA's default; 'eigen' turns YNNPACK's dots off "
+                f"({YNN_FLAG}=); 'auto' picks eigen when --model or "
+                "--teacher_model is a ResNet or causal_lm (measured faster) "
+                "and ynnpack otherwise. Ignored when XLA_FLAGS already sets "
+                f"{YNN_FLAG}.")
   F.DEFINE_list("teacher_checkpoints", [], "Multi-teacher distillation: the "
                 "workdirs of several --mode=train runs (instead of "
                 "--teacher_checkpoint); see --combiner.")
@@ -690,6 +707,21 @@ def define_flags() -> None:
   F.DEFINE_integer("process_id", 0, "Index of this process.")
 
 
+def cpu_xla_flags(cfg: Config, xla_flags: str) -> str:
+  """``XLA_FLAGS`` with ``--cpu_dot_library``'s choice added (unchanged when
+  the user's flags already choose; only the CPU backend reads the flag)."""
+  if YNN_FLAG in xla_flags:
+    return xla_flags
+  library = cfg.cpu_dot_library
+  if library == "auto":
+    models = (cfg.model, cfg.teacher_model)
+    library = ("eigen" if any(m.startswith(EIGEN_DOT_MODELS) for m in models)
+               else "ynnpack")
+  if library == "ynnpack":
+    return xla_flags
+  return f"{xla_flags} {YNN_FLAG}=".strip()
+
+
 def config_from_flags(FLAGS=flags.FLAGS) -> Config:
   """Builds and validates a `Config` from parsed absl flags."""
   return Config(
@@ -718,6 +750,7 @@ def config_from_flags(FLAGS=flags.FLAGS) -> Config:
       teacher_stacking=FLAGS.teacher_stacking,
       teacher_shards=FLAGS.teacher_shards,
       teacher_logits=FLAGS.teacher_logits,
+      cpu_dot_library=FLAGS.cpu_dot_library,
       seed=FLAGS.seed,
       seeds=_ints("--seeds", FLAGS.seeds),
       num_steps=FLAGS.num_steps,

@@ -6,6 +6,7 @@ Flags given after --flagfile override it. Bad input exits with status 2 and
 one line on stderr naming the flag, file or array at fault.
 """
 
+import os
 import sys
 
 from absl import app, flags, logging
@@ -26,6 +27,9 @@ def main(argv):
     logging.set_verbosity(logging.WARNING)  # orbax logs every save at INFO.
   try:
     cfg = config_lib.config_from_flags(FLAGS)
+    # Before JAX starts its backend, which reads XLA_FLAGS once.
+    os.environ["XLA_FLAGS"] = config_lib.cpu_xla_flags(
+        cfg, os.environ.get("XLA_FLAGS", ""))
     from experiments import run as run_lib  # Imports JAX only after parsing.
     run_lib.run(cfg)
   except (ValueError, FileNotFoundError, FloatingPointError) as e:

@@ -543,3 +543,23 @@ def test_shipped_flagfiles_and_their_method_files_are_valid(flagfile):
     jtrain.build_projectors(
         terms, jtrain.feature_shapes(*student, dataset.input_shape),
         jtrain.feature_shapes(*teacher, dataset.input_shape))
+
+
+def test_cpu_dot_library_flag_is_added_only_where_it_measured_faster():
+  from experiments.config import YNN_FLAG, cpu_xla_flags
+  off = f"{YNN_FLAG}="
+  base = Config(workdir="w")
+  assert cpu_xla_flags(base, "") == ""  # mlp <- cnn1d: XLA's default.
+  assert cpu_xla_flags(base.replace(model="resnet8x4"), "--a=1") == (
+      f"--a=1 {off}")
+  assert cpu_xla_flags(base.replace(teacher_model="causal_lm"), "") == off
+  assert cpu_xla_flags(base.replace(model="vit",
+                                    cpu_dot_library="eigen"), "") == off
+  assert cpu_xla_flags(base.replace(model="resnet8x4",
+                                    cpu_dot_library="ynnpack"), "") == ""
+  # The user's own choice wins.
+  mine = f"{YNN_FLAG}=individual_dot"
+  assert cpu_xla_flags(base.replace(model="resnet8x4"), mine) == mine
+  with pytest.raises(ValueError, match="--cpu_dot_library=mkl: expected one "
+                     "of: auto, ynnpack, eigen"):
+    base.replace(cpu_dot_library="mkl")
