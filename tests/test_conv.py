@@ -12,7 +12,8 @@ from jax import lax
 from jdistill import train as jtrain
 from jdistill.models import create_model
 from jdistill.models.conv import (DEFAULT_ALGORITHM, FORWARDS, INPUT_GRADS,
-                                  MATMUL_ALGORITHM, WEIGHT_GRADS,
+                                  MATMUL_ALGORITHM, TRAIN_MATMUL_ALGORITHM,
+                                  WEIGHT_GRADS,
                                   XLA_ALGORITHM, ConvAlgorithm,
                                   choose_algorithm, conv_fn,
                                   matmul_conv_general_dilated)
@@ -29,7 +30,8 @@ CASES = [
     ((3, 19, 4), (5, 4, 4), (2,), ((1, 1),)),
 ]
 ALGORITHMS = [ConvAlgorithm(*a) for a in itertools.product(
-    FORWARDS, INPUT_GRADS, WEIGHT_GRADS)]
+    FORWARDS, INPUT_GRADS, WEIGHT_GRADS)] + [
+        ConvAlgorithm("im2col", "col2im", "im2col", "im2col")]
 
 
 def _numbers(ndim):
@@ -178,10 +180,19 @@ def test_bad_algorithm_names_are_refused():
                                 algorithm="fast")
 
 
-def test_auto_uses_matmuls_for_1x1_kernels_and_stems_only():
-  assert choose_algorithm((1, 1, 64, 128)) == MATMUL_ALGORITHM
-  assert choose_algorithm((3, 3, 3, 32)).weight_grad == "im2col"
-  assert choose_algorithm((3, 3, 64, 64)) == XLA_ALGORITHM
+def test_auto_choices_and_the_inference_forward():
+  assert choose_algorithm((1, 1, 64, 128), "cpu") == MATMUL_ALGORITHM
+  assert choose_algorithm((3, 3, 3, 32), "cpu") == MATMUL_ALGORITHM
+  assert choose_algorithm((3, 3, 64, 64), "cpu") == TRAIN_MATMUL_ALGORITHM
+  assert choose_algorithm((3, 3, 64, 64), "gpu") == XLA_ALGORITHM
+  # Undifferentiated, TRAIN_MATMUL runs XLA's convolution itself.
+  x, w, strides, padding = _inputs(CASES[1], seed=8)
+  dn = _numbers(4)
+  np.testing.assert_array_equal(
+      matmul_conv_general_dilated(x, w, strides, padding,
+                                  dimension_numbers=dn,
+                                  algorithm=TRAIN_MATMUL_ALGORITHM),
+      lax.conv_general_dilated(x, w, strides, padding, dimension_numbers=dn))
   # 'auto' (the models' default) gives XLA's values and gradients.
   for case in CASES:
     x, w, strides, padding = _inputs(case, seed=7)

@@ -29,10 +29,16 @@ gives it a custom VJP:
 * forward (``forward``): ``"xla"`` (``lax.conv_general_dilated``) or
   ``"im2col"`` (patch matrix · kernel, one matmul).
 
-The default, ``algorithm="auto"``, picks per kernel shape what measured
-fastest on CPU in ``benchmarks/conv_levers.py`` (`choose_algorithm`; numbers
-in the README): matmuls for 1×1 kernels and RGB-like stems, XLA's own
-convolution elsewhere. Every variant
+``inference_forward`` is the forward used when the convolution is not
+differentiated (a teacher's forward); under differentiation ``forward`` is
+used, and an im2col forward hands its patch matrix to the im2col weight
+gradient (formed once per layer and step).
+
+The default, ``algorithm="auto"``, picks per kernel shape and platform what
+measured fastest in ``benchmarks/conv_levers.py`` (`choose_algorithm`;
+numbers in the README): on CPU, matmuls whenever the layer is trained and
+XLA's convolution for 3×3 inference forwards; elsewhere XLA's convolution.
+Every variant
 computes the same mathematical quantity; ``tests/test_conv.py`` checks values
 and gradients against ``lax.conv_general_dilated`` for strides, paddings,
 1-D/2-D kernels and bfloat16.
@@ -67,9 +73,12 @@ class ConvAlgorithm:
   forward: str = "xla"
   input_grad: str = "flipped_conv"
   weight_grad: str = "im2col"
+  inference_forward: str = "xla"
 
   def __post_init__(self):
     for name, value, allowed in (("forward", self.forward, FORWARDS),
+                                 ("inference_forward", self.inference_forward,
+                                  FORWARDS),
                                  ("input_grad", self.input_grad, INPUT_GRADS),
                                  ("weight_grad", self.weight_grad,
                                   WEIGHT_GRADS)):
@@ -79,36 +88,46 @@ class ConvAlgorithm:
 
 
 DEFAULT_ALGORITHM = ConvAlgorithm()
-XLA_ALGORITHM = ConvAlgorithm("xla", "xla", "xla")
-MATMUL_ALGORITHM = ConvAlgorithm("im2col", "col2im", "im2col")
+XLA_ALGORITHM = ConvAlgorithm("xla", "xla", "xla", "xla")
+MATMUL_ALGORITHM = ConvAlgorithm("im2col", "col2im", "im2col", "im2col")
+# Matmuls when differentiated (the im2col patch matrix is formed once, in
+# the forward, and reused by the weight gradient), XLA's convolution when
+# not (a teacher's forward).
+TRAIN_MATMUL_ALGORITHM = ConvAlgorithm("im2col", "col2im", "im2col", "xla")
 
 
-def choose_algorithm(kernel_shape: Sequence[int]) -> ConvAlgorithm:
+def choose_algorithm(kernel_shape: Sequence[int],
+                     platform: str | None = None) -> ConvAlgorithm:
   """The ``"auto"`` choice for a channels-last kernel ``[*spatial, C_in,
-  C_out]``, from the per-layer measurements of ``benchmarks/conv_levers.py``
-  (XLA CPU, jax 0.10.2):
+  C_out]`` on ``platform`` (default: JAX's default backend), from the
+  measurements of ``benchmarks/conv_levers.py`` (XLA CPU, jax 0.10.2):
 
-  * a 1×1 kernel: the convolution IS a matmul of a (strided) slice, so all
-    three parts are matmuls (`MATMUL_ALGORITHM`); XLA's own 1×1 weight
-    gradient ran at 10–18 GFLOP/s against 50–80 for the matmul;
-  * few patch columns (``prod(kernel) · C_in ≤ 32``, e.g. a 3×3 RGB stem):
-    the patch matrix is small, and the im2col forward and weight gradient
-    ran 2–4× faster than XLA's (which handles tiny channel counts badly);
-  * otherwise XLA's own convolution and transposes (`XLA_ALGORITHM`): on
-    3×3 kernels with ≥ 32 channels they matched or beat every matmul
-    variant, because XLA CPU concatenates the shifted slices of a patch
-    matrix slowly (about 1 GB/s).
+  * not CPU: XLA's own convolution (`XLA_ALGORITHM`; GPU/TPU convolution
+    libraries are not what this works around);
+  * a 1×1 kernel or few patch columns (``prod(kernel) · C_in ≤ 32``, e.g. a
+    3×3 RGB stem): matmuls everywhere (`MATMUL_ALGORITHM`): a 1×1
+    convolution IS a matmul of a strided slice (XLA's own 1×1 weight
+    gradient ran at 10–18 GFLOP/s, the matmul at 50–80) and XLA handles tiny
+    channel counts badly (im2col forward and weight gradient 2–4× faster);
+  * otherwise `TRAIN_MATMUL_ALGORITHM`: under differentiation the im2col
+    forward forms the patch matrix once and the weight gradient reuses it
+    (a resnet8x4 training step: 710 against 860 ms with XLA's own), while an
+    undifferentiated forward (a teacher) keeps XLA's convolution, which is
+    faster there (a resnet32x4 forward: 1142 against 1482 ms with im2col).
+
+  The price of the matmul weight gradient is memory: the patch matrix
+  (``prod(kernel)`` × the layer's input) is kept from the forward to the
+  backward pass.
   """
+  if (platform or jax.default_backend()) != "cpu":
+    return XLA_ALGORITHM
   spatial = tuple(int(k) for k in kernel_shape[:-2])
-  cin = int(kernel_shape[-2])
-  columns = cin
+  columns = int(kernel_shape[-2])
   for k in spatial:
     columns *= k
-  if all(k == 1 for k in spatial):
+  if all(k == 1 for k in spatial) or columns <= 32:
     return MATMUL_ALGORITHM
-  if columns <= 32:
-    return ConvAlgorithm("im2col", "xla", "im2col")
-  return XLA_ALGORITHM
+  return TRAIN_MATMUL_ALGORITHM
 
 
 def _channels_last_numbers(ndim: int) -> lax.ConvDimensionNumbers:
@@ -241,25 +260,36 @@ def _input_grad(x_shape, w, g, strides, padding, how):
   return lax.slice(dx_pad, start, limit)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4, 5))
-def _conv(x, w, strides, padding, algorithm, preferred_element_type):
-  if algorithm.forward == "im2col":
+def _forward(x, w, strides, padding, how, preferred_element_type):
+  """``(y, patch matrix or None)``."""
+  if how == "im2col":
     out_spatial = _out_spatial(x.shape[1:-1], w.shape[:-2], strides, padding)
     cols = _im2col(x, w.shape[:-2], strides, padding, out_spatial)
     y = lax.dot_general(cols, jnp.reshape(w, (-1, w.shape[-1])),
                         (((1,), (0,)), ((), ())),
                         preferred_element_type=preferred_element_type)
-    return jnp.reshape(y, (x.shape[0],) + out_spatial + (w.shape[-1],))
-  return _xla_conv(x, w, strides, padding, preferred_element_type)
+    return jnp.reshape(y, (x.shape[0],) + out_spatial + (w.shape[-1],)), cols
+  return _xla_conv(x, w, strides, padding, preferred_element_type), None
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4, 5))
+def _conv(x, w, strides, padding, algorithm, preferred_element_type):
+  # Not differentiated (e.g. a teacher's forward): the inference forward.
+  return _forward(x, w, strides, padding, algorithm.inference_forward,
+                  preferred_element_type)[0]
 
 
 def _conv_fwd(x, w, strides, padding, algorithm, preferred_element_type):
-  return _conv(x, w, strides, padding, algorithm,
-               preferred_element_type), (x, w)
+  y, cols = _forward(x, w, strides, padding, algorithm.forward,
+                     preferred_element_type)
+  if algorithm.weight_grad != "im2col":
+    cols = None
+  # The im2col weight gradient reuses the forward's patch matrix.
+  return y, (x, w, cols)
 
 
 def _conv_bwd(strides, padding, algorithm, preferred_element_type, res, g):
-  x, w = res
+  x, w, cols = res
   if "xla" in (algorithm.input_grad, algorithm.weight_grad):
     _, xla_vjp = jax.vjp(
         lambda x_, w_: _xla_conv(x_, w_, strides, padding,
@@ -269,7 +299,11 @@ def _conv_bwd(strides, padding, algorithm, preferred_element_type, res, g):
     dx = xla_dx
   else:
     dx = _input_grad(x.shape, w, g, strides, padding, algorithm.input_grad)
-  if algorithm.weight_grad == "xla":
+  if cols is not None:
+    g2d = jnp.reshape(g, (-1, g.shape[-1])).astype(cols.dtype)
+    acc = jnp.float32 if cols.dtype in (jnp.bfloat16, jnp.float16) else None
+    dw = jnp.reshape(_matmul_tn(cols, g2d, acc), w.shape)
+  elif algorithm.weight_grad == "xla":
     dw = xla_dw
   else:
     dw = _weight_grad(x, w.shape, g, strides, padding, algorithm.weight_grad)

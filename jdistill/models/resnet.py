@@ -93,8 +93,9 @@ class CifarResNet(nnx.Module):
       - ``"penultimate"``: ``[B, widths[3]]`` (global average pool).
 
   ``conv_impl`` picks how the convolutions are computed and differentiated
-  (`jdistill.models.conv.conv_fn`): ``"auto"`` (default: matmuls where they
-  measured faster on CPU: the 1×1 shortcuts and the RGB stem), ``"xla"``
+  (`jdistill.models.conv.conv_fn`): ``"auto"`` (default: on CPU, im2col
+  matmuls for trained layers and XLA's convolution for 3×3 inference
+  forwards, which measured fastest; XLA's own elsewhere), ``"xla"``
   (``lax.conv_general_dilated`` and its own VJP everywhere) or ``"matmul"``.
   All compute the same values and gradients (up to float rounding).
 
