@@ -117,7 +117,8 @@ def choose_algorithm(kernel_shape: Sequence[int],
 
   The price of the matmul weight gradient is memory: the patch matrix
   (``prod(kernel)`` × the layer's input) is kept from the forward to the
-  backward pass.
+  backward pass (resnet8x4 training step at batch 64: 619 MiB of XLA
+  temporaries against 266 MiB with XLA's own convolutions).
   """
   if (platform or jax.default_backend()) != "cpu":
     return XLA_ALGORITHM
