@@ -87,7 +87,6 @@ class ConvAlgorithm:
                          f"{allowed}")
 
 
-DEFAULT_ALGORITHM = ConvAlgorithm()
 XLA_ALGORITHM = ConvAlgorithm("xla", "xla", "xla", "xla")
 MATMUL_ALGORITHM = ConvAlgorithm("im2col", "col2im", "im2col", "im2col")
 # Matmuls when differentiated (the im2col patch matrix is formed once, in
@@ -202,13 +201,16 @@ def _matmul_tn(a, b, preferred_element_type=None):
                          preferred_element_type=preferred_element_type)
 
 
-def _weight_grad(x, w_shape, g, strides, padding, how):
+def _weight_grad(x, w_shape, g, strides, padding, how, cols=None):
+  """``dW``; ``how="im2col"`` uses the forward's patch matrix ``cols`` when
+  given, else forms it."""
   kernel_spatial = w_shape[:-2]
   out_spatial = g.shape[1:-1]
   g2d = jnp.reshape(g, (-1, g.shape[-1]))
   acc = jnp.float32 if x.dtype in (jnp.bfloat16, jnp.float16) else None
   if how == "im2col":
-    cols = _im2col(x, kernel_spatial, strides, padding, out_spatial)
+    if cols is None:
+      cols = _im2col(x, kernel_spatial, strides, padding, out_spatial)
     dw = _matmul_tn(cols, g2d.astype(cols.dtype), acc)
   else:  # shifted
     dw = jnp.stack([
@@ -300,14 +302,11 @@ def _conv_bwd(strides, padding, algorithm, preferred_element_type, res, g):
     dx = xla_dx
   else:
     dx = _input_grad(x.shape, w, g, strides, padding, algorithm.input_grad)
-  if cols is not None:
-    g2d = jnp.reshape(g, (-1, g.shape[-1])).astype(cols.dtype)
-    acc = jnp.float32 if cols.dtype in (jnp.bfloat16, jnp.float16) else None
-    dw = jnp.reshape(_matmul_tn(cols, g2d, acc), w.shape)
-  elif algorithm.weight_grad == "xla":
+  if algorithm.weight_grad == "xla":
     dw = xla_dw
   else:
-    dw = _weight_grad(x, w.shape, g, strides, padding, algorithm.weight_grad)
+    dw = _weight_grad(x, w.shape, g, strides, padding, algorithm.weight_grad,
+                      cols)
   return dx.astype(x.dtype), dw.astype(w.dtype)
 
 
