@@ -390,15 +390,8 @@ def _header():
   backend = jax.default_backend()
   kind = getattr(dev, "device_kind", str(dev))
   load = os.getloadavg() if hasattr(os, "getloadavg") else None
-  cpu = platform.processor() or platform.machine()
-  try:
-    with open("/proc/cpuinfo") as f:
-      for line in f:
-        if line.startswith("model name"):
-          cpu = line.split(":", 1)[1].strip()
-          break
-  except OSError:
-    pass
+  from machine import cpu_model  # benchmarks/machine.py
+  cpu = cpu_model()
   return (f"Backend: {backend} ({jax.device_count()} × {kind}); host: {cpu}, "
           f"{os.cpu_count()} CPU cores, {platform.system()} "
           f"{platform.machine()}; jax {jax.__version__}, jaxlib "

@@ -154,14 +154,10 @@ def machine_description(torch_threads: int) -> dict[str, Any]:
   import optax
   import torch
   import torchdistill
-  cpu = platform.processor() or platform.machine()
+  from machine import cpu_model
+  cpu = cpu_model()
   mem_gib = None
   try:
-    with open("/proc/cpuinfo") as f:
-      for line in f:
-        if line.startswith("model name"):
-          cpu = line.split(":", 1)[1].strip()
-          break
     with open("/proc/meminfo") as f:
       for line in f:
         if line.startswith("MemTotal"):
@@ -272,6 +268,7 @@ class JdistillColumn:
   def __init__(self, w: Workload, student_nnx, teacher_nnx, host_batch, *,
                cached_logits: bool = False):
     import jax
+    from jdistill import data as jdata
     from jdistill import train as jtrain
     from jdistill.train import lm as jlm
     self._jax = jax
@@ -302,7 +299,7 @@ class JdistillColumn:
       # training; its logits come with the batch and the step skips it.
       host_batch = dict(host_batch)
       host_batch["teacher_logits"] = jtrain.predict_logits(
-          teacher, self.teacher_vars, _OneBatch(host_batch),
+          teacher, self.teacher_vars, jdata.NamedArraysSource(host_batch),
           batch_size=len(host_batch["y"]), mesh=mesh)
     self.batch = jtrain.put_batch(host_batch, mesh)
 
@@ -332,19 +329,6 @@ class JdistillColumn:
     if isinstance(cost, (list, tuple)):  # Older jax: one dict per module.
       return float(sum(c.get("flops", 0.0) for c in cost))
     return float(cost["flops"])
-
-
-class _OneBatch:
-  """A source of the examples of one host batch."""
-
-  def __init__(self, batch):
-    self.batch = batch
-
-  def __len__(self):
-    return len(self.batch["y"])
-
-  def get_batch(self, indices):
-    return {k: v[indices] for k, v in self.batch.items()}
 
 
 class TorchColumn:
