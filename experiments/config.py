@@ -26,6 +26,7 @@ LM_CACHE_FORMS = ("dense", "topk", "sampled")
 LM_REDUCTIONS = ("batch", "batch_of_sequences")
 TEACHER_LOGITS = ("auto", "cached", "online")
 CPU_DOT_LIBRARIES = ("auto", "ynnpack", "eigen")
+ON_NONFINITE = ("skip", "stop", "ignore")
 # Model families whose KD steps ran faster on XLA CPU with YNNPACK's dots
 # turned off (benchmarks/vs_pytorch.py, README "Performance against
 # PyTorch"): resnet8x4<-resnet32x4 +17%, causal_lm +19%; mlp and vit were
@@ -108,6 +109,7 @@ class Config:
   eval_every: int = 0
   checkpoint_every: int = 500
   max_to_keep: int = 3
+  on_nonfinite: str = "stop"
   methods: tuple[str, ...] = ()
   tune_grid: str | None = None
   tune_output_dir: str | None = None
@@ -232,6 +234,8 @@ class Config:
            f"one of: {', '.join(FEATURE_STANDARDIZATIONS)}")
     _check(self.cpu_dot_library in CPU_DOT_LIBRARIES, "--cpu_dot_library",
            self.cpu_dot_library, f"one of: {', '.join(CPU_DOT_LIBRARIES)}")
+    _check(self.on_nonfinite in ON_NONFINITE, "--on_nonfinite",
+           self.on_nonfinite, f"one of: {', '.join(ON_NONFINITE)}")
     _check(self.teacher_logits in TEACHER_LOGITS, "--teacher_logits",
            self.teacher_logits, f"one of: {', '.join(TEACHER_LOGITS)}")
     _check(self.teacher_shards >= 1, "--teacher_shards", self.teacher_shards,
@@ -636,6 +640,13 @@ def define_flags() -> None:
   F.DEFINE_integer("checkpoint_every", d.checkpoint_every,
                    "Checkpoint every N steps (0: at the end only).")
   F.DEFINE_integer("max_to_keep", d.max_to_keep, "Checkpoints to keep.")
+  F.DEFINE_enum("on_nonfinite", d.on_nonfinite, ON_NONFINITE,
+                "A step whose loss or gradients are NaN/inf: 'stop' ends the "
+                "run with an error naming the step and the first non-finite "
+                "loss term (the state before the step is checkpointed); "
+                "'skip' leaves the state unchanged and counts the skipped "
+                "steps (metric nonfinite_skipped); 'ignore' applies the "
+                "update anyway.")
   F.DEFINE_enum("kip_method", d.kip_method, KIP_METHODS, "--mode=kip: "
                 "kip (KIP with --kernel), rfad (random ConvNet features), "
                 "frepo (KRR on the features of a pool of --model networks "
@@ -825,6 +836,7 @@ def config_from_flags(FLAGS=flags.FLAGS) -> Config:
       eval_every=FLAGS.eval_every,
       checkpoint_every=FLAGS.checkpoint_every,
       max_to_keep=FLAGS.max_to_keep,
+      on_nonfinite=FLAGS.on_nonfinite,
       methods=tuple(FLAGS.methods),
       tune_grid=FLAGS.tune_grid,
       tune_output_dir=FLAGS.tune_output_dir,

@@ -28,6 +28,7 @@ RUN_CONFIG_FILE = "run_config.json"
 # Settings that may change when a run is resumed from its workdir.
 _RESUMABLE = {"num_steps", "log_every", "eval_every", "checkpoint_every",
               "max_to_keep", "num_devices", "coordinator_address",
+              "on_nonfinite",
               "num_processes", "process_id", "eval_batch_size", "workdir",
               "teacher_num_steps", "seeds", "data_dir",
               # Which rows a comparison or tuning has: not a run's setting.
