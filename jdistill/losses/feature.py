@@ -47,6 +47,7 @@ from jdistill.losses.logit import (
     _is_concrete_number,
     _kl,
     _log_probs,
+    _power_of_two_inverse,
 )
 
 __all__ = [
@@ -130,13 +131,17 @@ def _rescale(x: jax.Array, axis, where: Optional[jax.Array] = None
 
   Used only in front of functions that are invariant to a positive scale of
   their input (normalised vectors and maps), so the stop-gradient leaves the
-  gradient exact while keeping squares of large features finite.
+  gradient exact while keeping squares of large features finite. The
+  division is by ``m * c`` (``c`` an exact power of two, see
+  `_power_of_two_inverse`), which gives ``x / m`` also for ``m`` near the
+  float max.
   """
   a = jnp.abs(x)
   if where is not None:
     a = jnp.where(where, a, 0.0)
   m = jax.lax.stop_gradient(jnp.max(a, axis=axis, keepdims=True))
-  return x / jnp.where(m > 0, m, 1.0)
+  c = _power_of_two_inverse(m)
+  return (x * c) / jnp.where(m > 0, m * c, 1.0)
 
 
 def _norm_of_scaled(y: jax.Array, axis) -> tuple[jax.Array, jax.Array]:
@@ -511,7 +516,8 @@ def nd(
       jnp.max(jnp.abs(s), axis=-1, keepdims=True),
       jnp.max(jnp.abs(t), axis=-1, keepdims=True)))
   scale = jnp.where(scale > 0, scale, 1.0)
-  s, t = s / scale, t / scale
+  c = _power_of_two_inverse(scale)  # Exact; keeps 1 / scale normal.
+  s, t = (s * c) / (scale * c), (t * c) / (scale * c)
   denom = jnp.maximum(_norm_of_scaled(s, -1)[0], _norm_of_scaled(t, -1)[0])
   proj = jnp.sum(s * direction, axis=-1)
   return 1.0 - proj / jnp.where(denom > 0, denom, 1.0)[:, 0]

@@ -216,6 +216,19 @@ def _log_probs(
   return log_p
 
 
+def _power_of_two_inverse(m: jax.Array) -> jax.Array:
+  """Elementwise power of two ``c`` with ``m * c`` in ``[0.5, 4)`` for
+  ``m > 0`` (1 where ``m == 0``); ``m >= 0`` is a stop-gradient scale.
+
+  Multiplying by ``c`` is exact. Divide large values as ``(x * c) / (m * c)``
+  rather than ``x / m``: XLA rewrites a division by a broadcast ``m`` as a
+  multiplication by ``1 / m``, which is subnormal, i.e. flushed to 0 on CPU,
+  for ``m > 2**126``. (The exponent is clipped so ``c`` is a normal float.)
+  """
+  _, e = jnp.frexp(m)  # m = f 2**e with 0.5 <= f < 1 (e = 0 for m = 0).
+  return jnp.ldexp(jnp.ones_like(m), -jnp.clip(e, -125, 126))
+
+
 def _probs(log_p: jax.Array, where: Optional[jax.Array]) -> jax.Array:
   p = jnp.exp(log_p)
   if where is not None:

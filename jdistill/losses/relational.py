@@ -45,6 +45,7 @@ from jdistill.losses.logit import (
     _check_example_mask,
     _check_positive,
     _log_probs,
+    _power_of_two_inverse,
 )
 
 __all__ = [
@@ -148,10 +149,13 @@ def _rescale(x: jax.Array, axis=None) -> jax.Array:
   """``x / max|x|`` with the maximum held constant (1 if ``x`` is all 0).
 
   Only used in front of quantities that are invariant to a positive scale of
-  ``x``, so the stop-gradient leaves their gradient exact.
+  ``x``, so the stop-gradient leaves their gradient exact. The division is
+  by ``m * c`` (``c`` an exact power of two, see `_power_of_two_inverse`),
+  which gives ``x / m`` also for ``m`` near the float max.
   """
   m = jax.lax.stop_gradient(jnp.max(jnp.abs(x), axis=axis, keepdims=True))
-  return x / jnp.where(m > 0, m, 1.0)
+  c = _power_of_two_inverse(m)
+  return (x * c) / jnp.where(m > 0, m * c, 1.0)
 
 
 def _safe_norm(x: jax.Array, axis=-1, keepdims: bool = True) -> jax.Array:
@@ -162,10 +166,24 @@ def _safe_norm(x: jax.Array, axis=-1, keepdims: bool = True) -> jax.Array:
 
 
 def _row_norm(x: jax.Array) -> jax.Array:
-  """Row L2 norms ``[n, 1]`` in the units of ``x``, without overflow."""
+  """Row L2 norms ``[n, 1]`` in the units of ``x``, without overflow for
+  entries below ``2**64`` (`pkt` scales rows with larger entries first)."""
   m = jax.lax.stop_gradient(jnp.max(jnp.abs(x), axis=-1, keepdims=True))
   m = jnp.where(m > 0, m, 1.0)
   return m * _safe_norm(x / m)
+
+
+def _power_of_two_scale(x: jax.Array, axis=None) -> jax.Array:
+  """A stop-gradient power of two ``c`` with ``max|c x|`` in ``[0.5, 4)``
+  (1 if ``x`` is all 0).
+
+  Multiplying by ``c`` is exact, so ``c x`` keeps identical entries
+  identical and scales sums, differences and norms exactly; and sums of a
+  few entries of ``c x`` cannot overflow, whatever the magnitude of ``x``.
+  (The exponent is clipped so that ``c`` itself is a normal float.)
+  """
+  m = jax.lax.stop_gradient(jnp.max(jnp.abs(x), axis=axis, keepdims=True))
+  return _power_of_two_inverse(m)
 
 
 def _normalize(x: jax.Array, eps: float = _NORMALIZE_EPS) -> jax.Array:
@@ -178,8 +196,7 @@ def _normalize(x: jax.Array, eps: float = _NORMALIZE_EPS) -> jax.Array:
 
 def _unit_rows(x: jax.Array) -> jax.Array:
   """Exact unit rows ``x / |x|`` for any finite magnitude; 0 for 0 rows."""
-  m = jax.lax.stop_gradient(jnp.max(jnp.abs(x), axis=-1, keepdims=True))
-  y = x / jnp.where(m > 0, m, 1.0)
+  y = _rescale(x, axis=-1)
   n = _safe_norm(y)
   return jnp.where(n > 0, y / jnp.where(n > 0, n, 1.0), 0.0)
 
@@ -234,21 +251,31 @@ def _ratio(num: jax.Array, den: jax.Array) -> jax.Array:
 # ---------------------------------------------------------------------------
 
 
-def _inverse_scale(x: jax.Array) -> jax.Array:
-  """``1 / max|x|`` as a stop-gradient constant (1 if ``x`` is all 0)."""
-  m = jax.lax.stop_gradient(jnp.max(jnp.abs(x)))
-  return 1.0 / jnp.where(m > 0, m, 1.0)
+def _inverse_scale(x: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """``1 / max|x|`` (1 if ``x`` is all 0) as stop-gradient constants
+  ``(c, r)`` with ``c * r = 1 / max|x|``: ``c`` is the exact power of two of
+  `_power_of_two_scale` and ``r = 1 / max|c x|`` lies in ``(0.25, 2]``, so
+  neither factor overflows or flushes to 0 (``1 / max|x|`` alone is
+  subnormal, i.e. 0 on CPU, for ``max|x| > 2**126``)."""
+  c = _power_of_two_scale(x)
+  m = jax.lax.stop_gradient(jnp.max(jnp.abs(x * c)))
+  return c, 1.0 / jnp.where(m > 0, m, 1.0)
 
 
-def _scaled_differences(x: jax.Array, i: jax.Array, inv: jax.Array):
-  """``(x_j - x_i) * inv`` for every ``j``.
+def _scaled_differences(x: jax.Array, i: jax.Array,
+                        inv: tuple[jax.Array, jax.Array]):
+  """``(x_j - x_i) / max|x|`` for every ``j``, with ``inv`` from
+  `_inverse_scale`.
 
-  The difference is taken BEFORE scaling, so identical rows give exactly 0
-  whatever XLA does to the scaling (a rescaled copy of ``x`` may round
-  differently in different fusions, and a 1-ulp difference would become a
-  spurious unit vector).
+  The difference is taken BEFORE the inexact scaling by ``r``, so identical
+  rows give exactly 0 whatever XLA does to the scaling (a rescaled copy of
+  ``x`` may round differently in different fusions, and a 1-ulp difference
+  would become a spurious unit vector). Scaling by the power of two ``c``
+  first is exact and keeps the difference from overflowing.
   """
-  return (x - x[i]) * inv
+  c, r = inv
+  y = x * c
+  return (y - y[i]) * r
 
 
 def _pairwise_distances(x: jax.Array) -> jax.Array:
@@ -569,6 +596,13 @@ def pkt(
 
   def log_conditional(x):
     x = _select_rows(x, keep)
+    # Rows with entries above 2**64, whose norm could overflow, are first
+    # scaled by an exact power of two c (|c x| < 4), so eps acts on them as
+    # eps / c in the units of x: at most 2 eps relative to their norm,
+    # where an eps in the units of x would be below 1e-19 of it. The other
+    # rows (c = 1) are computed exactly as before.
+    c = _power_of_two_scale(x, axis=-1)
+    x = x * jnp.where(c < 2.0 ** -64, c, 1.0)
     x = x / (_row_norm(x) + e)
     kernel = 0.5 * (x @ x.T + 1.0)
     rows = jnp.sum(kernel, axis=-1, keepdims=True, where=pairs)
@@ -589,9 +623,11 @@ def pkt(
 def _centred(x: jax.Array, keep: Optional[jax.Array], n: jax.Array):
   """Rows centred over the selected examples (unselected rows 0), then
   scaled by a stop-gradient maximum to ``max|x| = 1`` (CKA is
-  scale-invariant). Centring comes first, on the inputs as given, so a
-  single selected example centres to exactly 0."""
+  scale-invariant). Centring comes first, on the inputs as given (up to an
+  exact power-of-two scale, so that the column sums and the centred values
+  cannot overflow), so a single selected example centres to exactly 0."""
   x = _select_rows(x, keep)
+  x = x * _power_of_two_scale(x)
   mean = jnp.sum(x, axis=0, keepdims=True) / jnp.maximum(n, 1.0)
   return _rescale(_select_rows(x - mean, keep))
 
