@@ -3,11 +3,15 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
+import math
+import os
 from typing import Any
 
 from absl import flags
 
+from jdistill.models import MODEL_NAMES
 from jdistill.train.objective import (FEATURE_LOSSES, DistillObjective,
                                       FeatureTerm, distill_loss_names,
                                       feature_loss_hyperparameters)
@@ -147,6 +151,7 @@ class Config:
   def __post_init__(self):
     _check(self.mode in MODES, "--mode", self.mode,
            f"one of: {', '.join(MODES)}")
+    self._check_models()
     for name in ("num_steps", "batch_size", "eval_batch_size"):
       _check(getattr(self, name) > 0, f"--{name}", getattr(self, name),
              "a positive integer")
@@ -179,6 +184,10 @@ class Config:
            "a non-negative number")
     _check(0 <= self.label_smoothing < 1, "--label_smoothing",
            self.label_smoothing, "a number in [0, 1)")
+    for name in ("temperature_end", "aux_temperature"):
+      value = getattr(self, name)
+      _check(value is None or value > 0, f"--{name}", value,
+             "a positive number")
     self.objective()  # Validates the loss, its options and schedules.
     _check(bool(self.workdir), "--workdir", self.workdir, "a directory path")
     if self.mode == "distill":
@@ -203,8 +212,13 @@ class Config:
     for path in self.methods:
       _check(path.endswith(".flags"), "--methods", path,
              "paths of method flagfiles ending in .flags")
+    self._check_kip_values()
     if self.mode == "kip":
-      self._check_kip()
+      _check(self.kip_method != "krr_st" or bool(self.teacher_checkpoint),
+             "--teacher_checkpoint", self.teacher_checkpoint,
+             "the workdir of a --mode=train run whose penultimate "
+             "representations --kip_method=krr_st distills")
+    self._check_lm_values()
     if self.mode in ("distill_lm", "cache_lm"):
       self._check_lm()
     _check(self.num_processes >= 1, "--num_processes", self.num_processes,
@@ -215,6 +229,56 @@ class Config:
       _check(bool(self.coordinator_address), "--coordinator_address",
              self.coordinator_address,
              "host:port of process 0 when --num_processes > 1")
+    self._check_numbers()  # After the particular checks' messages.
+
+  def _check_numbers(self) -> None:
+    """Every number of every flag, after the checks of particular flags
+    (positive, in [0, 1), ...) have had their say: finite and non-negative
+    (no flag means anything at NaN, infinity or a negative value), integers
+    below 2**31 (steps, sizes and seeds are int32 on the device)."""
+    for field in dataclasses.fields(self):
+      value = getattr(self, field.name)
+      if field.name.endswith("_kwargs"):
+        # Options named by the user: the losses and models check their
+        # signs; none of them means anything at NaN or infinity.
+        items = [(f"{k}={v}", v) for k, v in value
+                 if isinstance(v, (int, float)) and not isinstance(v, bool)]
+        for text, v in items:
+          _check(math.isfinite(v), f"--{field.name}", text,
+                 "finite numbers")
+        continue
+      values = value if isinstance(value, tuple) else (value,)
+      shown = (",".join(map(str, value)) if isinstance(value, tuple)
+               else value)
+      for v in values:
+        if isinstance(v, bool) or not isinstance(v, (int, float)):
+          continue
+        if isinstance(v, int):
+          _check(0 <= v < 2**31, f"--{field.name}", shown,
+                 "a non-negative integer below 2**31 = 2147483648"
+                 if isinstance(value, int) else
+                 "non-negative integers below 2**31 = 2147483648")
+        else:
+          _check(math.isfinite(v) and v >= 0, f"--{field.name}", shown,
+                 "a finite, non-negative number"
+                 if isinstance(value, float) else
+                 "finite, non-negative numbers")
+
+  def _check_models(self) -> None:
+    """Model names; causal_lm reads byte tokens, which only the LM modes
+    feed it (the datasets of the other modes are float inputs)."""
+    names = [("--model", self.model), ("--teacher_model", self.teacher_model)]
+    names += [("--teacher_models", m) for m in self.teacher_models]
+    lm_mode = self.mode in ("distill_lm", "cache_lm")
+    for flag, name in names:
+      if name not in MODEL_NAMES:
+        raise ValueError(f"{flag}: unknown model {name!r}; expected one of: "
+                         f"{', '.join(MODEL_NAMES)}")
+      if name == "causal_lm" and not lm_mode and (
+          flag != "--teacher_model" or self.mode == "compare"):
+        raise ValueError(f"{flag}=causal_lm: expected --mode=distill_lm or "
+                         f"cache_lm for a causal LM (--mode={self.mode} "
+                         "feeds the float inputs of --dataset)")
 
   def num_teachers(self) -> int:
     """Teachers of this run: ``--teacher_checkpoints`` (distill) or
@@ -259,7 +323,8 @@ class Config:
     if self.multi_teacher():
       self.multi_teacher_objective()  # Validates the combiner's options.
 
-  def _check_kip(self) -> None:
+  def _check_kip_values(self) -> None:
+    """The --mode=kip flags' values, whatever the mode."""
     _check(self.kip_method in KIP_METHODS, "--kip_method", self.kip_method,
            f"one of: {', '.join(KIP_METHODS)}")
     _check(self.kernel in KIP_KERNELS, "--kernel", self.kernel,
@@ -278,12 +343,9 @@ class Config:
              "a positive integer")
     _check(self.frepo_learning_rate > 0, "--frepo_learning_rate",
            self.frepo_learning_rate, "a positive number")
-    _check(self.kip_method != "krr_st" or bool(self.teacher_checkpoint),
-           "--teacher_checkpoint", self.teacher_checkpoint,
-           "the workdir of a --mode=train run whose penultimate "
-           "representations --kip_method=krr_st distills")
 
-  def _check_lm(self) -> None:
+  def _check_lm_values(self) -> None:
+    """The LM flags' values, whatever the mode (wrong in every mode)."""
     for name in ("seq_len", "lm_chunk_size", "lm_topk", "lm_num_samples",
                  "lm_cache_shards"):
       _check(getattr(self, name) > 0, f"--{name}", getattr(self, name),
@@ -300,6 +362,8 @@ class Config:
            self.lm_cache_form, f"one of: {', '.join(LM_CACHE_FORMS)}")
     _check(self.lm_proposal_temperature > 0, "--lm_proposal_temperature",
            self.lm_proposal_temperature, "a positive number")
+
+  def _check_lm(self) -> None:
     _check(not (self.lm_fused_kd and self.ce_weight), "--lm_fused_kd",
            self.lm_fused_kd, "only with --ce_weight=0 (the fused loss is the "
            "KD term alone; a CE term would materialise the student's logits)")
@@ -353,7 +417,18 @@ class Config:
              f"one value, or one per --feature_pairs entry ({n})")
       return values * n if len(values) == 1 else values
 
+    for flag, names, known, what in (
+        ("--feature_loss", self.feature_loss, FEATURE_LOSSES,
+         "feature loss"),
+        ("--projector", self.projector, PROJECTOR_KINDS, "projector")):
+      for name in names:
+        if name not in known:
+          raise ValueError(f"{flag}={name}: unknown {what}; expected one "
+                           f"of: {', '.join(known)}")
     if not n:
+      _check(not self.feature_loss_kwargs, "--feature_loss_kwargs",
+             ",".join(f"{k}={v}" for k, v in self.feature_loss_kwargs),
+             "no options without --feature_pairs")
       return ()
     losses_, weights, projectors = (
         per_pair("feature_loss", self.feature_loss),
@@ -438,8 +513,13 @@ def parse_json_kwargs(flag: str, text: str) -> tuple[tuple[str, Any], ...]:
   """``'{"hidden_sizes": [512, 512]}'`` -> sorted ``(key, value)`` pairs."""
   if not text:
     return ()
+
+  def not_json(constant):  # Python's json reads NaN and Infinity.
+    raise ValueError(f"{flag}: {constant} in {text!r} is not JSON; expected "
+                     "finite numbers")
+
   try:
-    value = json.loads(text)
+    value = json.loads(text, parse_constant=not_json)
   except json.JSONDecodeError as e:
     raise ValueError(f"{flag}: expected a JSON object such as "
                      f"'{{\"hidden_sizes\": [256, 256]}}'; got {text!r} "
@@ -469,12 +549,24 @@ def parse_loss_kwargs(items: list[str], flag: str = "--loss_kwargs"
   return tuple(sorted(out))
 
 
-def define_flags() -> None:
-  """Defines the absl flags (once per process)."""
-  if "mode" in flags.FLAGS:
+class _FlagDefiner:
+  """``flags`` with every ``DEFINE_*`` bound to one `flags.FlagValues`."""
+
+  def __init__(self, flag_values: flags.FlagValues):
+    self._flag_values = flag_values
+
+  def __getattr__(self, name):
+    return functools.partial(getattr(flags, name),
+                             flag_values=self._flag_values)
+
+
+def define_flags(flag_values: flags.FlagValues = flags.FLAGS) -> None:
+  """Defines the absl flags in ``flag_values`` (once per `FlagValues`; a
+  fresh one parses a command line with no state left by another)."""
+  if "mode" in flag_values:
     return
   d = Config()
-  F = flags
+  F = _FlagDefiner(flag_values)
   F.DEFINE_enum("mode", d.mode, MODES,
                 "train: a teacher or a from-labels baseline; distill: logit "
                 "KD from --teacher_checkpoint; compare: teacher, students "
@@ -871,11 +963,15 @@ def apply_method_file(cfg: Config, path: str, FLAGS=flags.FLAGS) -> Config:
 def read_method_lines(path: str) -> list[str]:
   """The ``--name=value`` lines of method flagfile ``path`` (no comments)."""
   try:
-    with open(path) as f:
+    with open(path, encoding="utf-8") as f:
       lines = [l.strip() for l in f]
   except OSError as e:
     raise ValueError(f"--methods: cannot read method flagfile {path} "
                      f"({e.strerror})") from None
+  except UnicodeDecodeError as e:
+    raise ValueError(f"--methods: method flagfile {path} is not UTF-8 text "
+                     f"({e.reason} at byte {e.start}); expected lines of "
+                     "--name=value") from None
   return [l for l in lines if l and not l.startswith("#")]
 
 
@@ -918,4 +1014,32 @@ def apply_method_lines(cfg: Config, lines: list[str], source: str,
     if loss in changes and f"{loss}_kwargs" not in changes:
       # Another loss's options do not carry over.
       changes[f"{loss}_kwargs"] = ()
-  return cfg.replace(**changes)
+  try:
+    return cfg.replace(**changes)
+  except ValueError as e:
+    raise ValueError(f"{source}: {e}") from None
+
+
+def check_paths(cfg: Config) -> None:
+  """Checks, before a run, that the directories the flags name are not
+  files (a run would fail there only after its first write, or, for an
+  output directory, at its end). What a directory holds is checked by the
+  code that reads it."""
+  dirs = [("--workdir", cfg.workdir),
+          ("--teacher_checkpoint", cfg.teacher_checkpoint),
+          ("--data_dir", cfg.data_dir),
+          ("--tune_output_dir", cfg.tune_output_dir),
+          ("--lm_cache_dir", cfg.lm_cache_dir)]
+  dirs += [("--teacher_checkpoints", p) for p in cfg.teacher_checkpoints]
+  for flag, path in dirs:
+    if not path:
+      continue
+    # The path itself or a parent that exists must be a directory.
+    existing = path
+    while existing and not os.path.lexists(existing):
+      parent = os.path.dirname(existing.rstrip(os.sep))
+      existing = parent if parent != existing else ""
+    if existing and not os.path.isdir(existing):
+      where = ("is a file" if existing == path else
+               f"is under {existing}, which is a file")
+      raise ValueError(f"{flag}={path} {where}; expected a directory")

@@ -177,6 +177,12 @@ def hold_out_validation(dataset: Dataset, fraction: float, *,
   else:
     is_val = np.zeros(n, bool)
     is_val[rng.permutation(n)[:int(round(fraction * n))]] = True
+  held_out = int(is_val.sum())
+  if held_out == 0 or held_out == n:
+    raise ValueError(
+        f"--validation_fraction={fraction:g} holds out {held_out} of the "
+        f"{n} training examples of '{dataset.name}'; expected a fraction "
+        "that leaves examples in both the training and validation splits")
   return Dataset(
       name=f"{dataset.name}[validation {fraction:g}]",
       train=SubsetSource(dataset.train, np.flatnonzero(~is_val)),

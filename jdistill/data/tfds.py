@@ -61,8 +61,10 @@ def load_tfds(name: str, *, data_dir: str | None, train_split: str = "train",
   import tensorflow_datasets as tfds
 
   if data_dir is not None and not os.path.isdir(data_dir):
-    raise ValueError(f"--data_dir={data_dir} does not exist; expected a "
-                     "directory holding prepared TFDS datasets")
+    what = ("is not a directory" if os.path.exists(data_dir)
+            else "does not exist")
+    raise ValueError(f"--data_dir={data_dir} {what}; expected a directory "
+                     "holding prepared TFDS datasets")
   try:
     train = tfds.data_source(name, split=train_split, data_dir=data_dir,
                              download=False)
