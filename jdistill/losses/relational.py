@@ -600,7 +600,7 @@ def pkt(
     # scaled by an exact power of two c (|c x| < 4), so eps acts on them as
     # eps / c in the units of x: at most 2 eps relative to their norm,
     # where an eps in the units of x would be below 1e-19 of it. The other
-    # rows (c = 1) are computed exactly as before.
+    # rows have c = 1.
     c = _power_of_two_scale(x, axis=-1)
     x = x * jnp.where(c < 2.0 ** -64, c, 1.0)
     x = x / (_row_norm(x) + e)
