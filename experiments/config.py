@@ -114,6 +114,7 @@ class Config:
   checkpoint_every: int = 500
   max_to_keep: int = 3
   on_nonfinite: str = "stop"
+  peer_timeout_s: float = 60.0
   methods: tuple[str, ...] = ()
   tune_grid: str | None = None
   tune_output_dir: str | None = None
@@ -298,6 +299,9 @@ class Config:
            f"one of: {', '.join(FEATURE_STANDARDIZATIONS)}")
     _check(self.cpu_dot_library in CPU_DOT_LIBRARIES, "--cpu_dot_library",
            self.cpu_dot_library, f"one of: {', '.join(CPU_DOT_LIBRARIES)}")
+    _check(math.isfinite(self.peer_timeout_s) and self.peer_timeout_s > 0,
+           "--peer_timeout_s", self.peer_timeout_s, "a positive number of "
+           "seconds")
     _check(self.on_nonfinite in ON_NONFINITE, "--on_nonfinite",
            self.on_nonfinite, f"one of: {', '.join(ON_NONFINITE)}")
     _check(self.teacher_logits in TEACHER_LOGITS, "--teacher_logits",
@@ -732,6 +736,11 @@ def define_flags(flag_values: flags.FlagValues = flags.FLAGS) -> None:
   F.DEFINE_integer("checkpoint_every", d.checkpoint_every,
                    "Checkpoint every N steps (0: at the end only).")
   F.DEFINE_integer("max_to_keep", d.max_to_keep, "Checkpoints to keep.")
+  F.DEFINE_float("peer_timeout_s", d.peer_timeout_s, "Multi-process runs: "
+                 "a process whose peer shows no sign of life for this many "
+                 "seconds (it died or hangs) stops with a one-line error "
+                 "instead of waiting in its next collective "
+                 "(experiments/watchdog.py).")
   F.DEFINE_enum("on_nonfinite", d.on_nonfinite, ON_NONFINITE,
                 "A step whose loss or gradients are NaN/inf: 'stop' ends the "
                 "run with an error naming the step and the first non-finite "
@@ -929,6 +938,7 @@ def config_from_flags(FLAGS=flags.FLAGS) -> Config:
       checkpoint_every=FLAGS.checkpoint_every,
       max_to_keep=FLAGS.max_to_keep,
       on_nonfinite=FLAGS.on_nonfinite,
+      peer_timeout_s=FLAGS.peer_timeout_s,
       methods=tuple(FLAGS.methods),
       tune_grid=FLAGS.tune_grid,
       tune_output_dir=FLAGS.tune_output_dir,

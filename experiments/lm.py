@@ -98,7 +98,8 @@ def train_teacher(cfg: Config, dataset: jdata.Dataset, mesh) -> str:
   spec = run_lib.model_spec(sub.model, sub.model_kwargs, dataset)
 
   def factory(model, tx):
-    return jtrain.compile_step(lm_lib.make_lm_train_step(model, tx), mesh)
+    return jtrain.compile_step(lm_lib.make_lm_train_step(model, tx), mesh,
+                               on_nonfinite=cfg.on_nonfinite)
 
   _train_lm(sub, dataset, mesh, spec, "teacher", factory)
   return sub.workdir
@@ -267,7 +268,8 @@ def distill_student(cfg: Config, dataset: jdata.Dataset, mesh, run: str,
 
   def factory(model, tx):
     step = jtrain.compile_step(
-        lm_lib.make_lm_distill_step(model, tx, objective, step_teacher), mesh)
+        lm_lib.make_lm_distill_step(model, tx, objective, step_teacher), mesh,
+        on_nonfinite=cfg.on_nonfinite)
     return lambda state, batch: step(state, step_variables, batch)
 
   return _train_lm(sub, train_data, mesh, spec, f"{run} student", factory)
@@ -350,7 +352,8 @@ def run_distill_lm(cfg: Config) -> dict:
       summary = _train_lm(
           sub, dataset, mesh, spec, "baseline student",
           lambda model, tx: jtrain.compile_step(
-              lm_lib.make_lm_train_step(model, tx), mesh))
+              lm_lib.make_lm_train_step(model, tx), mesh,
+              on_nonfinite=cfg.on_nonfinite))
       source = "labels only"
     else:
       cache_dir = None

@@ -60,7 +60,9 @@ def test_flagfile_runs_teacher_students_and_table(tmp_path):
     records = [json.loads(l)
                for l in (tmp_path / sub / "metrics.jsonl").read_text()
                .splitlines()]
-    assert records[-1]["split"] == "test"
+    assert records[-2]["split"] == "test"
+    # The last record splits the run's wall time by phase.
+    assert records[-1]["split"] == "timing" and records[-1]["step_s"] >= 0
     assert (tmp_path / sub / "checkpoints" / "20").is_dir() or sub == "teacher"
   # The student's checkpoint holds the student's variables only: no teacher.
   spec = json.loads((tmp_path / "student_kd_seed0" / "model.json").read_text())
@@ -253,7 +255,7 @@ def test_validation_fraction_evaluates_on_held_out_training_data(tmp_path):
   assert summary["test"]["count"] == 800  # 20% of the 4000 training signals.
   records = [json.loads(l) for l in (tmp_path / "metrics.jsonl").read_text()
              .splitlines()]
-  assert {r["split"] for r in records} == {"train", "validation"}
+  assert {r["split"] for r in records} == {"train", "validation", "timing"}
 
 
 def test_scheduled_distillation_logs_the_schedule(teacher_dir, tmp_path):

@@ -4,9 +4,12 @@
 import json
 import os
 import pathlib
+import re
+import signal
 import socket
 import subprocess
 import sys
+import time
 
 import numpy as np
 import pytest
@@ -30,8 +33,10 @@ def _free_port():
 
 
 def _records(workdir):
-  return [json.loads(l) for l in (workdir / "metrics.jsonl").read_text()
-          .splitlines()]
+  """metrics.jsonl without its wall-time record."""
+  records = [json.loads(l) for l in (workdir / "metrics.jsonl").read_text()
+             .splitlines()]
+  return [r for r in records if r["split"] != "timing"]
 
 
 def _run_two_processes(args, workdir):
@@ -104,3 +109,71 @@ def test_multi_teacher_distillation_on_two_processes(tmp_path, layout):
       for key in ("loss", "accuracy"):
         np.testing.assert_allclose(a[key], b[key], rtol=1e-5, atol=1e-6,
                                    err_msg=name)
+
+
+def _start_two_processes(args, workdir, port):
+  return [subprocess.Popen(
+      [sys.executable, "-m", "experiments.main", *args,
+       f"--workdir={workdir}", f"--coordinator_address=127.0.0.1:{port}",
+       "--num_processes=2", f"--process_id={i}"],
+      cwd=ROOT, env=_env(2), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+      text=True, bufsize=1) for i in range(2)]
+
+
+def _wait_for(proc, pattern, timeout=180):
+  deadline = time.time() + timeout
+  for line in proc.stdout:
+    if pattern in line:
+      return
+    assert time.time() < deadline, pattern
+  raise AssertionError(f"process ended before printing {pattern!r}")
+
+
+def test_sigterm_to_one_process_stops_both_at_one_saved_step(tmp_path):
+  """Preemption of one host: every process saves the same step and stops;
+  the resumed 2-process run (restoring across processes) ends exactly where
+  an uninterrupted 2-process run does."""
+  args = [*COMMON[:2], "--num_steps=600", "--batch_size=64", "--log_every=8",
+          "--checkpoint_every=200", "--eval_batch_size=256"]
+  procs = _start_two_processes(args, tmp_path / "resumed", _free_port())
+  _wait_for(procs[0], "step 40/600")
+  procs[1].send_signal(signal.SIGTERM)
+  outs = [p.communicate(timeout=120) for p in procs]
+  steps = set()
+  for p, (_, err) in zip(procs, outs):
+    assert p.returncode == 143, err[-3000:]
+    lines = [l for l in err.splitlines() if l.startswith("jdistill:")]
+    assert len(lines) == 1, err[-3000:]
+    steps.add(int(re.search(r"at step (\d+)", lines[0]).group(1)))
+  (step,) = steps  # The same step on both.
+  assert step % 16 == 0 and step < 600
+  assert (tmp_path / "resumed" / "checkpoints" / str(step)).is_dir()
+  _run_two_processes(args, tmp_path / "resumed")
+  _run_two_processes(args, tmp_path / "uninterrupted")
+  assert _records(tmp_path / "resumed") == _records(
+      tmp_path / "uninterrupted") or _same_but_speed(
+          _records(tmp_path / "resumed"), _records(tmp_path / "uninterrupted"))
+
+
+def _same_but_speed(a, b):
+  strip = lambda rs: [{k: v for k, v in r.items() if k != "steps_per_sec"}
+                      for r in rs]
+  assert strip(a) == strip(b)
+  return True
+
+
+def test_a_dead_process_stops_the_other_with_one_line(tmp_path):
+  args = [*COMMON[:2], "--num_steps=1000000", "--batch_size=64",
+          "--log_every=8", "--checkpoint_every=0", "--peer_timeout_s=8"]
+  procs = _start_two_processes(args, tmp_path, _free_port())
+  _wait_for(procs[0], "step 16/")
+  procs[1].kill()
+  killed = time.time()
+  _, err = procs[0].communicate(timeout=120)
+  waited = time.time() - killed
+  procs[1].communicate()
+  assert procs[0].returncode == 3, err[-3000:]
+  assert waited < 8 + 20, waited
+  lines = [l for l in err.splitlines() if l.startswith("jdistill:")]
+  assert len(lines) == 1 and "Traceback" not in err, err[-3000:]
+  assert "process 1 has sent no sign of life" in lines[0]

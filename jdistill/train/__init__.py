@@ -1,10 +1,11 @@
 """Steps and state: functional NNX models, train/distill/eval steps, mesh,
 checkpoints and the training loop."""
 
-from jdistill.train.checkpoint import (Checkpointer, load_model_variables,
-                                       read_model_spec, write_model_spec)
-from jdistill.train.loop import (MetricsWriter, evaluate, predict_logits,
-                                 sum_over_source,
+from jdistill.train.checkpoint import (CheckpointError, Checkpointer,
+                                       load_model_variables, read_model_spec,
+                                       state_digest, write_model_spec)
+from jdistill.train.loop import (MetricsWriter, Preempted, StopSignals,
+                                 evaluate, predict_logits, sum_over_source,
                                  train_loop)
 from jdistill.train.mesh import (DATA_AXIS, TEACHER_AXIS, batch_sharding,
                                  compile_step, make_data_mesh,
@@ -26,11 +27,14 @@ from jdistill.train.projectors import (PROJECTOR_KINDS, FeatureProjectors,
 from jdistill.train.state import FunctionalModel, TrainState
 from jdistill.train.teachers import (STACKINGS, TeacherEnsemble,
                                      shard_teachers)
-from jdistill.train.step import (make_class_sums_step, make_distill_step,
+from jdistill.train.step import (NONFINITE_MODES, guard_nonfinite,
+                                 make_class_sums_step, make_distill_step,
                                  make_eval_step, make_train_step)
 
 __all__ = [
-    "batch_sharding", "build_projectors", "COMBINERS",
+    "batch_sharding", "build_projectors", "COMBINERS", "CheckpointError",
+    "guard_nonfinite", "NONFINITE_MODES", "Preempted", "state_digest",
+    "StopSignals",
     "make_data_teacher_mesh", "make_ensemble_eval_step",
     "make_multi_teacher_distill_step", "MultiTeacherObjective",
     "per_teacher_shapes", "TEACHER_AXIS", "teacher_tap", "check_projectable", "Checkpointer",

@@ -105,12 +105,17 @@ def put_batch(local_batch: dict[str, np.ndarray], mesh) -> dict[str, jax.Array]:
   return out
 
 
-def compile_step(step: Callable, mesh, *, donate_state: bool = True
-                 ) -> Callable:
+def compile_step(step: Callable, mesh, *, donate_state: bool = True,
+                 on_nonfinite: str | None = None) -> Callable:
   """Jits a step for ``mesh``; argument 0 (the train state) is donated.
 
   Outputs (state, metrics) are replicated; inputs keep the sharding they
   were placed with (`replicate`, `put_batch`), which drives compilation.
+  ``on_nonfinite`` (an update step's ``stop``, ``skip`` or ``ignore``)
+  wraps it in `jdistill.train.step.guard_nonfinite` first.
   """
+  if on_nonfinite is not None:
+    from jdistill.train.step import guard_nonfinite
+    step = guard_nonfinite(step, on_nonfinite)
   return jax.jit(step, out_shardings=replicated(mesh),
                  donate_argnums=(0,) if donate_state else ())

@@ -40,6 +40,41 @@ def _apply_gradients(state: TrainState, tx: optax.GradientTransformation,
   return new_state, optax.tree.norm(grads)
 
 
+NONFINITE_MODES = ("stop", "skip", "ignore")
+
+
+def guard_nonfinite(step: Callable, mode: str = "skip") -> Callable:
+  """Guards an update step against NaN/inf.
+
+  ``step(state, *args) -> (state, metrics)`` must report ``loss`` and
+  ``grad_norm`` (every step of this module does); a step is non-finite when
+  either is NaN or ±inf (a gradient norm overflows to inf only for
+  gradients that no update should apply). The guarded step adds the metric
+  ``nonfinite`` (1.0 for such a step, else 0.0) and, for ``mode`` ``"skip"``
+  or ``"stop"``, returns the incoming state unchanged apart from ``step``
+  (+1, so the data order goes on), so a bad batch never reaches the
+  parameters, optimizer moments, BatchNorm statistics or loss state. The
+  difference between ``skip`` and ``stop`` is the loop's (`train_loop`):
+  stop raises at the first such step. ``"ignore"`` applies the update
+  anyway and only reports it.
+  """
+  if mode not in NONFINITE_MODES:
+    raise ValueError(f"guard_nonfinite: mode={mode!r}; expected one of "
+                     f"{', '.join(NONFINITE_MODES)}")
+
+  def guarded(state: TrainState, *args):
+    new_state, metrics = step(state, *args)
+    finite = jnp.isfinite(metrics["loss"]) & jnp.isfinite(metrics["grad_norm"])
+    metrics = {**metrics, "nonfinite": 1.0 - finite.astype(jnp.float32)}
+    if mode == "ignore":
+      return new_state, metrics
+    kept = jax.tree.map(lambda new, old: jnp.where(finite, new, old),
+                        new_state, state)
+    return kept.replace(step=new_state.step), metrics
+
+  return guarded
+
+
 def make_train_step(model: FunctionalModel, tx: optax.GradientTransformation,
                     *, label_smoothing: float = 0.0
                     ) -> Callable[[TrainState, Batch], tuple[TrainState, Metrics]]:
