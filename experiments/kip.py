@@ -379,7 +379,7 @@ def run_kip(cfg: Config) -> dict:
     _kip_kernel(cfg)  # Checks --kernel_kwargs.
   else:
     _frepo_functions(cfg, dataset, task.dim)  # Checks --model.
-  run_lib._check_workdir(cfg)  # The first write.
+  run_lib._check_workdir(cfg)()  # The first write.
 
   # Inputs in the network's shape; kernels may add a channel axis.
   shape = tuple(dataset.input_shape)

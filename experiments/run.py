@@ -88,7 +88,7 @@ def build_model(spec: dict, seed: int, *, flag: str = "--model"):
         spec["name"], num_classes=spec["num_classes"],
         input_shape=tuple(spec["input_shape"]), rngs=nnx.Rngs(seed),
         **kwargs)
-  except TypeError as e:
+  except (TypeError, ZeroDivisionError) as e:
     raise ValueError(f"{flag}={spec['name']}: bad model options "
                      f"{spec['kwargs']} ({e})") from None
   except ValueError as e:
@@ -96,17 +96,28 @@ def build_model(spec: dict, seed: int, *, flag: str = "--model"):
   return jtrain.FunctionalModel.split(model)
 
 
-def _check_workdir(cfg: Config) -> None:
-  """Refuses to reuse a workdir that holds a run with different settings."""
+def _check_workdir(cfg: Config) -> Callable[[], None]:
+  """Refuses to reuse a workdir that holds a run with different settings.
+
+  Returns the function that records this run's settings in the workdir;
+  the caller calls it once nothing can fail any more on the way to
+  training (after a resume's checkpoint is restored), so a failed start
+  leaves the workdir as it was.
+  """
   path = os.path.join(cfg.workdir, RUN_CONFIG_FILE)
   current = json.loads(json.dumps(cfg.to_json()))  # Tuples become lists.
+  if os.path.lexists(path) and not os.path.isfile(path):
+    raise ValueError(f"--workdir={cfg.workdir}: {path} is not a file; "
+                     "expected the run's JSON settings (use a new --workdir)")
   if os.path.isfile(path):
-    with open(path) as f:
-      try:
+    try:
+      with open(path, encoding="utf-8") as f:
         previous = json.load(f)
-      except json.JSONDecodeError:
-        raise ValueError(f"--workdir={cfg.workdir}: {path} is corrupt; "
-                         "expected JSON (use a new --workdir)") from None
+    except (json.JSONDecodeError, UnicodeDecodeError):
+      previous = None
+    if not isinstance(previous, dict):
+      raise ValueError(f"--workdir={cfg.workdir}: {path} is corrupt; "
+                       "expected a JSON object (use a new --workdir)")
     # A setting added after the run was written has its default there.
     defaults = json.loads(json.dumps(Config().to_json()))
     previous = {**{k: v for k, v in defaults.items() if k not in previous},
@@ -119,12 +130,16 @@ def _check_workdir(cfg: Config) -> None:
           f"--workdir={cfg.workdir} holds a run with --{k}="
           f"{previous.get(k)} but this run has --{k}={current.get(k)}; use a "
           "new --workdir, or the same settings to resume")
-  if jax.process_index() == 0:
-    os.makedirs(cfg.workdir, exist_ok=True)
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-      json.dump(current, f, indent=2, sort_keys=True)
-    os.replace(tmp, path)
+
+  def record():
+    if jax.process_index() == 0:
+      os.makedirs(cfg.workdir, exist_ok=True)
+      tmp = path + ".tmp"
+      with open(tmp, "w") as f:
+        json.dump(current, f, indent=2, sort_keys=True)
+      os.replace(tmp, path)
+
+  return record
 
 
 def make_mesh(cfg: Config):
@@ -180,7 +195,7 @@ def _train(cfg: Config, dataset: jdata.Dataset, mesh, spec: dict,
   projector_params = (projector_factory(student, params, model_state)
                       if projector_factory else {})
   loss_state = loss_state_factory() if loss_state_factory else None
-  _check_workdir(cfg)  # The first write: everything above is validated.
+  record_settings = _check_workdir(cfg)
   state = jtrain.replicate(
       jtrain.TrainState.create(params, model_state, tx, cfg.seed,
                                loss_state=loss_state,
@@ -209,6 +224,7 @@ def _train(cfg: Config, dataset: jdata.Dataset, mesh, spec: dict,
       _log(f"[{name}] resumed from {checkpointer.directory} at step {step}"
            + (f" ({dropped} metric records after it dropped)"
               if dropped else ""))
+    record_settings()  # After a resume's restore: nothing failed before.
     writer = jtrain.MetricsWriter(cfg.workdir, tensorboard=True,
                                   purge_step=purge_step)
     step_fn = step_factory(student, tx)
@@ -321,7 +337,7 @@ def load_teacher_at(path: str, dataset: jdata.Dataset, mesh, *,
   like = jtrain.replicate({"params": params, "model_state": model_state},
                           mesh)
   variables = jtrain.load_model_variables(path, like["params"],
-                                          like["model_state"])
+                                          like["model_state"], flag=flag)
   return teacher, variables, spec
 
 
@@ -700,6 +716,9 @@ def load_tune_grid(path: str, method_names) -> dict[str, list[list[str]]]:
   except json.JSONDecodeError as e:
     raise ValueError(f"--tune_grid={path}: expected JSON ({e.msg}, line "
                      f"{e.lineno})") from None
+  except UnicodeDecodeError:
+    raise ValueError(f"--tune_grid={path}: expected JSON text, got binary "
+                     "data") from None
   if not isinstance(grid, dict):
     raise ValueError(f"--tune_grid={path}: expected a JSON object mapping "
                      "method names to {flag: [values]}")

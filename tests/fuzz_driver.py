@@ -842,56 +842,6 @@ _BUILD = ("experiments/run.py build_model turns only TypeError and "
 # to fail still (a fixed one must leave this list) and runs each as a strict
 # xfail.
 KNOWN_BUGS = {
-    "--teacher_checkpoint: model_json_binary":
-        "jdistill/train/checkpoint.py read_model_spec catches "
-        "json.JSONDecodeError but not UnicodeDecodeError: the error names "
-        "neither the flag nor model.json",
-    "--teacher_checkpoint: model_json_list":
-        "experiments/run.py load_teacher_at indexes model.json without "
-        "checking that it is an object (TypeError)",
-    "--teacher_checkpoint: model_json_empty_object":
-        "experiments/run.py load_teacher_at indexes model.json without "
-        "checking its keys (KeyError: 'num_classes')",
-    "--teacher_checkpoint: model_json_no_classes":
-        "experiments/run.py load_teacher_at indexes model.json without "
-        "checking its keys (KeyError: 'num_classes')",
-    "--teacher_checkpoint: model_json_kwargs_not_object":
-        "experiments/run.py build_model calls spec['kwargs'].items() on a "
-        "model.json whose kwargs are not an object (AttributeError)",
-    "--teacher_checkpoints: damaged":
-        "experiments/run.py load_teacher_at does not pass its flag to "
-        "load_model_variables: the error names --teacher_checkpoint",
-    "--tune_grid: binary":
-        "experiments/run.py load_tune_grid catches json.JSONDecodeError "
-        "but not UnicodeDecodeError: the error names neither the flag nor "
-        "the file",
-    "--workdir: run_config_binary":
-        "experiments/run.py _check_workdir catches json.JSONDecodeError but "
-        "not UnicodeDecodeError: the error names neither the flag nor the "
-        "file",
-    "--workdir: run_config_list":
-        "experiments/run.py _check_workdir merges a run_config.json that is "
-        "not a JSON object into a dict (TypeError)",
-    "--workdir: run_config_dir":
-        "experiments/run.py _check_workdir takes a run_config.json "
-        "directory for no run_config.json, writes run_config.json.tmp into "
-        "the workdir and fails on the rename (IsADirectoryError)",
-    **{f'--model={m} --model_kwargs={{"{k}": {v}}}' + extra:
-       f"zero sizes reach the initialisers (ZeroDivisionError); "
-       f"jdistill/models do not check them and {_BUILD}"
-       for m, k, v, extra in (
-           ("mlp", "hidden_sizes", "[0]", ""),
-           ("cnn1d", "channels", "[0]", ""),
-           ("cnn1d", "kernel_size", "0", ""),
-           ("cnn1d", "stride", "0", ""))},
-    '--model=convnet --dataset=digits --model_kwargs={"width": 0}':
-        f"zero width reaches the initialisers (ZeroDivisionError); {_BUILD}",
-    '--model=resnet8 --dataset=digits --model_kwargs={"widths": [0, 0, 0, 0]}':
-        f"zero widths reach the initialisers (ZeroDivisionError); {_BUILD}",
-    "--workdir: checkpoint_files_garbage, resumed with more steps":
-        "experiments/run.py _train writes run_config.json (with the new "
-        "--num_steps) before it restores the checkpoints, so a resume that "
-        "fails on a damaged checkpoint still changes the workdir",
     '--teacher_model_kwargs={"nosuch": 1}':
         "experiments/run.py _train_teacher builds the teacher through "
         "run_train, whose build_model names --model=<teacher model> in the "

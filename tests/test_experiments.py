@@ -499,9 +499,9 @@ def test_nd_centres_and_contrastive_bank_are_checkpointed_state(
 
 def test_adding_methods_to_a_comparison_keeps_its_runs_resumable(tmp_path):
   cfg = Config(workdir=str(tmp_path), methods=("a.flags",))
-  run_lib._check_workdir(cfg)
+  run_lib._check_workdir(cfg)()  # Records the settings.
   run_lib._check_workdir(cfg.replace(methods=("a.flags", "b.flags"),
-                                     tune_grid="grid.json"))
+                                     tune_grid="grid.json"))()
   with pytest.raises(ValueError, match=r"holds a run with --temperature=4.0"):
     run_lib._check_workdir(cfg.replace(temperature=2.0))
 

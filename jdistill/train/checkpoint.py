@@ -295,10 +295,19 @@ def read_model_spec(workdir: str, *, flag: str = "--teacher_checkpoint"
     raise ValueError(f"{flag}={workdir} has no {MODEL_SPEC_FILE}; expected "
                      "the workdir of a --mode=train run")
   try:
-    with open(path) as f:
-      return json.load(f)
-  except json.JSONDecodeError as e:
-    raise ValueError(f"{flag}: {path} is not valid JSON ({e})") from e
+    with open(path, encoding="utf-8") as f:
+      spec = json.load(f)
+  except (json.JSONDecodeError, UnicodeDecodeError) as e:
+    raise ValueError(f"{flag}: {path} is not valid JSON "
+                     f"({type(e).__name__})") from None
+  expected = {"name": str, "kwargs": dict, "num_classes": int,
+              "input_shape": list}
+  if not isinstance(spec, dict) or any(
+      not isinstance(spec.get(k), t) for k, t in expected.items()):
+    raise ValueError(f"{flag}: {path} is not a model description; expected a "
+                     "JSON object with name (string), kwargs (object), "
+                     "num_classes (integer) and input_shape (list)")
+  return spec
 
 
 def load_model_variables(workdir: str, like_params: Any, like_model_state: Any,
