@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import os
 import platform
+import subprocess
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def cpu_model() -> str:
@@ -16,3 +20,26 @@ def cpu_model() -> str:
   except OSError:
     pass
   return platform.processor() or platform.machine()
+
+
+def load_average() -> str:
+  """``/proc/loadavg``'s 1/5/15-minute load (other jobs skew timings)."""
+  try:
+    with open("/proc/loadavg") as f:
+      return " ".join(f.read().split()[:3])
+  except OSError:
+    return "?"
+
+
+def git_state(*paths: str) -> tuple[str, list[str]] | None:
+  """``(short commit, files under paths that differ from it)`` of this
+  checkout, or None outside git."""
+  try:
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT,
+                            capture_output=True, text=True, check=True)
+    dirty = subprocess.run(["git", "status", "--porcelain", *paths],
+                           cwd=ROOT, capture_output=True, text=True,
+                           check=True)
+  except (OSError, subprocess.CalledProcessError):
+    return None
+  return commit.stdout.strip(), [l[3:] for l in dirty.stdout.splitlines()]

@@ -227,7 +227,7 @@ def read_proc(pid: int) -> dict[str, int] | None:
 
 def machine_description() -> dict[str, Any]:
   sys.path.insert(0, HERE)
-  from machine import cpu_model  # benchmarks/machine.py
+  from machine import cpu_model, load_average  # benchmarks/machine.py
   mem_gib = None
   try:
     with open("/proc/meminfo") as f:
@@ -247,29 +247,16 @@ def machine_description() -> dict[str, Any]:
   return {"cpu": cpu_model(), "cores": os.cpu_count(),
           "memory_gib": mem_gib, "platform": platform.platform(),
           "python": platform.python_version(), **versions,
-          "load_average_at_start": _load_average(), **_git_state()}
-
-
-def _load_average() -> str:
-  try:
-    with open("/proc/loadavg") as f:
-      return " ".join(f.read().split()[:3])
-  except OSError:
-    return "?"
+          "load_average_at_start": load_average(), **_git_state()}
 
 
 def _git_state() -> dict[str, Any]:
   """The commit run and the library files that differ from it."""
-  try:
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT,
-                            capture_output=True, text=True, check=True)
-    dirty = subprocess.run(["git", "status", "--porcelain", "jdistill",
-                            "experiments"], cwd=ROOT, capture_output=True,
-                           text=True, check=True)
-  except (OSError, subprocess.CalledProcessError):
+  from machine import git_state
+  state = git_state("jdistill", "experiments")
+  if state is None:
     return {"git_commit": None, "git_modified": None}
-  return {"git_commit": commit.stdout.strip(),
-          "git_modified": [l[3:] for l in dirty.stdout.splitlines()]}
+  return {"git_commit": state[0], "git_modified": state[1]}
 
 
 def _dir_stats(path: str) -> dict[str, Any]:
@@ -429,7 +416,8 @@ def main(argv: Sequence[str] | None = None) -> int:
   finally:
     if args.workdir is None:
       shutil.rmtree(workdir, ignore_errors=True)
-  machine["load_average_at_end"] = _load_average()
+  from machine import load_average  # On sys.path since machine_description.
+  machine["load_average_at_end"] = load_average()
   result = analyze(samples, num_steps=args.num_steps,
                    warmup_fraction=args.warmup_fraction,
                    threshold_mib=args.threshold_mib,

@@ -74,6 +74,7 @@ from typing import Any, Callable
 from absl import app, flags
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from machine import git_state, load_average  # noqa: E402
 
 COLUMNS = ("jdistill", "torch_eager", "torch_channels_last", "torch_compile",
            "jdistill_cached_logits")
@@ -179,29 +180,12 @@ def machine_description(torch_threads: int) -> dict[str, Any]:
   }
 
 
-def load_average() -> str:
-  """``/proc/loadavg``'s 1/5/15-minute load (other jobs skew timings)."""
-  try:
-    with open("/proc/loadavg") as f:
-      return " ".join(f.read().split()[:3])
-  except OSError:
-    return "?"
-
-
 def _git_state() -> dict[str, Any]:
   """The commit timed and the files of jdistill/ that differ from it."""
-  import subprocess
-  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-  try:
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=root,
-                            capture_output=True, text=True, check=True)
-    dirty = subprocess.run(["git", "status", "--porcelain", "jdistill"],
-                           cwd=root, capture_output=True, text=True, check=True)
-  except (OSError, subprocess.CalledProcessError):
+  state = git_state("jdistill")
+  if state is None:
     return {}
-  return {"jdistill_commit": commit.stdout.strip(),
-          "jdistill_uncommitted": [line[3:] for line in
-                                   dirty.stdout.splitlines()]}
+  return {"jdistill_commit": state[0], "jdistill_uncommitted": state[1]}
 
 
 def matmul_peak(n: int = 2048, reps: int = 10) -> dict[str, float]:
