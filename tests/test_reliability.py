@@ -27,6 +27,7 @@ from flax import nnx
 
 from jdistill import models as jmodels
 from jdistill import train as jtrain
+from tests.test_experiments import _tree_digest
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 # About 5 s of training on 2 cores: long enough to be killed at many points.
@@ -221,19 +222,6 @@ def test_damaged_latest_checkpoint_falls_back_to_the_previous_one(
   assert "resumed from" in proc.stdout and "at step 220" in proc.stdout
   assert (workdir / "checkpoints_damaged" / "240").is_dir()
   _assert_same_run(workdir, reference)
-
-
-def _tree_digest(path):
-  import hashlib
-  h = hashlib.sha256()
-  for root, dirs, files in sorted(os.walk(path)):
-    dirs.sort()
-    for name in sorted(files):
-      p = os.path.join(root, name)
-      h.update(p.encode())
-      with open(p, "rb") as f:
-        h.update(f.read())
-  return h.hexdigest()
 
 
 def test_every_checkpoint_damaged_is_an_error_not_a_fresh_start(reference,
