@@ -205,25 +205,22 @@ def _train(cfg: Config, dataset: jdata.Dataset, mesh, spec: dict,
   checkpointer = jtrain.Checkpointer(cfg.workdir, max_to_keep=cfg.max_to_keep)
   writer = None
   try:
-    purge_step = None
-    if checkpointer.latest_step() is None:
-      # Killed before its first checkpoint: the run starts over, and so do
-      # its metric records.
-      dropped = jtrain.MetricsWriter(cfg.workdir).rewind(
-          0, final_step=cfg.num_steps)
-      if dropped:
-        purge_step = 0
-        _log(f"[{name}] no checkpoint yet: starting from step 0 "
-             f"({dropped} metric records of an interrupted start dropped)")
-    else:
+    resumed = checkpointer.latest_step() is not None
+    if resumed:
       state = checkpointer.restore(state, log=lambda m: _log(f"[{name}] {m}"))
-      step = int(jax.device_get(state.step))
-      dropped = jtrain.MetricsWriter(cfg.workdir).rewind(
-          step, final_step=cfg.num_steps)
-      purge_step = step + 1
+    step = int(jax.device_get(state.step))
+    # Records after the restored step (all of them when the run was killed
+    # before its first checkpoint) are written again by this run.
+    dropped = jtrain.MetricsWriter(cfg.workdir).rewind(
+        step, final_step=cfg.num_steps)
+    purge_step = step + 1 if resumed else (0 if dropped else None)
+    if resumed:
       _log(f"[{name}] resumed from {checkpointer.directory} at step {step}"
            + (f" ({dropped} metric records after it dropped)"
               if dropped else ""))
+    elif dropped:
+      _log(f"[{name}] no checkpoint yet: starting from step 0 "
+           f"({dropped} metric records of an interrupted start dropped)")
     record_settings()  # After a resume's restore: nothing failed before.
     writer = jtrain.MetricsWriter(cfg.workdir, tensorboard=True,
                                   purge_step=purge_step)
