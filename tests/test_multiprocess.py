@@ -146,7 +146,8 @@ def test_sigterm_to_one_process_stops_both_at_one_saved_step(tmp_path):
     assert len(lines) == 1, err[-3000:]
     steps.add(int(re.search(r"at step (\d+)", lines[0]).group(1)))
   (step,) = steps  # The same step on both.
-  assert step % 16 == 0 and step < 600
+  # Processes agree at host syncs: every min(16, --log_every) = 8 steps.
+  assert step % 8 == 0 and 40 <= step < 600
   assert (tmp_path / "resumed" / "checkpoints" / str(step)).is_dir()
   _run_two_processes(args, tmp_path / "resumed")
   _run_two_processes(args, tmp_path / "uninterrupted")
