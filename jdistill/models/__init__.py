@@ -10,6 +10,7 @@ from jdistill.models.cnn1d import CNN1D
 from jdistill.models.convnet import ConvNet
 from jdistill.models.mlp import MLP
 from jdistill.models.registry import MODEL_NAMES, count_params, create_model
+from jdistill.models.remat import REMAT_NAMES, REMAT_POLICIES, remat_block
 from jdistill.models.resnet import BasicBlock, CifarResNet
 from jdistill.models.transformer import ViT
 
@@ -21,7 +22,10 @@ __all__ = [
     "ConvNet",
     "MLP",
     "MODEL_NAMES",
+    "REMAT_NAMES",
+    "REMAT_POLICIES",
     "ViT",
     "count_params",
     "create_model",
+    "remat_block",
 ]

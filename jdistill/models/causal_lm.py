@@ -21,6 +21,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from jdistill.models.remat import check_remat, remat_block
+
 _dense_init = nnx.initializers.xavier_uniform()
 _embed_init = nnx.initializers.normal(stddev=0.02)
 
@@ -84,12 +86,17 @@ class CausalLM(nnx.Module):
     rngs: initialisation RNGs.
     dtype: computation dtype (e.g. ``jnp.bfloat16``); parameters are
       ``param_dtype``.
+    remat: rematerialisation policy of each decoder block in the backward
+      pass, a name of `jdistill.models.remat.REMAT_POLICIES` (``"none"``,
+      ``"full"``, ``"dots"``, ``"dots_saveable"``); outputs and gradients
+      do not depend on it.
   """
 
   def __init__(self, vocab_size: int, *, dim: int = 128, depth: int = 2,
                num_heads: int = 4, mlp_ratio: int = 4, max_len: int = 256,
                rngs: nnx.Rngs, dtype: Any = jnp.float32,
-               param_dtype: Any = jnp.float32):
+               param_dtype: Any = jnp.float32, remat: str = "none"):
+    self.remat = check_remat(remat)
     for name, value in (("vocab_size", vocab_size), ("dim", dim),
                         ("depth", depth), ("num_heads", num_heads),
                         ("mlp_ratio", mlp_ratio), ("max_len", max_len)):
@@ -120,8 +127,9 @@ class CausalLM(nnx.Module):
                        f"model's max_len={self.max_len}")
     x = self.token_embed(tokens.astype(jnp.int32))
     x = x + self.pos_embed[...][:tokens.shape[1]].astype(x.dtype)
+    call = remat_block(lambda block, h: block(h), self.remat)
     for block in self.blocks:
-      x = block(x)
+      x = call(block, x)
     return self.ln_f(x)
 
   def unembedding(self) -> tuple[jax.Array, jax.Array]:

@@ -9,6 +9,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from jdistill.models.remat import check_remat, remat_block
+
 
 def conv1d_out_length(length: int, kernel_size: int, stride: int,
                       padding: int) -> int:
@@ -36,6 +38,12 @@ class CNN1D(nnx.Module):
 
   ``feature_names`` lists these keys in order. ``train`` is accepted for a
   uniform interface; the model has no train-dependent layers.
+
+  ``remat`` rematerialises each conv layer (conv + ReLU) in the backward
+  pass under a policy of `jdistill.models.remat.REMAT_POLICIES`; outputs and
+  gradients do not depend on it. As for `MLP`, a layer keeps its input
+  either way, so there is little memory to save; it exists for a uniform
+  interface.
   """
 
   def __init__(
@@ -51,7 +59,9 @@ class CNN1D(nnx.Module):
       padding: int = 1,
       dtype: Any = jnp.float32,
       param_dtype: Any = jnp.float32,
+      remat: str = "none",
   ):
+    self.remat = check_remat(remat)
     self.in_length = int(in_length)
     self.in_channels = int(in_channels)
     self.channels = tuple(int(c) for c in channels)
@@ -91,8 +101,9 @@ class CNN1D(nnx.Module):
           f"CNN1D expects input [B, L] or [B, L, C] but got {tuple(x.shape)}")
     h = x.astype(self.dtype)
     feats: dict[str, jax.Array] = {}
+    call = remat_block(lambda conv, x: jax.nn.relu(conv(x)), self.remat)
     for i, conv in enumerate(self.convs):
-      h = jax.nn.relu(conv(h))
+      h = call(conv, h)
       feats[f"conv{i + 1}"] = h
     h = jnp.reshape(h, (h.shape[0], -1))
     feats["penultimate"] = h

@@ -9,6 +9,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from jdistill.models.remat import check_remat, remat_block
+
 NORMS = ("instance", "none", "batch")
 
 
@@ -70,6 +72,11 @@ class ConvNet(nnx.Module):
         the flattened last block (input of the linear head).
 
   ``feature_names`` lists these keys in order.
+
+  ``remat`` rematerialises each block (conv, norm, ReLU, pooling) in the
+  backward pass under a policy of `jdistill.models.remat.REMAT_POLICIES`
+  (``"none"``, ``"full"``, ``"dots"``, ``"dots_saveable"``); outputs,
+  gradients and BatchNorm running statistics do not depend on it.
   """
 
   def __init__(
@@ -83,6 +90,7 @@ class ConvNet(nnx.Module):
       rngs: nnx.Rngs,
       dtype: Any = jnp.float32,
       param_dtype: Any = jnp.float32,
+      remat: str = "none",
   ):
     in_shape = tuple(int(s) for s in in_shape)
     if len(in_shape) != 3:
@@ -93,6 +101,7 @@ class ConvNet(nnx.Module):
     self.width = int(width)
     self.depth = int(depth)
     self.norm = norm
+    self.remat = check_remat(remat)
     self.num_classes = int(num_classes)
     self.dtype = dtype
     h, w, c = in_shape
@@ -118,8 +127,9 @@ class ConvNet(nnx.Module):
   ) -> tuple[jax.Array, dict[str, jax.Array]]:
     h = x.astype(self.dtype)
     feats: dict[str, jax.Array] = {}
+    call = remat_block(lambda block, x: block(x, train=train), self.remat)
     for i, block in enumerate(self.blocks):
-      h = block(h, train=train)
+      h = call(block, h)
       feats[f"block{i + 1}"] = h
     h = jnp.reshape(h, (h.shape[0], -1))
     feats["penultimate"] = h

@@ -9,6 +9,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from jdistill.models.remat import check_remat, remat_block
+
 
 class MLP(nnx.Module):
   """Fully-connected ReLU network on flattened inputs.
@@ -28,6 +30,12 @@ class MLP(nnx.Module):
 
   ``feature_names`` lists these keys in order. ``train`` is accepted for a
   uniform interface; the MLP has no train-dependent layers.
+
+  ``remat`` rematerialises each hidden layer (linear + ReLU) in the backward
+  pass under a policy of `jdistill.models.remat.REMAT_POLICIES`; outputs and
+  gradients do not depend on it. A layer keeps its input either way, so
+  ``"full"`` only drops the ReLU's saved pre-activation: little to gain
+  here, it exists for a uniform interface.
   """
 
   def __init__(
@@ -39,7 +47,9 @@ class MLP(nnx.Module):
       rngs: nnx.Rngs,
       dtype: Any = jnp.float32,
       param_dtype: Any = jnp.float32,
+      remat: str = "none",
   ):
+    self.remat = check_remat(remat)
     self.in_features = int(in_features)
     self.hidden_sizes = tuple(int(h) for h in hidden_sizes)
     self.num_classes = int(num_classes)
@@ -66,8 +76,9 @@ class MLP(nnx.Module):
           f"MLP expects {self.in_features} features per example but got "
           f"input of shape {tuple(x.shape)}")
     feats: dict[str, jax.Array] = {}
+    call = remat_block(lambda layer, x: jax.nn.relu(layer(x)), self.remat)
     for i, layer in enumerate(self.hidden):
-      h = jax.nn.relu(layer(h))
+      h = call(layer, h)
       feats[f"hidden{i + 1}"] = h
     feats["penultimate"] = h
     logits = self.head(h).astype(jnp.float32)

@@ -57,10 +57,16 @@ def create_model(
       ``mlp``, ``width=64, depth=4, norm='batch'`` for ``convnet``,
       ``channels=(25, 25, 25)`` for ``cnn1d``, ``widths=...`` for resnets,
       ``dim=32, depth=2, num_heads=4, patch_size=5`` for ``vit``,
-      ``dim=128, depth=2, num_heads=4`` for ``causal_lm``.
+      ``dim=128, depth=2, num_heads=4`` for ``causal_lm``. Every model takes
+      ``remat=`` one of `jdistill.models.remat.REMAT_NAMES` (``"none"``
+      default, ``"full"``, ``"dots"``, ``"dots_saveable"``): activation
+      checkpointing of its blocks (``causal_lm`` / ``vit`` blocks, resnet
+      BasicBlocks, ``convnet`` blocks, ``mlp`` / ``cnn1d`` layers), same
+      outputs and gradients, less activation memory under ``jax.grad``.
 
   Raises:
-    ValueError: unknown ``name`` or an ``input_shape`` the model cannot take.
+    ValueError: unknown ``name``, an ``input_shape`` the model cannot take,
+      or an unknown ``remat`` policy.
   """
   input_shape = tuple(int(s) for s in input_shape)
   if name not in MODEL_NAMES:

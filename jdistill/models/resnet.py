@@ -10,6 +10,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from jdistill.models.conv import conv_fn
+from jdistill.models.remat import check_remat, remat_block
 
 # PyTorch reference: kaiming_normal_(mode='fan_out', nonlinearity='relu').
 _conv_init = nnx.initializers.variance_scaling(2.0, "fan_out",
@@ -101,6 +102,15 @@ class CifarResNet(nnx.Module):
 
   ``train=True`` uses batch statistics in BatchNorm and updates the running
   averages (``nnx.BatchStat``); ``train=False`` uses the running averages.
+
+  ``remat`` rematerialises each BasicBlock in the backward pass under a
+  policy of `jdistill.models.remat.REMAT_POLICIES` (``"none"``, ``"full"``,
+  ``"dots"``, ``"dots_saveable"``). ``"dots_saveable"`` keeps every
+  convolution output; ``"dots"`` keeps those computed as im2col matmuls
+  (``conv_impl="matmul"``, and ``"auto"`` when training on CPU) and none of
+  XLA's convolutions, so there it equals ``"full"``. Logits, features,
+  gradients and the BatchNorm running statistics (updated once per forward)
+  do not depend on it.
   """
 
   feature_names = ("stem", "stage1", "stage2", "stage3", "penultimate")
@@ -116,6 +126,7 @@ class CifarResNet(nnx.Module):
       dtype: Any = jnp.float32,
       param_dtype: Any = jnp.float32,
       conv_impl: Any = "auto",
+      remat: str = "none",
   ):
     depth = int(depth)
     if depth < 8 or (depth - 2) % 6 != 0:
@@ -125,6 +136,7 @@ class CifarResNet(nnx.Module):
     if len(widths) != 4:
       raise ValueError(f"widths must be (stem, stage1, stage2, stage3), got "
                        f"{widths}")
+    self.remat = check_remat(remat)
     self.depth = depth
     self.widths = widths
     self.num_classes = int(num_classes)
@@ -159,9 +171,10 @@ class CifarResNet(nnx.Module):
     h = jax.nn.relu(
         self.stem_bn(self.stem_conv(h), use_running_average=not train))
     feats: dict[str, jax.Array] = {"stem": h}
+    call = remat_block(lambda block, x: block(x, train=train), self.remat)
     for i, stage in enumerate(self.stages):
       for block in stage:
-        h = block(h, train=train)
+        h = call(block, h)
       feats[f"stage{i + 1}"] = h
     h = jnp.mean(h, axis=(1, 2))
     feats["penultimate"] = h

@@ -12,6 +12,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from jdistill.models.remat import check_remat, remat_block
+
 POOLS = ("cls", "mean")
 
 _dense_init = nnx.initializers.xavier_uniform()
@@ -145,6 +147,11 @@ class ViT(nnx.Module):
 
   ``feature_names`` lists these keys in compute order. ``train`` is accepted
   for a uniform interface; the model has no train-dependent layers.
+
+  ``remat`` rematerialises each block in the backward pass under a policy of
+  `jdistill.models.remat.REMAT_POLICIES` (``"none"``, ``"full"``,
+  ``"dots"``, ``"dots_saveable"``); logits, features and gradients do not
+  depend on it.
   """
 
   def __init__(
@@ -161,6 +168,7 @@ class ViT(nnx.Module):
       pool: str = "cls",
       dtype: Any = jnp.float32,
       param_dtype: Any = jnp.float32,
+      remat: str = "none",
   ):
     in_shape = tuple(int(s) for s in in_shape)
     if len(in_shape) not in (1, 2, 3):
@@ -177,6 +185,7 @@ class ViT(nnx.Module):
     self.num_heads = int(num_heads)
     self.mlp_ratio = mlp_ratio
     self.pool = pool
+    self.remat = check_remat(remat)
     self.num_classes = int(num_classes)
     self.dtype = dtype
     p = self.patch_size
@@ -261,8 +270,9 @@ class ViT(nnx.Module):
     h = jnp.concatenate([cls, h], axis=1)
     h = h + self.pos_embed[...].astype(self.dtype)
     feats: dict[str, jax.Array] = {}
+    call = remat_block(lambda block, x: block(x), self.remat)
     for i, block in enumerate(self.blocks):
-      h, taps = block(h)
+      h, taps = call(block, h)
       for name in ("q", "k", "v", "attn"):
         feats[f"{name}{i + 1}"] = taps[name]
       feats[f"block{i + 1}"] = h
