@@ -17,21 +17,65 @@ import jax.numpy as jnp
 import optax
 from flax import nnx, struct
 
+from jdistill.train.precision import cast_floating, cast_like
+
 PyTree = Any
 
 
 @dataclasses.dataclass(frozen=True)
 class FunctionalModel:
   """A pure ``apply`` for an NNX model whose call is ``model(x, train=...)``
-  and returns ``(logits, features)``."""
+  and returns ``(logits, features)``.
+
+  Attributes:
+    graphdef: the model's static graph definition (`nnx.split`).
+    compute_dtype: ``None`` (no casts) or the dtype of mixed-precision
+      compute (`jdistill.train.precision`), e.g. ``jnp.bfloat16``: `apply`
+      casts the floating parameters and inputs to it, runs every layer in it
+      (the modules' ``dtype`` attributes are set to it), and returns the
+      logits and features in float32, so the losses run in float32. Integer
+      inputs (token ids) are not cast. The parameters stay in their (float32)
+      dtype outside: gradients flow back through the cast, so the optimizer
+      updates float32 master weights. Updated model state (BatchNorm
+      statistics) comes back in its original dtype. A teacher that runs in
+      bfloat16 is a teacher model with ``compute_dtype=jnp.bfloat16``.
+  """
 
   graphdef: Any
+  compute_dtype: Any = None
+
+  def __post_init__(self):
+    if self.compute_dtype is not None:
+      dtype = jnp.dtype(self.compute_dtype)
+      if not jnp.issubdtype(dtype, jnp.floating):
+        raise ValueError(f"FunctionalModel: compute_dtype must be a floating "
+                         f"dtype; got {dtype}")
+      object.__setattr__(self, "compute_dtype", dtype)
 
   @classmethod
-  def split(cls, model: nnx.Module) -> tuple["FunctionalModel", PyTree, PyTree]:
+  def split(cls, model: nnx.Module, *, compute_dtype: Any = None
+            ) -> tuple["FunctionalModel", PyTree, PyTree]:
     """Returns ``(functional_model, params, model_state)`` as pure dicts."""
     graphdef, params, rest = nnx.split(model, nnx.Param, ...)
-    return cls(graphdef), nnx.to_pure_dict(params), nnx.to_pure_dict(rest)
+    return (cls(graphdef, compute_dtype), nnx.to_pure_dict(params),
+            nnx.to_pure_dict(rest))
+
+  def with_compute_dtype(self, dtype: Any) -> "FunctionalModel":
+    """A copy computing in ``dtype`` (``None``: no casts)."""
+    return dataclasses.replace(self, compute_dtype=dtype)
+
+  def merge(self, params: PyTree, model_state: PyTree) -> nnx.Module:
+    """The NNX module with these variables, set up for ``compute_dtype``:
+    its floating parameters cast to it and its layers computing in it."""
+    if self.compute_dtype is None:
+      return nnx.merge(self.graphdef, params, model_state)
+    model = nnx.merge(self.graphdef, cast_floating(params, self.compute_dtype),
+                      model_state)
+    for _, module in nnx.iter_modules(model):
+      dtype = getattr(module, "dtype", None)
+      if dtype is not None and jnp.issubdtype(dtype, jnp.floating):
+        module.dtype = self.compute_dtype
+    return model
 
   def apply(self, params: PyTree, model_state: PyTree, x: jax.Array, *,
             train: bool) -> tuple[jax.Array, dict[str, jax.Array], PyTree]:
@@ -39,14 +83,22 @@ class FunctionalModel:
 
     Returns:
       ``(logits, features, new_model_state)``; ``new_model_state`` carries the
-      updated BatchNorm statistics when ``train`` is True.
+      updated BatchNorm statistics when ``train`` is True. With a
+      ``compute_dtype``, floating logits and features are float32.
     """
-    model = nnx.merge(self.graphdef, params, model_state)
+    if self.compute_dtype is not None:
+      x = cast_floating(x, self.compute_dtype)
+    model = self.merge(params, model_state)
     logits, features = model(x, train=train)
+    if self.compute_dtype is not None:
+      logits, features = cast_floating((logits, features), jnp.float32)
     if not train:
       return logits, features, model_state
     _, _, new_state = nnx.split(model, nnx.Param, ...)
-    return logits, features, nnx.to_pure_dict(new_state)
+    new_state = nnx.to_pure_dict(new_state)
+    if self.compute_dtype is not None:
+      new_state = cast_like(new_state, model_state)
+    return logits, features, new_state
 
 
 @struct.dataclass
@@ -70,6 +122,10 @@ class TrainState:
       ``learned`` combiner's teacher-weight logits,
       `jdistill.train.multi_teacher`); ``{}`` if none. Optimised and
       checkpointed like ``projector_params``.
+    precision_state: state of mixed-precision training: ``{"loss_scale":
+      ...}`` (`jdistill.train.precision.DynamicLossScale.init`) for a step
+      with dynamic loss scaling; ``{}`` otherwise (so runs without it keep
+      their trees unchanged).
   """
 
   step: jax.Array
@@ -80,13 +136,15 @@ class TrainState:
   loss_state: PyTree = dataclasses.field(default_factory=dict)
   projector_params: PyTree = dataclasses.field(default_factory=dict)
   combiner_params: PyTree = dataclasses.field(default_factory=dict)
+  precision_state: PyTree = dataclasses.field(default_factory=dict)
 
   @classmethod
   def create(cls, params: PyTree, model_state: PyTree,
              tx: optax.GradientTransformation, seed: int,
              loss_state: PyTree | None = None,
              projector_params: PyTree | None = None,
-             combiner_params: PyTree | None = None) -> "TrainState":
+             combiner_params: PyTree | None = None,
+             precision_state: PyTree | None = None) -> "TrainState":
     projector_params = {} if projector_params is None else projector_params
     combiner_params = {} if combiner_params is None else combiner_params
     return cls(
@@ -99,6 +157,7 @@ class TrainState:
         loss_state={} if loss_state is None else loss_state,
         projector_params=projector_params,
         combiner_params=combiner_params,
+        precision_state={} if precision_state is None else precision_state,
     )
 
   def trainables(self) -> PyTree:
