@@ -19,6 +19,14 @@ Steps from an offline cache read the teacher's targets from the batch:
 
 These are the fields of a `jdistill.data.teacher_cache.TeacherCache` with a
 ``teacher_`` prefix.
+
+With ``grad_accum_steps=k`` (`jdistill.train.step.accumulate_gradients`)
+every ``[B, ...]`` field, cache fields and masks included, is split into
+``k`` micro-batches of sequences; each micro-batch's gradient, loss and
+metrics weigh by its valid tokens (reduction ``"batch"``) or its sequences
+with at least one valid token (``"batch_of_sequences"``; token accuracy
+always by valid tokens), so the step equals the step on the whole batch up
+to float rounding.
 """
 
 from __future__ import annotations
@@ -29,14 +37,16 @@ from typing import Any, Callable
 import jax
 import jax.numpy as jnp
 import optax
-from flax import nnx
 
 from jdistill.losses import fused as fused_losses
 from jdistill.losses import sparse as sparse_losses
 from jdistill.losses.logit import get_logit_loss
 from jdistill.losses.sequence import reduce_tokens, reduction_weights
+from jdistill.train.precision import DynamicLossScale
 from jdistill.train.state import FunctionalModel, TrainState
-from jdistill.train.step import _apply_gradients
+from jdistill.train.step import (_apply_gradients, accumulate_gradients,
+                                 check_grad_accum_steps, skip_nonfinite_update,
+                                 value_and_grad)
 
 Batch = dict[str, jax.Array]
 Metrics = dict[str, jax.Array]
@@ -54,6 +64,22 @@ def token_mask(batch: Batch) -> jax.Array:
   if batch.get("token_mask") is not None:
     mask = mask & batch["token_mask"]
   return mask
+
+
+def token_count(batch: Batch) -> jax.Array:
+  """float32 number of valid tokens (`token_mask`)."""
+  return jnp.sum(token_mask(batch), dtype=jnp.float32)
+
+
+def sequence_count(batch: Batch) -> jax.Array:
+  """float32 number of sequences with at least one valid token."""
+  return jnp.sum(jnp.any(token_mask(batch), axis=1), dtype=jnp.float32)
+
+
+def reduction_count(reduction: str) -> Callable[[Batch], jax.Array]:
+  """What a scalar token reduction averages over: `token_count` for
+  ``"batch"``, `sequence_count` for ``"batch_of_sequences"``."""
+  return token_count if reduction == "batch" else sequence_count
 
 
 def next_token_nll(logits: jax.Array, targets: jax.Array) -> jax.Array:
@@ -121,15 +147,26 @@ class LMDistillObjective:
 
 
 def make_lm_train_step(model: FunctionalModel,
-                       tx: optax.GradientTransformation
+                       tx: optax.GradientTransformation, *,
+                       grad_accum_steps: int = 1,
+                       loss_scale: DynamicLossScale | None = None
                        ) -> Callable[[TrainState, Batch],
                                      tuple[TrainState, Metrics]]:
   """Next-token cross-entropy training (teachers and label-only baselines).
+
+  Args:
+    model: the functional model.
+    tx: its optimizer.
+    grad_accum_steps: micro-batches per update (exact; see the module
+      docstring).
+    loss_scale: dynamic loss scaling (float16), state in
+      ``state.precision_state``; ``None`` for none.
 
   Returns:
     ``step(state, batch) -> (state, metrics)`` with ``loss`` (mean NLL per
     valid token), ``accuracy`` (next-token top-1) and ``grad_norm``.
   """
+  k = check_grad_accum_steps(grad_accum_steps, "make_lm_train_step")
 
   def loss_fn(params, state: TrainState, batch: Batch):
     logits, _, new_model_state = model.apply(params, state.model_state,
@@ -139,19 +176,32 @@ def make_lm_train_step(model: FunctionalModel,
     return loss, (logits, mask, new_model_state)
 
   def step(state: TrainState, batch: Batch):
-    (loss, (logits, mask, new_model_state)), grads = jax.value_and_grad(
-        loss_fn, has_aux=True)(state.params, state, batch)
-    state, grad_norm = _apply_gradients(state, tx, grads, new_model_state)
-    return state, {"loss": loss, "ce": loss,
-                   "accuracy": _token_accuracy(logits, batch["y"], mask),
-                   "grad_norm": grad_norm}
+
+    def grad_fn(model_state, batch: Batch, index):
+      del index
+      micro_state = state.replace(model_state=model_state)
+      (loss, (logits, mask, new_model_state)), grads = value_and_grad(
+          loss_fn, state, loss_scale)(state.params, micro_state, batch)
+      metrics = {"loss": loss, "ce": loss,
+                 "accuracy": _token_accuracy(logits, batch["y"], mask)}
+      return new_model_state, grads, metrics
+
+    new_model_state, grads, metrics = accumulate_gradients(
+        grad_fn, state.model_state, batch, k, token_count)
+    new_state, grad_norm = _apply_gradients(state, tx, grads, new_model_state)
+    return skip_nonfinite_update(state, new_state, grads, loss_scale,
+                                 {**metrics, "grad_norm": grad_norm})
 
   return step
 
 
 def _hidden_and_unembedding(model: FunctionalModel, params, model_state,
                             tokens):
-  module = nnx.merge(model.graphdef, params, model_state)
+  """``(hidden [B*T, dim], W, b)`` for the fused loss, in the model's
+  ``compute_dtype`` when it has one (parameters cast as in
+  `FunctionalModel.apply`; the fused loss multiplies in that dtype with
+  float32 accumulation and runs its softmaxes in float32)."""
+  module = model.merge(params, model_state)
   if not hasattr(module, "hidden_states"):
     raise ValueError(f"--lm_fused_kd needs a model with hidden_states() and "
                      f"unembedding() (causal_lm), got {type(module).__name__}")
@@ -163,7 +213,9 @@ def _hidden_and_unembedding(model: FunctionalModel, params, model_state,
 def make_lm_distill_step(student: FunctionalModel,
                          tx: optax.GradientTransformation,
                          objective: LMDistillObjective,
-                         teacher: FunctionalModel | None = None
+                         teacher: FunctionalModel | None = None, *,
+                         grad_accum_steps: int = 1,
+                         loss_scale: DynamicLossScale | None = None
                          ) -> Callable[[TrainState, Any, Batch],
                                        tuple[TrainState, Metrics]]:
   """Token-level distillation of a causal LM.
@@ -171,7 +223,18 @@ def make_lm_distill_step(student: FunctionalModel,
   The teacher (``source="online"``) runs forward only under
   ``stop_gradient``; its variables are an argument of the step, never part
   of the state. With a cache source the teacher's targets come in the batch
-  and ``teacher_variables`` is ignored (pass ``{}``).
+  and ``teacher_variables`` is ignored (pass ``{}``). A teacher with
+  ``compute_dtype=jnp.bfloat16`` runs in bfloat16.
+
+  Args:
+    student: the student's functional model.
+    tx: its optimizer.
+    objective: the token-level objective.
+    teacher: the teacher's functional model (``source="online"``).
+    grad_accum_steps: micro-batches per update, each with its own teacher
+      forward (exact; see the module docstring).
+    loss_scale: dynamic loss scaling (float16), state in
+      ``state.precision_state``; ``None`` for none.
 
   Returns:
     ``step(state, teacher_variables, batch) -> (state, metrics)``; metrics
@@ -181,6 +244,7 @@ def make_lm_distill_step(student: FunctionalModel,
   """
   if objective.source == "online" and teacher is None:
     raise ValueError("make_lm_distill_step: source='online' needs a teacher")
+  k = check_grad_accum_steps(grad_accum_steps, "make_lm_distill_step")
   kd_fn = get_logit_loss(objective.loss)
   hp = dict(objective.loss_kwargs)
   temp = objective.temperature
@@ -218,26 +282,40 @@ def make_lm_distill_step(student: FunctionalModel,
     loss = objective.kd_weight * kd + objective.ce_weight * ce
     return loss, ({"kd": kd, "ce": ce}, logits, new_model_state)
 
+  def teacher_outputs(teacher_variables, batch: Batch):
+    if objective.source != "online":
+      return None
+    if objective.fused:
+      return jax.lax.stop_gradient(_hidden_and_unembedding(
+          teacher, teacher_variables["params"],
+          teacher_variables["model_state"], batch["x"]))
+    teacher_out, _, _ = teacher.apply(
+        teacher_variables["params"], teacher_variables["model_state"],
+        batch["x"], train=False)
+    return jax.lax.stop_gradient(teacher_out)
+
   def step(state: TrainState, teacher_variables, batch: Batch):
-    teacher_out = None
-    if objective.source == "online":
-      if objective.fused:
-        teacher_out = jax.lax.stop_gradient(_hidden_and_unembedding(
-            teacher, teacher_variables["params"],
-            teacher_variables["model_state"], batch["x"]))
-      else:
-        teacher_out, _, _ = teacher.apply(
-            teacher_variables["params"], teacher_variables["model_state"],
-            batch["x"], train=False)
-        teacher_out = jax.lax.stop_gradient(teacher_out)
-    (loss, (parts, logits, new_model_state)), grads = jax.value_and_grad(
-        loss_fn, has_aux=True)(state.params, state, batch, teacher_out)
-    state, grad_norm = _apply_gradients(state, tx, grads, new_model_state)
-    metrics = {"loss": loss, **parts, "grad_norm": grad_norm}
-    if logits is not None:
-      metrics["accuracy"] = _token_accuracy(logits, batch["y"],
-                                            token_mask(batch))
-    return state, metrics
+
+    def grad_fn(model_state, batch: Batch, index):
+      del index
+      micro_state = state.replace(model_state=model_state)
+      teacher_out = teacher_outputs(teacher_variables, batch)
+      (loss, (parts, logits, new_model_state)), grads = value_and_grad(
+          loss_fn, state, loss_scale)(state.params, micro_state, batch,
+                                      teacher_out)
+      metrics = {"loss": loss, **parts}
+      if logits is not None:
+        metrics["accuracy"] = _token_accuracy(logits, batch["y"],
+                                              token_mask(batch))
+      return new_model_state, grads, metrics
+
+    new_model_state, grads, metrics = accumulate_gradients(
+        grad_fn, state.model_state, batch, k,
+        reduction_count(objective.reduction),
+        metric_weights={"accuracy": token_count})
+    new_state, grad_norm = _apply_gradients(state, tx, grads, new_model_state)
+    return skip_nonfinite_update(state, new_state, grads, loss_scale,
+                                 {**metrics, "grad_norm": grad_norm})
 
   return step
 

@@ -66,9 +66,14 @@ from jdistill import teachers as combine
 from jdistill.losses import kd
 from jdistill.train.objective import (DistillObjective, cross_entropy,
                                       masked_mean)
+from jdistill.train.precision import DynamicLossScale
 from jdistill.train.projectors import FunctionalProjectors
 from jdistill.train.state import FunctionalModel, TrainState
-from jdistill.train.step import masked_accuracy, student_forward
+from jdistill.train.step import (_apply_gradients, accumulate_gradients,
+                                 check_grad_accum_steps, example_count,
+                                 masked_accuracy, micro_loss_state,
+                                 per_step_loss_state, skip_nonfinite_update,
+                                 student_forward, value_and_grad)
 from jdistill.train.teachers import TeacherEnsemble
 
 COMBINERS = ("mean_probs", "mean_logits", "confidence", "entropy", "best",
@@ -394,7 +399,8 @@ def masked_mean_over_batch(w: jax.Array, mask) -> jax.Array:
 def make_multi_teacher_distill_step(
     student: FunctionalModel, teachers: TeacherEnsemble,
     tx: optax.GradientTransformation, objective: MultiTeacherObjective,
-    projectors: FunctionalProjectors | None = None
+    projectors: FunctionalProjectors | None = None, *,
+    grad_accum_steps: int = 1, loss_scale: DynamicLossScale | None = None
 ) -> Callable[[TrainState, Any, dict], tuple[TrainState, dict]]:
   """Distillation step from the teachers of ``teachers``.
 
@@ -411,6 +417,15 @@ def make_multi_teacher_distill_step(
     objective: the multi-teacher objective.
     projectors: the projectors of ``objective.objective.feature_terms``
       (one head per teacher and pair).
+    grad_accum_steps: micro-batches per update, each with its own teacher
+      forwards (`jdistill.train.step.accumulate_gradients`). Exact for the
+      combiners and per-example losses; per micro-batch (so not identical
+      to the whole batch) for relational losses, ``feature_standardize``
+      (batch statistics; running statistics updated micro-batch after
+      micro-batch) and teacher dropping (each micro-batch draws its own
+      mask).
+    loss_scale: dynamic loss scaling (float16), state in
+      ``state.precision_state``; ``None`` for none.
 
   Returns:
     ``step(state, teacher_variables, batch) -> (state, metrics)`` where
@@ -426,6 +441,8 @@ def make_multi_teacher_distill_step(
   if terms and projectors is None:
     raise ValueError("make_multi_teacher_distill_step: the objective has "
                      "feature terms but no projectors were given")
+  accum = check_grad_accum_steps(grad_accum_steps,
+                                 "make_multi_teacher_distill_step")
   term_taps = [split_teacher_tap(term.teacher_tap) for term in terms]
   model_taps = tuple(sorted({tap for tap, _ in term_taps if tap != "logits"}))
   k = objective.num_teachers
@@ -442,41 +459,51 @@ def make_multi_teacher_distill_step(
     return loss, (logits, parts, combined, new_model_state)
 
   def step(state: TrainState, teacher_variables, batch):
-    mask = batch.get("mask")
-    teacher_logits, teacher_all = teachers.apply(teacher_variables,
-                                                 batch["x"], taps=model_taps)
-    teacher_logits = jax.lax.stop_gradient(teacher_logits)
-    teacher_feats = [teacher_logits[i] if tap == "logits"
-                     else teacher_all[i][tap] for tap, i in term_taps]
-    teacher_feats, stats = objective.prepare_teacher_features(
-        teacher_feats, state.loss_state, mask)
-    (loss, (logits, parts, combined, new_model_state)), grads = (
-        jax.value_and_grad(loss_fn, has_aux=True)(
-            state.trainables(), state, teacher_logits, teacher_feats, batch,
-            state.step_key()))
-    loss_state = objective.next_loss_state(
-        state.loss_state, parts, state.step, teacher_features=teacher_feats,
-        mask=mask, teacher_stats=stats)
-    trainables = state.trainables()
-    updates, opt_state = tx.update(grads, state.opt_state, trainables)
-    new_state = state.with_trainables(optax.apply_updates(trainables,
-                                                          updates))
-    new_state = new_state.replace(step=state.step + 1,
-                                  model_state=new_model_state,
-                                  opt_state=opt_state, loss_state=loss_state)
-    metrics = {
-        "loss": loss, **parts,
-        "accuracy": masked_accuracy(logits, batch["y"], mask),
-        "teacher_accuracy": masked_accuracy(combined, batch["y"], mask),
-        "agreement": masked_mean(
-            (jnp.argmax(logits, -1) == jnp.argmax(combined, -1)
-             ).astype(jnp.float32), mask),
-        "grad_norm": optax.tree.norm(grads),
-    }
-    for i in range(k):
-      metrics[f"teacher{i}_accuracy"] = masked_accuracy(teacher_logits[i],
-                                                  batch["y"], mask)
-    return new_state, metrics
+
+    def grad_fn(carry, batch, index):
+      model_state, loss_state = carry
+      micro_state = state.replace(model_state=model_state,
+                                  loss_state=loss_state)
+      mask = batch.get("mask")
+      teacher_logits, teacher_all = teachers.apply(
+          teacher_variables, batch["x"], taps=model_taps)
+      teacher_logits = jax.lax.stop_gradient(teacher_logits)
+      teacher_feats = [teacher_logits[i] if tap == "logits"
+                       else teacher_all[i][tap] for tap, i in term_taps]
+      teacher_feats, stats = objective.prepare_teacher_features(
+          teacher_feats, loss_state, mask)
+      key = state.step_key()
+      if accum > 1:  # Each micro-batch drops teachers independently.
+        key = jax.random.fold_in(key, index)
+      (loss, (logits, parts, combined, new_model_state)), grads = (
+          value_and_grad(loss_fn, state, loss_scale)(
+              state.trainables(), micro_state, teacher_logits, teacher_feats,
+              batch, key))
+      new_loss_state = micro_loss_state(
+          objective, loss_state, parts, state.step, index, accum,
+          teacher_features=teacher_feats, mask=mask, teacher_stats=stats)
+      metrics = {
+          "loss": loss, **parts,
+          "accuracy": masked_accuracy(logits, batch["y"], mask),
+          "teacher_accuracy": masked_accuracy(combined, batch["y"], mask),
+          "agreement": masked_mean(
+              (jnp.argmax(logits, -1) == jnp.argmax(combined, -1)
+               ).astype(jnp.float32), mask),
+      }
+      for i in range(k):
+        metrics[f"teacher{i}_accuracy"] = masked_accuracy(
+            teacher_logits[i], batch["y"], mask)
+      return (new_model_state, new_loss_state), grads, metrics
+
+    (new_model_state, loss_state), grads, metrics = accumulate_gradients(
+        grad_fn, (state.model_state, state.loss_state), batch, accum,
+        example_count)
+    loss_state = per_step_loss_state(objective, state.loss_state, loss_state,
+                                     metrics, state.step, accum)
+    new_state, grad_norm = _apply_gradients(state, tx, grads, new_model_state)
+    new_state = new_state.replace(loss_state=loss_state)
+    return skip_nonfinite_update(state, new_state, grads, loss_scale,
+                                 {**metrics, "grad_norm": grad_norm})
 
   return step
 

@@ -4,6 +4,31 @@ Every factory returns an un-jitted pure function; `jdistill.train.mesh`
 compiles it over a device mesh. Batches are dicts with ``"x"`` (inputs),
 ``"y"`` (int labels) and optionally ``"mask"`` (bool ``[batch]``, False for
 padding examples).
+
+Gradient accumulation (``grad_accum_steps=k`` of the update-step factories,
+`accumulate_gradients`): the step splits its global batch into ``k``
+micro-batches, runs the forward and backward pass of each in turn in a
+``jax.lax.scan`` (only one micro-batch's activations are alive at a time)
+and applies one optimizer update with the accumulated float32 gradients.
+Each micro-batch's gradient, loss and metrics are weighted by its share of
+the valid examples (tokens, sequences), so for losses that are means of
+per-example terms the step equals the step on the whole batch, up to
+float rounding. It is not identical for what is computed per micro-batch:
+batch-relational losses (RKD, SP, PKT, CKA, contrastive/CRD, DIST,
+Sinkhorn, MLKD, batch feature standardisation, ...: anything that is not a
+mean of per-example terms) and BatchNorm batch statistics see one
+micro-batch at a time; the model state (BatchNorm running statistics) and
+the feature terms' loss states (memory banks, running teacher-feature
+statistics) are updated micro-batch after micro-batch. TAID's coefficient
+is updated once per step from the accumulated KD loss (exact).
+
+Dynamic loss scaling (``loss_scale=``, `jdistill.train.precision`): the
+loss is multiplied by the scale in ``state.precision_state["loss_scale"]``
+before the backward pass and the gradients are divided by it; a step whose
+gradients are not all finite is skipped (the state is unchanged apart from
+``step`` + 1 and the halved scale). Such steps report the metrics
+``loss_scale`` (the scale the step used) and ``overflow`` (1.0 for a
+skipped step).
 """
 
 from __future__ import annotations
@@ -15,11 +40,13 @@ import jax.numpy as jnp
 import optax
 
 from jdistill.train.objective import DistillObjective, cross_entropy, masked_mean
+from jdistill.train.precision import DynamicLossScale, all_finite
 from jdistill.train.projectors import FunctionalProjectors
 from jdistill.train.state import FunctionalModel, TrainState
 
 Batch = dict[str, jax.Array]
 Metrics = dict[str, jax.Array]
+GradFn = Callable[[Any, Batch, jax.Array], tuple[Any, Any, Metrics]]
 
 
 def masked_accuracy(logits: jax.Array, labels: jax.Array, mask) -> jax.Array:
@@ -40,6 +67,212 @@ def _apply_gradients(state: TrainState, tx: optax.GradientTransformation,
   return new_state, optax.tree.norm(grads)
 
 
+def check_grad_accum_steps(grad_accum_steps: int, where: str) -> int:
+  """``grad_accum_steps`` as an int; raises unless it is a positive int."""
+  if (isinstance(grad_accum_steps, bool)
+      or int(grad_accum_steps) != grad_accum_steps or grad_accum_steps < 1):
+    raise ValueError(f"{where}: grad_accum_steps must be a positive int; got "
+                     f"{grad_accum_steps!r}")
+  return int(grad_accum_steps)
+
+
+def batch_size(batch: Batch) -> int:
+  """The number of examples of ``batch`` (the leading dim of ``"x"``)."""
+  return batch["x"].shape[0]
+
+
+def example_count(batch: Batch) -> jax.Array:
+  """float32 number of valid examples (``sum(mask)``, else the batch
+  size): what `masked_mean` divides by."""
+  mask = batch.get("mask")
+  if mask is None:
+    return jnp.asarray(batch_size(batch), jnp.float32)
+  return jnp.sum(mask, dtype=jnp.float32)
+
+
+def _is_batch_array(x, size: int) -> bool:
+  return getattr(x, "ndim", 0) >= 1 and x.shape[0] == size
+
+
+def micro_batch(batch: Batch, grad_accum_steps: int, index) -> Batch:
+  """Micro-batch ``index`` of ``grad_accum_steps``: examples ``index,
+  index + k, index + 2k, ...`` of every array whose leading dim is the
+  batch size (other leaves are shared by all micro-batches).
+
+  This is ``x.reshape(B // k, k, ...).swapaxes(0, 1)[index]``, taken as a
+  slice of the reshape without materialising the transposed copy. When the
+  batch is sharded over devices along dim 0 in contiguous blocks (and
+  ``B // k`` is a multiple of the number of devices), every micro-batch is
+  spread over all the devices in the same way, so no resharding is needed.
+
+  Raises:
+    ValueError: at trace time when ``k`` does not divide the batch size.
+  """
+  k = grad_accum_steps
+  size = batch_size(batch)
+  if size % k:
+    raise ValueError(f"batch of {size} examples is not divisible by "
+                     f"grad_accum_steps={k}")
+
+  def take(x):
+    if not _is_batch_array(x, size):
+      return x
+    folded = x.reshape(size // k, k, *x.shape[1:])
+    return jax.lax.dynamic_index_in_dim(folded, index, axis=1,
+                                        keepdims=False)
+
+  return jax.tree.map(take, batch)
+
+
+def accumulate_gradients(grad_fn: GradFn, carry, batch: Batch,
+                         grad_accum_steps: int,
+                         weight_fn: Callable[[Batch], jax.Array], *,
+                         metric_weights: dict[str, Callable[[Batch],
+                                                            jax.Array]]
+                         | None = None) -> tuple[Any, Any, Metrics]:
+  """Gradients and metrics of ``batch`` accumulated over micro-batches.
+
+  ``grad_fn(carry, micro_batch, index) -> (carry, grads, metrics)`` runs
+  on each micro-batch (`micro_batch`) in turn inside a ``jax.lax.scan``;
+  ``carry`` (e.g. BatchNorm statistics, loss state) threads through them.
+  With ``c_i = weight_fn(micro_batch_i)`` (e.g. `example_count`) and ``C =
+  weight_fn(batch)``, the result is ``sum_i (c_i / C) grads_i`` (summed in
+  float32, cast back to each gradient's dtype) and likewise for every
+  metric (a metric named in ``metric_weights`` uses its own count
+  function). For a loss ``sum(masked values) / C`` this is exactly the
+  whole batch's gradient. A micro-batch with ``c_i = 0`` contributes
+  nothing (not even a NaN); when ``C = 0`` every micro-batch weighs
+  ``1 / k``. Only one micro-batch's activations are alive at a time and
+  only the running sums are kept, so memory does not grow with ``k`` at a
+  fixed micro-batch size. With the batch sharded over a data axis, XLA's
+  partitioner all-reduces each micro-batch's gradients inside the loop
+  (``k`` gradient all-reduces per update, not one).
+
+  ``grad_accum_steps == 1`` calls ``grad_fn(carry, batch, 0)`` directly
+  (no scan, no weights).
+
+  Args:
+    grad_fn: the per-micro-batch forward and backward pass.
+    carry: the initial carry.
+    batch: the global batch.
+    grad_accum_steps: ``k``, which must divide the batch size.
+    weight_fn: what the loss averages over, as a float32 count.
+    metric_weights: count functions of metrics that average over something
+      else (e.g. token accuracy in a step whose loss averages sequences).
+
+  Returns:
+    ``(carry, grads, metrics)``.
+  """
+  k = grad_accum_steps
+  if k == 1:
+    return grad_fn(carry, batch, jnp.zeros((), jnp.int32))
+  metric_weights = metric_weights or {}
+  first = micro_batch(batch, k, 0)  # Raises for a batch k does not divide.
+  totals = {None: weight_fn(batch),
+            **{n: fn(batch) for n, fn in metric_weights.items()}}
+  _, grads_shape, metrics_shape = jax.eval_shape(
+      lambda c, mb: grad_fn(c, mb, jnp.zeros((), jnp.int32)), carry, first)
+
+  def fraction(name, mb):
+    fn, total = ((metric_weights[name], totals[name])
+                 if name in metric_weights else (weight_fn, totals[None]))
+    return jnp.where(total > 0, fn(mb) / jnp.maximum(total, 1e-30), 1.0 / k)
+
+  def add(acc, value, w):
+    return acc + jnp.where(w > 0, w * value.astype(jnp.float32), 0.0)
+
+  def body(loop_carry, index):
+    carry, grads_sum, metrics_sum = loop_carry
+    mb = micro_batch(batch, k, index)
+    carry, grads, metrics = grad_fn(carry, mb, index)
+    w = fraction(None, mb)
+    grads_sum = jax.tree.map(lambda a, g: add(a, g, w), grads_sum, grads)
+    metrics_sum = {n: add(metrics_sum[n], v, fraction(n, mb))
+                   for n, v in metrics.items()}
+    return (carry, grads_sum, metrics_sum), None
+
+  zeros = lambda s: jnp.zeros(s.shape, jnp.float32)
+  init = (carry, jax.tree.map(zeros, grads_shape),
+          {n: zeros(s) for n, s in metrics_shape.items()})
+  (carry, grads, metrics), _ = jax.lax.scan(body, init, jnp.arange(k))
+  grads = jax.tree.map(lambda g, s: g.astype(s.dtype), grads, grads_shape)
+  metrics = {n: v.astype(metrics_shape[n].dtype) for n, v in metrics.items()}
+  return carry, grads, metrics
+
+
+def value_and_grad(loss_fn: Callable, state: TrainState,
+                   loss_scale: DynamicLossScale | None) -> Callable:
+  """``jax.value_and_grad(loss_fn, has_aux=True)``, of the loss scaled by
+  ``state.precision_state["loss_scale"]`` when ``loss_scale`` is given
+  (`DynamicLossScale.value_and_grad`: the loss and gradients it returns
+  are unscaled)."""
+  if loss_scale is None:
+    return jax.value_and_grad(loss_fn, has_aux=True)
+  return loss_scale.value_and_grad(loss_fn, _loss_scale_state(state))
+
+
+def _loss_scale_state(state: TrainState):
+  if "loss_scale" not in state.precision_state:
+    raise ValueError(
+        "the step uses dynamic loss scaling but state.precision_state has no "
+        "'loss_scale'; create the state with TrainState.create(..., "
+        "precision_state=policy.init_precision_state())")
+  return state.precision_state["loss_scale"]
+
+
+def skip_nonfinite_update(old: TrainState, new: TrainState, grads,
+                          loss_scale: DynamicLossScale | None,
+                          metrics: Metrics) -> tuple[TrainState, Metrics]:
+  """The end of a step with dynamic loss scaling (identity without).
+
+  When ``grads`` are not all finite, ``old`` is kept apart from ``step``
+  (``new``'s); the loss scale adapts either way. Adds the metrics
+  ``loss_scale`` (the scale of this step) and ``overflow``.
+  """
+  if loss_scale is None:
+    return new, metrics
+  scale_state = _loss_scale_state(old)
+  finite = all_finite(grads)
+  kept = jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
+  kept = kept.replace(step=new.step, precision_state={
+      **old.precision_state,
+      "loss_scale": loss_scale.adjust(scale_state, finite)})
+  return kept, {**metrics, "loss_scale": scale_state["scale"],
+                "overflow": 1.0 - finite.astype(jnp.float32)}
+
+
+def per_step_loss_state(objective, before, after, parts: Metrics, step,
+                        grad_accum_steps: int):
+  """The loss state after an accumulated step.
+
+  ``after`` is the state threaded through the micro-batches (feature terms'
+  memory banks and running statistics, updated micro-batch after
+  micro-batch). TAID's coefficient adapts once per optimizer step, from the
+  step's accumulated KD loss in ``parts`` (as on the whole batch).
+  """
+  if grad_accum_steps == 1 or "taid" not in before:
+    return after
+  taid = objective.next_loss_state({"taid": before["taid"]}, parts,
+                                   step)["taid"]
+  return {**after, "taid": taid}
+
+
+def micro_loss_state(objective, loss_state, parts, step, index,
+                     grad_accum_steps: int, **kwargs):
+  """``objective.next_loss_state`` after one micro-batch: memory banks
+  write at micro-step ``step * k + index`` (so the ``k`` micro-batches of a
+  step fill consecutive slots) and TAID's coefficient is left for
+  `per_step_loss_state`."""
+  k = grad_accum_steps
+  if k == 1:
+    return objective.next_loss_state(loss_state, parts, step, **kwargs)
+  new = objective.next_loss_state(loss_state, parts, step * k + index,
+                                  **kwargs)
+  if "taid" in loss_state:
+    new = {**new, "taid": loss_state["taid"]}
+  return new
+
+
 NONFINITE_MODES = ("stop", "skip", "ignore")
 
 
@@ -57,6 +290,11 @@ def guard_nonfinite(step: Callable, mode: str = "skip") -> Callable:
   difference between ``skip`` and ``stop`` is the loop's (`train_loop`):
   stop raises at the first such step. ``"ignore"`` applies the update
   anyway and only reports it.
+
+  With dynamic loss scaling (a step that reports ``overflow``) a gradient
+  overflow is the loss scale's business, not a non-finite step: the step
+  has already skipped the update and lowered the scale. Only a non-finite
+  loss counts then, and ``state.precision_state`` always moves on.
   """
   if mode not in NONFINITE_MODES:
     raise ValueError(f"guard_nonfinite: mode={mode!r}; expected one of "
@@ -64,26 +302,41 @@ def guard_nonfinite(step: Callable, mode: str = "skip") -> Callable:
 
   def guarded(state: TrainState, *args):
     new_state, metrics = step(state, *args)
-    finite = jnp.isfinite(metrics["loss"]) & jnp.isfinite(metrics["grad_norm"])
+    grads_ok = jnp.isfinite(metrics["grad_norm"])
+    if "overflow" in metrics:  # Dynamic loss scaling skipped the update.
+      grads_ok = grads_ok | (metrics["overflow"] > 0)
+    finite = jnp.isfinite(metrics["loss"]) & grads_ok
     metrics = {**metrics, "nonfinite": 1.0 - finite.astype(jnp.float32)}
     if mode == "ignore":
       return new_state, metrics
     kept = jax.tree.map(lambda new, old: jnp.where(finite, new, old),
                         new_state, state)
-    return kept.replace(step=new_state.step), metrics
+    return kept.replace(step=new_state.step,
+                        precision_state=new_state.precision_state), metrics
 
   return guarded
 
 
 def make_train_step(model: FunctionalModel, tx: optax.GradientTransformation,
-                    *, label_smoothing: float = 0.0
+                    *, label_smoothing: float = 0.0, grad_accum_steps: int = 1,
+                    loss_scale: DynamicLossScale | None = None
                     ) -> Callable[[TrainState, Batch], tuple[TrainState, Metrics]]:
   """Supervised step (a teacher, or a student from labels).
+
+  Args:
+    model: the functional model.
+    tx: its optimizer.
+    label_smoothing: of the cross-entropy.
+    grad_accum_steps: micro-batches per update (see the module docstring;
+      exact, except for BatchNorm batch statistics).
+    loss_scale: dynamic loss scaling (float16), state in
+      ``state.precision_state``; ``None`` for none.
 
   Returns:
     ``step(state, batch) -> (state, metrics)`` with metrics ``loss``,
     ``accuracy`` and ``grad_norm``.
   """
+  k = check_grad_accum_steps(grad_accum_steps, "make_train_step")
 
   def loss_fn(params, state: TrainState, batch: Batch):
     logits, _, new_model_state = model.apply(params, state.model_state,
@@ -94,14 +347,22 @@ def make_train_step(model: FunctionalModel, tx: optax.GradientTransformation,
     return loss, (logits, new_model_state)
 
   def step(state: TrainState, batch: Batch):
-    (loss, (logits, new_model_state)), grads = jax.value_and_grad(
-        loss_fn, has_aux=True)(state.params, state, batch)
-    state, grad_norm = _apply_gradients(state, tx, grads, new_model_state)
-    metrics = {"loss": loss, "ce": loss,
-               "accuracy": masked_accuracy(logits, batch["y"],
-                                           batch.get("mask")),
-               "grad_norm": grad_norm}
-    return state, metrics
+
+    def grad_fn(model_state, batch: Batch, index):
+      del index
+      micro_state = state.replace(model_state=model_state)
+      (loss, (logits, new_model_state)), grads = value_and_grad(
+          loss_fn, state, loss_scale)(state.params, micro_state, batch)
+      metrics = {"loss": loss, "ce": loss,
+                 "accuracy": masked_accuracy(logits, batch["y"],
+                                             batch.get("mask"))}
+      return new_model_state, grads, metrics
+
+    new_model_state, grads, metrics = accumulate_gradients(
+        grad_fn, state.model_state, batch, k, example_count)
+    new_state, grad_norm = _apply_gradients(state, tx, grads, new_model_state)
+    return skip_nonfinite_update(state, new_state, grads, loss_scale,
+                                 {**metrics, "grad_norm": grad_norm})
 
   return step
 
@@ -128,7 +389,9 @@ def student_forward(student: FunctionalModel,
 def make_distill_step(student: FunctionalModel, teacher: FunctionalModel,
                       tx: optax.GradientTransformation,
                       objective: DistillObjective,
-                      projectors: FunctionalProjectors | None = None
+                      projectors: FunctionalProjectors | None = None, *,
+                      grad_accum_steps: int = 1,
+                      loss_scale: DynamicLossScale | None = None
                       ) -> Callable[[TrainState, Any, Batch],
                                     tuple[TrainState, Metrics]]:
   """Logit- and feature-distillation step.
@@ -138,7 +401,8 @@ def make_distill_step(student: FunctionalModel, teacher: FunctionalModel,
   are neither optimised nor checkpointed. For each of the objective's
   feature terms the student's tap goes through its projector (parameters in
   ``state.projector_params``, trained with the student) and is compared with
-  the teacher's tap.
+  the teacher's tap. A teacher `FunctionalModel` with ``compute_dtype=
+  jnp.bfloat16`` runs its forward in bfloat16 (float32 logits).
 
   Args:
     student: the student's functional model.
@@ -148,6 +412,11 @@ def make_distill_step(student: FunctionalModel, teacher: FunctionalModel,
       feature terms.
     projectors: the projectors of ``objective.feature_terms`` (required
       when there are feature terms).
+    grad_accum_steps: micro-batches per update, each with its own teacher
+      forward (see the module docstring: exact for losses that are means of
+      per-example terms).
+    loss_scale: dynamic loss scaling (float16), state in
+      ``state.precision_state``; ``None`` for none.
 
   Returns:
     ``step(state, teacher_variables, batch) -> (state, metrics)`` where
@@ -164,6 +433,7 @@ def make_distill_step(student: FunctionalModel, teacher: FunctionalModel,
   if terms and projectors is None:
     raise ValueError("make_distill_step: the objective has feature terms "
                      "but no projectors were given")
+  k = check_grad_accum_steps(grad_accum_steps, "make_distill_step")
 
   def loss_fn(trainables, state: TrainState, teacher_logits, teacher_feats,
               batch: Batch):
@@ -175,7 +445,7 @@ def make_distill_step(student: FunctionalModel, teacher: FunctionalModel,
                             loss_state=state.loss_state, features=pairs)
     return loss, (logits, parts, new_model_state)
 
-  def step(state: TrainState, teacher_variables, batch: Batch):
+  def teacher_outputs(teacher_variables, batch: Batch):
     if "teacher_logits" in batch:
       # Logits precomputed once (no augmentation): no teacher forward.
       if terms:
@@ -193,26 +463,43 @@ def make_distill_step(student: FunctionalModel, teacher: FunctionalModel,
     teacher_all = {**teacher_all, "logits": teacher_logits}
     teacher_feats = [jax.lax.stop_gradient(teacher_all[t.teacher_tap])
                      for t in terms]
-    (loss, (logits, parts, new_model_state)), grads = jax.value_and_grad(
-        loss_fn, has_aux=True)(state.trainables(), state, teacher_logits,
-                               teacher_feats, batch)
-    loss_state = objective.next_loss_state(
-        state.loss_state, parts, state.step, teacher_features=teacher_feats,
-        mask=batch.get("mask"))
-    state, grad_norm = _apply_gradients(state, tx, grads, new_model_state)
-    state = state.replace(loss_state=loss_state)
-    mask = batch.get("mask")
-    metrics = {
-        "loss": loss, **parts,
-        "accuracy": masked_accuracy(logits, batch["y"], mask),
-        "teacher_accuracy": masked_accuracy(teacher_logits, batch["y"],
-                                            mask),
-        "agreement": masked_mean(
-            (jnp.argmax(logits, -1) == jnp.argmax(teacher_logits, -1)
-             ).astype(jnp.float32), mask),
-        "grad_norm": grad_norm,
-    }
-    return state, metrics
+    return teacher_logits, teacher_feats
+
+  def step(state: TrainState, teacher_variables, batch: Batch):
+
+    def grad_fn(carry, batch: Batch, index):
+      model_state, loss_state = carry
+      micro_state = state.replace(model_state=model_state,
+                                  loss_state=loss_state)
+      teacher_logits, teacher_feats = teacher_outputs(teacher_variables,
+                                                      batch)
+      (loss, (logits, parts, new_model_state)), grads = value_and_grad(
+          loss_fn, state, loss_scale)(state.trainables(), micro_state,
+                                      teacher_logits, teacher_feats, batch)
+      mask = batch.get("mask")
+      new_loss_state = micro_loss_state(
+          objective, loss_state, parts, state.step, index, k,
+          teacher_features=teacher_feats, mask=mask)
+      metrics = {
+          "loss": loss, **parts,
+          "accuracy": masked_accuracy(logits, batch["y"], mask),
+          "teacher_accuracy": masked_accuracy(teacher_logits, batch["y"],
+                                              mask),
+          "agreement": masked_mean(
+              (jnp.argmax(logits, -1) == jnp.argmax(teacher_logits, -1)
+               ).astype(jnp.float32), mask),
+      }
+      return (new_model_state, new_loss_state), grads, metrics
+
+    (new_model_state, loss_state), grads, metrics = accumulate_gradients(
+        grad_fn, (state.model_state, state.loss_state), batch, k,
+        example_count)
+    loss_state = per_step_loss_state(objective, state.loss_state, loss_state,
+                                     metrics, state.step, k)
+    new_state, grad_norm = _apply_gradients(state, tx, grads, new_model_state)
+    new_state = new_state.replace(loss_state=loss_state)
+    return skip_nonfinite_update(state, new_state, grads, loss_scale,
+                                 {**metrics, "grad_norm": grad_norm})
 
   return step
 
