@@ -18,6 +18,7 @@ from jdistill.train.objective import (FEATURE_LOSSES, DistillObjective,
 from jdistill.train.multi_teacher import (COMBINERS, FEATURE_STANDARDIZATIONS,
                                           MultiTeacherObjective)
 from jdistill.train.projectors import PROJECTOR_KINDS
+from jdistill.train import sharding as sharding_lib
 from jdistill.train.teachers import STACKINGS
 from jdistill.train.optim import OPTIMIZERS, SCHEDULES
 from jdistill.train.schedules import SCHEDULE_KINDS
@@ -31,6 +32,9 @@ LM_REDUCTIONS = ("batch", "batch_of_sequences")
 TEACHER_LOGITS = ("auto", "cached", "online")
 CPU_DOT_LIBRARIES = ("auto", "ynnpack", "eigen")
 ON_NONFINITE = ("skip", "stop", "ignore")
+PRECISIONS = ("float32", "bfloat16", "float16")
+from jdistill.models.remat import REMAT_NAMES as REMAT_POLICIES  # noqa: E402
+PLAN_MODES = ("train", "distill", "distill_lm")
 # Model families whose KD steps ran faster on XLA CPU with YNNPACK's dots
 # turned off (benchmarks/vs_pytorch.py, README "Performance against
 # PyTorch"): resnet8x4<-resnet32x4 +17%, causal_lm +19%; mlp and vit were
@@ -145,6 +149,17 @@ class Config:
   lm_cache_form: str = "sampled"
   lm_cache_shards: int = 4
   num_devices: int = 0
+  mesh: str = ""
+  student_sharding: str = "auto"
+  teacher_sharding: str = "auto"
+  sharding_rules: str = ""
+  teacher_sharding_rules: str = ""
+  grad_accum_steps: int = 1
+  precision: str = "float32"
+  teacher_precision: str = ""
+  remat: str = "none"
+  plan: bool = False
+  device_memory_gb: float = 0.0
   coordinator_address: str | None = None
   num_processes: int = 1
   process_id: int = 0
@@ -222,15 +237,71 @@ class Config:
     self._check_lm_values()
     if self.mode in ("distill_lm", "cache_lm"):
       self._check_lm()
-    _check(self.num_processes >= 1, "--num_processes", self.num_processes,
-           "a positive integer")
-    _check(0 <= self.process_id < self.num_processes, "--process_id",
-           self.process_id, f"in [0, --num_processes={self.num_processes})")
+    self._check_scale()
+    _check(self.num_processes >= 0, "--num_processes", self.num_processes,
+           "a positive integer, or 0 to detect the cluster (TPU pod, SLURM, "
+           "Open MPI, Kubernetes)")
+    if self.num_processes:
+      _check(0 <= self.process_id < self.num_processes, "--process_id",
+             self.process_id,
+             f"in [0, --num_processes={self.num_processes})")
     if self.num_processes > 1:
       _check(bool(self.coordinator_address), "--coordinator_address",
              self.coordinator_address,
              "host:port of process 0 when --num_processes > 1")
     self._check_numbers()  # After the particular checks' messages.
+
+  def _check_scale(self) -> None:
+    """The mesh, sharding, precision and memory flags (their syntax; sizes
+    are checked against the devices and the model when the mesh is
+    built)."""
+    axes = sharding_lib.parse_mesh(self.mesh)
+    if self.teacher_shards > 1 and sharding_lib.TEACHER_AXIS in axes and (
+        axes[sharding_lib.TEACHER_AXIS] != self.teacher_shards):
+      raise ValueError(f"--mesh={self.mesh} has a teacher axis of size "
+                       f"{axes[sharding_lib.TEACHER_AXIS]} but --teacher_shards="
+                       f"{self.teacher_shards}; give one of them")
+    for flag in ("student_sharding", "teacher_sharding"):
+      _check(getattr(self, flag) in sharding_lib.PRESETS, f"--{flag}",
+             getattr(self, flag), f"one of {', '.join(sharding_lib.PRESETS)}")
+    sharding_lib.parse_rules(self.sharding_rules, flag="--sharding_rules")
+    sharding_lib.parse_rules(self.teacher_sharding_rules,
+                             flag="--teacher_sharding_rules")
+    _check(self.grad_accum_steps >= 1, "--grad_accum_steps",
+           self.grad_accum_steps, "a positive integer")
+    _check(self.batch_size % self.grad_accum_steps == 0, "--batch_size",
+           self.batch_size, f"a multiple of --grad_accum_steps="
+           f"{self.grad_accum_steps} (each step splits its batch into that "
+           "many micro-batches)")
+    _check(self.precision in PRECISIONS, "--precision", self.precision,
+           f"one of {', '.join(PRECISIONS)}")
+    _check(self.teacher_precision in ("",) + PRECISIONS[:2],
+           "--teacher_precision", self.teacher_precision,
+           f"empty (as --precision) or one of {', '.join(PRECISIONS[:2])}")
+    _check(self.remat in REMAT_POLICIES, "--remat", self.remat,
+           f"one of {', '.join(REMAT_POLICIES)}")
+    _check(self.device_memory_gb >= 0, "--device_memory_gb",
+           self.device_memory_gb, "a non-negative number of GiB (0: unknown)")
+    if self.plan:
+      _check(self.mode in PLAN_MODES, "--plan", self.mode,
+             f"used with --mode among {', '.join(PLAN_MODES)}")
+
+  def mesh_axes(self) -> dict[str, int]:
+    """``--mesh`` parsed, with the ``teacher`` axis of ``--teacher_shards``."""
+    axes = sharding_lib.parse_mesh(self.mesh)
+    if self.teacher_shards > 1:
+      axes[sharding_lib.TEACHER_AXIS] = self.teacher_shards
+    return axes
+
+  def sharding_rules_of(self, who: str) -> "sharding_lib.ShardingRules":
+    """The `ShardingRules` of the student (``who="student"``) or of the
+    teachers."""
+    flag = ("sharding_rules" if who == "student"
+            else "teacher_sharding_rules")
+    return sharding_lib.ShardingRules(
+        preset=getattr(self, f"{who}_sharding"),
+        rules=sharding_lib.parse_rules(getattr(self, flag), flag=f"--{flag}"),
+        flag=f"--{flag}", preset_flag=f"--{who}_sharding")
 
   def _check_numbers(self) -> None:
     """Every number of every flag, after the checks of particular flags
@@ -813,15 +884,77 @@ def define_flags(flag_values: flags.FlagValues = flags.FLAGS) -> None:
                    "a teacher cache.")
   F.DEFINE_integer("num_devices", d.num_devices,
                    "Devices of the data mesh (0: all).")
+  F.DEFINE_string("mesh", d.mesh, "Device mesh as axis:size pairs over "
+                  "data, fsdp, tensor (and teacher), e.g. data:2,fsdp:4; one "
+                  "size may be -1 (the rest). Empty: every device on data. "
+                  "Batches are split over data x fsdp.")
+  F.DEFINE_enum("student_sharding", d.student_sharding,
+                list(sharding_lib.PRESETS),
+                "How the student's parameters and optimizer state are split "
+                "(jdistill/train/sharding.py): auto (tensor rules, then "
+                "fsdp), replicated, fsdp or tensor.")
+  F.DEFINE_enum("teacher_sharding", d.teacher_sharding,
+                list(sharding_lib.PRESETS), "The same for the teachers.")
+  F.DEFINE_string("sharding_rules", d.sharding_rules,
+                  "Rules tried before --student_sharding: 'regex=spec;...' "
+                  "with spec one entry per dimension (an axis, none, a+b or "
+                  "...), or replicated; e.g. 'lm_head/kernel=...,tensor'.")
+  F.DEFINE_string("teacher_sharding_rules", d.teacher_sharding_rules,
+                  "The same for the teachers' parameters.")
+  F.DEFINE_integer("grad_accum_steps", d.grad_accum_steps,
+                   "Split each batch into this many micro-batches (lax.scan) "
+                   "and apply one update: the big batch's result at one "
+                   "micro-batch's activation memory.")
+  F.DEFINE_enum("precision", d.precision, list(PRECISIONS),
+                "Student compute dtype: float32; bfloat16 (float32 master "
+                "weights, optimizer and loss math); float16 (the same plus "
+                "dynamic loss scaling).")
+  F.DEFINE_string("teacher_precision", d.teacher_precision,
+                  "Teacher forward dtype: float32 or bfloat16 (empty: as "
+                  "--precision, float16 meaning bfloat16).")
+  F.DEFINE_enum("remat", d.remat, list(REMAT_POLICIES),
+                "Rematerialise the student's blocks in the backward pass "
+                "(jax.checkpoint): none, full (save block inputs only), dots "
+                "(keep matmul outputs without batch dimensions) or "
+                "dots_saveable (keep every matmul output).")
+  F.DEFINE_boolean("plan", d.plan, "Do not train: compile the step for "
+                   "--mesh on abstract shapes and print per-device memory "
+                   "(XLA's memory analysis) against --device_memory_gb.")
+  F.DEFINE_float("device_memory_gb", d.device_memory_gb, "--plan: memory of "
+                 "one device in GiB (0: report without a verdict).")
   F.DEFINE_string("coordinator_address", None,
                   "host:port of process 0 for jax.distributed.initialize.")
-  F.DEFINE_integer("num_processes", 1, "Processes of a multi-host job.")
+  F.DEFINE_integer("num_processes", 1, "Processes of a multi-host job; 0: "
+                   "jax.distributed.initialize() detects them (TPU pods, "
+                   "SLURM, Open MPI, Kubernetes).")
   F.DEFINE_integer("process_id", 0, "Index of this process.")
+
+
+def plan_xla_flags(cfg: Config, xla_flags: str) -> str:
+  """``XLA_FLAGS`` with enough fake CPU devices for ``--mesh`` when planning
+  (unchanged when the flags already set a device count, or when an axis
+  size is ``-1``). Only the CPU backend reads the flag."""
+  if not cfg.plan or "xla_force_host_platform_device_count" in xla_flags:
+    return xla_flags
+  sizes = cfg.mesh_axes().values()
+  if not sizes or -1 in sizes:
+    return xla_flags
+  return (xla_flags + " --xla_force_host_platform_device_count="
+          f"{math.prod(sizes)}").strip()
+
+
+CPU_SCHEDULER_FLAG = "--xla_cpu_scheduler_type"
 
 
 def cpu_xla_flags(cfg: Config, xla_flags: str) -> str:
   """``XLA_FLAGS`` with ``--cpu_dot_library``'s choice added (unchanged when
-  the user's flags already choose; only the CPU backend reads the flag)."""
+  the user's flags already choose; only the CPU backend reads the flag),
+  and with ``--remat`` XLA:CPU's memory-optimising scheduler: its default
+  one runs the recomputation early, next to the forward pass, and saves no
+  memory (tests/test_remat.py)."""
+  if cfg.remat != "none" and CPU_SCHEDULER_FLAG not in xla_flags:
+    xla_flags = (f"{xla_flags} {CPU_SCHEDULER_FLAG}="
+                 "CPU_SCHEDULER_TYPE_MEMORY_OPTIMIZED").strip()
   if YNN_FLAG in xla_flags:
     return xla_flags
   library = cfg.cpu_dot_library
@@ -943,6 +1076,17 @@ def config_from_flags(FLAGS=flags.FLAGS) -> Config:
       tune_grid=FLAGS.tune_grid,
       tune_output_dir=FLAGS.tune_output_dir,
       num_devices=FLAGS.num_devices,
+      mesh=FLAGS.mesh,
+      student_sharding=FLAGS.student_sharding,
+      teacher_sharding=FLAGS.teacher_sharding,
+      sharding_rules=FLAGS.sharding_rules,
+      teacher_sharding_rules=FLAGS.teacher_sharding_rules,
+      grad_accum_steps=FLAGS.grad_accum_steps,
+      precision=FLAGS.precision,
+      teacher_precision=FLAGS.teacher_precision,
+      remat=FLAGS.remat,
+      plan=FLAGS.plan,
+      device_memory_gb=FLAGS.device_memory_gb,
       coordinator_address=FLAGS.coordinator_address,
       num_processes=FLAGS.num_processes,
       process_id=FLAGS.process_id,
@@ -958,7 +1102,8 @@ _NOT_PER_METHOD = {"mode", "workdir", "seeds", "methods", "dataset",
                    "teacher_num_steps", "teacher_learning_rate",
                    "validation_fraction", "num_steps", "tune_grid",
                    "tune_output_dir", "coordinator_address",
-                   "num_processes", "process_id"}
+                   "num_processes", "process_id", "mesh", "plan",
+                   "device_memory_gb"}
 
 
 def apply_method_file(cfg: Config, path: str, FLAGS=flags.FLAGS) -> Config:

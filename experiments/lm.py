@@ -97,9 +97,10 @@ def train_teacher(cfg: Config, dataset: jdata.Dataset, mesh) -> str:
       learning_rate=cfg.teacher_learning_rate or cfg.learning_rate)
   spec = run_lib.model_spec(sub.model, sub.model_kwargs, dataset)
 
-  def factory(model, tx):
-    return jtrain.compile_step(lm_lib.make_lm_train_step(model, tx), mesh,
-                               on_nonfinite=cfg.on_nonfinite)
+  def factory(model, tx, state_sharding):
+    return run_lib.bind_step(
+        cfg, lm_lib.make_lm_train_step(model, tx, **run_lib.step_options(cfg)),
+        mesh, state_sharding)
 
   _train_lm(sub, dataset, mesh, spec, "teacher", factory)
   return sub.workdir
@@ -266,11 +267,10 @@ def distill_student(cfg: Config, dataset: jdata.Dataset, mesh, run: str,
         dataset.train, _CacheSource(cache), name=f"teacher cache {cache_dir}"))
   spec = run_lib.model_spec(sub.model, sub.model_kwargs, dataset)
 
-  def factory(model, tx):
-    step = jtrain.compile_step(
-        lm_lib.make_lm_distill_step(model, tx, objective, step_teacher), mesh,
-        on_nonfinite=cfg.on_nonfinite)
-    return lambda state, batch: step(state, step_variables, batch)
+  def factory(model, tx, state_sharding):
+    return run_lib.bind_step(cfg, lm_lib.make_lm_distill_step(
+        model, tx, objective, step_teacher, **run_lib.step_options(cfg)),
+        mesh, state_sharding, step_variables)
 
   return _train_lm(sub, train_data, mesh, spec, f"{run} student", factory)
 
@@ -331,7 +331,9 @@ def run_distill_lm(cfg: Config) -> dict:
   start = time.perf_counter()
   teacher_dir = cfg.teacher_checkpoint or train_teacher(cfg, dataset, mesh)
   teacher, variables, tspec = run_lib.load_teacher_at(
-      teacher_dir, dataset, mesh, dataset_flag="stdlib_text")
+      teacher_dir, dataset, mesh, dataset_flag="stdlib_text",
+      rules=cfg.sharding_rules_of("teacher"),
+      precision=run_lib.teacher_precision(cfg))
   eval_step = jtrain.compile_step(lm_lib.make_lm_eval_step(teacher), mesh,
                                   donate_state=False)
   teacher_eval = jtrain.evaluate(eval_step, variables["params"],
@@ -351,9 +353,10 @@ def run_distill_lm(cfg: Config) -> dict:
       spec = run_lib.model_spec(sub.model, sub.model_kwargs, dataset)
       summary = _train_lm(
           sub, dataset, mesh, spec, "baseline student",
-          lambda model, tx: jtrain.compile_step(
-              lm_lib.make_lm_train_step(model, tx), mesh,
-              on_nonfinite=cfg.on_nonfinite))
+          lambda model, tx, state_sharding: run_lib.bind_step(
+              cfg, lm_lib.make_lm_train_step(model, tx,
+                                             **run_lib.step_options(cfg)),
+              mesh, state_sharding))
       source = "labels only"
     else:
       cache_dir = None

@@ -113,8 +113,8 @@ def main(argv, flag_values: flags.FlagValues = FLAGS) -> int:
     cfg = config_lib.config_from_flags(flag_values)
     config_lib.check_paths(cfg)
     # Before JAX starts its backend, which reads XLA_FLAGS once.
-    os.environ["XLA_FLAGS"] = config_lib.cpu_xla_flags(
-        cfg, os.environ.get("XLA_FLAGS", ""))
+    os.environ["XLA_FLAGS"] = config_lib.plan_xla_flags(
+        cfg, config_lib.cpu_xla_flags(cfg, os.environ.get("XLA_FLAGS", "")))
     from experiments import run as run_lib  # Imports JAX only after parsing.
     run_lib.run(cfg)
   except INPUT_ERRORS as e:

@@ -7,6 +7,7 @@ checkpoints and metrics.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
@@ -24,6 +25,8 @@ from experiments.watchdog import PeerWatchdog
 from jdistill import data as jdata
 from jdistill import models as jmodels
 from jdistill import train as jtrain
+from jdistill.train import precision as precision_lib
+from jdistill.train import sharding as jsharding
 from jdistill.train.multi_teacher import split_teacher_tap
 
 RUN_CONFIG_FILE = "run_config.json"
@@ -34,6 +37,10 @@ PREEMPTED_EXIT_STATUS = 143
 _RESUMABLE = {"num_steps", "log_every", "eval_every", "checkpoint_every",
               "max_to_keep", "num_devices", "coordinator_address",
               "on_nonfinite", "peer_timeout_s",
+              # orbax restores into any layout: the mesh may change.
+              "mesh", "student_sharding", "teacher_sharding",
+              "sharding_rules", "teacher_sharding_rules", "remat", "plan",
+              "device_memory_gb",
               "num_processes", "process_id", "eval_batch_size", "workdir",
               "teacher_num_steps", "seeds", "data_dir",
               # Which rows a comparison or tuning has: not a run's setting.
@@ -46,8 +53,22 @@ def _log(msg: str) -> None:
 
 
 def maybe_initialize_distributed(cfg: Config) -> None:
-  """Calls `jax.distributed.initialize` for multi-process runs (once)."""
-  if cfg.num_processes > 1 and not jax.distributed.is_initialized():
+  """Calls `jax.distributed.initialize` for multi-process runs (once):
+  with the coordinator flags, or with none (``--num_processes=0``) to let
+  JAX detect a TPU pod, SLURM, Open MPI or Kubernetes job."""
+  if jax.distributed.is_initialized():
+    return
+  if cfg.num_processes == 0:
+    # Every host runs the same command; JAX finds the cluster itself.
+    try:
+      jax.distributed.initialize()
+    except (ValueError, RuntimeError) as e:
+      first = (str(e).strip().splitlines() or [""])[0][:300]
+      raise ValueError(f"--num_processes=0: jax.distributed could not "
+                       f"detect a cluster here ({first}); give "
+                       "--coordinator_address, --num_processes and "
+                       "--process_id") from None
+  elif cfg.num_processes > 1:
     jax.distributed.initialize(coordinator_address=cfg.coordinator_address,
                                num_processes=cfg.num_processes,
                                process_id=cfg.process_id)
@@ -79,21 +100,62 @@ def model_spec(name: str, kwargs, dataset: jdata.Dataset) -> dict:
           "dataset": dataset.name}
 
 
-def build_model(spec: dict, seed: int, *, flag: str = "--model"):
-  """``(FunctionalModel, params, model_state)`` for a model spec."""
-  kwargs = {k: list(v) if isinstance(v, tuple) else v
-            for k, v in spec["kwargs"].items()}
+def build_model(spec: dict, seed: int, *, flag: str = "--model",
+                remat: str = "none", abstract: bool = False):
+  """``(FunctionalModel, params, model_state)`` for a model spec.
+
+  ``abstract``: the parameters are ``jax.ShapeDtypeStruct``s (nothing is
+  allocated; `init_model_variables` makes them inside ``jax.jit``).
+  ``remat``: the blocks' rematerialisation policy (``--remat``).
+  """
+  create = _model_constructor(spec, seed, flag=flag, remat=remat)
+  with model_errors(spec, flag):
+    model = nnx.eval_shape(create) if abstract else create()
+  return jtrain.FunctionalModel.split(model)
+
+
+@contextlib.contextmanager
+def model_errors(spec: dict, flag: str = "--model"):
+  """Errors of building (or tracing the initialisation of) the model of
+  ``spec`` become one-line `ValueError`s naming ``flag``."""
   try:
-    model = jmodels.create_model(
-        spec["name"], num_classes=spec["num_classes"],
-        input_shape=tuple(spec["input_shape"]), rngs=nnx.Rngs(seed),
-        **kwargs)
-  except (TypeError, ZeroDivisionError) as e:
+    yield
+  except (TypeError, ZeroDivisionError, OverflowError) as e:
+    first = (str(e).strip().splitlines() or [""])[0][:200]
     raise ValueError(f"{flag}={spec['name']}: bad model options "
-                     f"{spec['kwargs']} ({e})") from None
+                     f"{spec['kwargs']} ({first})") from None
   except ValueError as e:
     raise ValueError(f"{flag}: {e}") from None
-  return jtrain.FunctionalModel.split(model)
+
+
+def _model_constructor(spec: dict, seed: int, *, flag: str = "--model",
+                       remat: str = "none") -> Callable[[], nnx.Module]:
+  kwargs = {k: list(v) if isinstance(v, tuple) else v
+            for k, v in spec["kwargs"].items()}
+  if remat != "none":
+    kwargs["remat"] = remat
+  return lambda: jmodels.create_model(
+      spec["name"], num_classes=spec["num_classes"],
+      input_shape=tuple(spec["input_shape"]), rngs=nnx.Rngs(seed), **kwargs)
+
+
+def init_model_variables(spec: dict, seed: int, mesh,
+                         rules: "jsharding.ShardingRules", *,
+                         flag: str = "--model", who: str = "the student",
+                         report: list | None = None):
+  """``(FunctionalModel, abstract variables, shardings)``: a model's
+  ``{"params", "model_state"}`` as ``jax.ShapeDtypeStruct``s carrying the
+  `NamedSharding`s of ``rules`` (restore a checkpoint into them, or compile
+  on them), without allocating."""
+  model, params, model_state = build_model(spec, seed, flag=flag,
+                                           abstract=True)
+  abstract = {"params": params, "model_state": model_state}
+  specs = {"params": rules.specs(params, mesh, who=who, report=report),
+           "model_state": jsharding.ShardingRules(
+               "fsdp" if rules.preset in ("fsdp", "auto") else "replicated"
+           ).specs(model_state, mesh, who=who)}
+  shardings = jsharding.named(mesh, specs)
+  return model, jsharding.abstract_with_shardings(abstract, shardings), specs
 
 
 def _check_workdir(cfg: Config) -> Callable[[], None]:
@@ -143,24 +205,78 @@ def _check_workdir(cfg: Config) -> Callable[[], None]:
 
 
 def make_mesh(cfg: Config):
-  """The data mesh, with a ``'teacher'`` axis of size ``--teacher_shards``
-  when that is above 1 (multi-teacher runs)."""
+  """The mesh of ``--mesh`` (axes data, fsdp, tensor; every device on data
+  by default), with a ``'teacher'`` axis of size ``--teacher_shards`` when
+  that is above 1 (multi-teacher runs)."""
   if cfg.teacher_shards > 1 and not cfg.teacher_checkpoints:
     raise ValueError(f"--teacher_shards={cfg.teacher_shards}: teachers are "
                      "sharded only when distilling from --teacher_checkpoints")
-  mesh = jtrain.make_data_teacher_mesh(cfg.num_devices, cfg.teacher_shards)
-  n = mesh.devices.size
-  for flag in ("batch_size", "eval_batch_size"):
-    if getattr(cfg, flag) % n:
-      raise ValueError(f"--{flag}={getattr(cfg, flag)} must be divisible by "
-                       f"the {n} devices of the mesh")
+  axes = cfg.mesh_axes()
+  if cfg.teacher_shards > 1:
+    n = cfg.num_devices or jax.device_count()
+    rest = np.prod([v for k, v in axes.items()
+                    if k != jtrain.TEACHER_AXIS and v != -1])
+    if n % (cfg.teacher_shards * rest):
+      raise ValueError(f"--teacher_shards={cfg.teacher_shards}: expected a "
+                       f"divisor of the {n} devices of the mesh"
+                       + (f" that fits --mesh={cfg.mesh}" if cfg.mesh else ""))
+  mesh = jsharding.make_mesh(axes, num_devices=cfg.num_devices)
+  jsharding.check_divisible(mesh, batch_size=cfg.batch_size,
+                            eval_batch_size=cfg.eval_batch_size)
+  if cfg.grad_accum_steps > 1:
+    n = jtrain.batch_shards(mesh)
+    if (cfg.batch_size // cfg.grad_accum_steps) % n:
+      raise ValueError(
+          f"--batch_size={cfg.batch_size} / --grad_accum_steps="
+          f"{cfg.grad_accum_steps} = {cfg.batch_size // cfg.grad_accum_steps}"
+          f" examples per micro-batch, which the data x fsdp size {n} of "
+          f"--mesh={jtrain.format_mesh(mesh)} does not divide")
   return mesh
 
 
-def _setup(cfg: Config, dataset: jdata.Dataset):
+@dataclasses.dataclass(frozen=True)
+class BoundStep:
+  """A compiled update step with its fixed arguments (e.g. the teacher's
+  variables) bound: ``step(state, batch)`` calls
+  ``jitted(state, *args, batch)``; `lower` compiles it on abstract values
+  (the memory planner)."""
+
+  jitted: Callable
+  args: tuple = ()
+
+  def __call__(self, state, batch):
+    return self.jitted(state, *self.args, batch)
+
+  def lower(self, state, batch):
+    return self.jitted.lower(state, *self.args, batch)
+
+
+def bind_step(cfg: Config, step: Callable, mesh, state_sharding,
+              *args) -> BoundStep:
+  """`BoundStep` of ``step`` compiled for ``mesh``: the state keeps
+  ``state_sharding``, non-finite steps are handled per
+  ``--on_nonfinite``."""
+  return BoundStep(jtrain.compile_step(step, mesh,
+                                       on_nonfinite=cfg.on_nonfinite,
+                                       state_sharding=state_sharding), args)
+
+
+def step_options(cfg: Config) -> dict[str, Any]:
+  """Keyword arguments of the update-step factories for the memory and
+  precision flags (none at their defaults)."""
+  options: dict[str, Any] = {}
+  if cfg.grad_accum_steps > 1:
+    options["grad_accum_steps"] = cfg.grad_accum_steps
+  policy = precision_lib.get_policy(cfg.precision)
+  if policy.loss_scale is not None:
+    options["loss_scale"] = policy.loss_scale
+  return options
+
+
+def _setup(cfg: Config, dataset: jdata.Dataset, mesh):
+  index, count = jtrain.local_batch_slice(mesh)
   batches = jdata.TrainBatches(dataset.train, cfg.batch_size, cfg.seed,
-                               process_index=jax.process_index(),
-                               process_count=jax.process_count())
+                               process_index=index, process_count=count)
   schedule = jtrain.make_schedule(cfg.learning_rate, schedule=cfg.lr_schedule,
                                   num_steps=cfg.num_steps,
                                   warmup_steps=cfg.warmup_steps)
@@ -179,8 +295,9 @@ def _train(cfg: Config, dataset: jdata.Dataset, mesh, spec: dict,
            teacher_forward: Callable | None = None) -> dict[str, Any]:
   """Shared body of train and distill: init/restore, loop, save, summary.
 
-  ``step_factory(model, tx)`` returns the compiled ``(state, batch) ->
-  (state, metrics)``; ``projector_factory(model, params, model_state)``
+  ``step_factory(model, tx, state_sharding)`` returns the compiled
+  ``(state, batch) -> (state, metrics)`` (a `BoundStep`) whose state keeps
+  ``state_sharding``; ``projector_factory(model, params, model_state)``
   (distillation with feature terms) returns the projector parameters, and
   ``loss_state_factory()`` the objective's initial loss state (after the
   projectors, which check the feature taps); ``combiner_params`` are a
@@ -190,24 +307,30 @@ def _train(cfg: Config, dataset: jdata.Dataset, mesh, spec: dict,
   step runs a teacher, is its forward alone, timed after training to split
   the step time into teacher forward and student step.
   """
-  batches, tx = _setup(cfg, dataset)
-  student, params, model_state = build_model(spec, cfg.seed)
+  batches, tx = _setup(cfg, dataset, mesh)
+  student, params, model_state = build_model(spec, cfg.seed, abstract=True,
+                                             remat=cfg.remat)
+  student = student_precision(cfg, student)
   projector_params = (projector_factory(student, params, model_state)
                       if projector_factory else {})
   loss_state = loss_state_factory() if loss_state_factory else None
   record_settings = _check_workdir(cfg)
-  state = jtrain.replicate(
-      jtrain.TrainState.create(params, model_state, tx, cfg.seed,
-                               loss_state=loss_state,
-                               projector_params=projector_params,
-                               combiner_params=combiner_params), mesh)
+  init = StateInit.create(cfg, spec, tx, mesh, loss_state=loss_state,
+                          projector_params=projector_params,
+                          combiner_params=combiner_params)
+  if cfg.mesh:
+    _log(f"[{name}] " + init.describe())
   jtrain.write_model_spec(cfg.workdir, spec)
   checkpointer = jtrain.Checkpointer(cfg.workdir, max_to_keep=cfg.max_to_keep)
   writer = None
   try:
     resumed = checkpointer.latest_step() is not None
     if resumed:
-      state = checkpointer.restore(state, log=lambda m: _log(f"[{name}] {m}"))
+      # Straight into the shardings: the fresh state is never made.
+      state = checkpointer.restore(init.abstract,
+                                   log=lambda m: _log(f"[{name}] {m}"))
+    else:
+      state = init()
     step = int(jax.device_get(state.step))
     # Records after the restored step (all of them when the run was killed
     # before its first checkpoint) are written again by this run.
@@ -224,7 +347,7 @@ def _train(cfg: Config, dataset: jdata.Dataset, mesh, spec: dict,
     record_settings()  # After a resume's restore: nothing failed before.
     writer = jtrain.MetricsWriter(cfg.workdir, tensorboard=True,
                                   purge_step=purge_step)
-    step_fn = step_factory(student, tx)
+    step_fn = step_factory(student, tx, init.shardings)
     eval_step = jtrain.compile_step(
         (eval_step_factory or jtrain.make_eval_step)(student), mesh,
         donate_state=False)
@@ -267,6 +390,91 @@ def _train(cfg: Config, dataset: jdata.Dataset, mesh, spec: dict,
   return summary
 
 
+def student_precision(cfg: Config, model: jtrain.FunctionalModel
+                      ) -> jtrain.FunctionalModel:
+  """The student's functional model in ``--precision``'s compute dtype
+  (float32 master weights either way)."""
+  if cfg.precision == "float32":
+    return model
+  return model.with_compute_dtype(jax.numpy.dtype(cfg.precision))
+
+
+def teacher_precision(cfg: Config) -> str:
+  """``--teacher_precision``, or ``--precision`` (float16 -> bfloat16:
+  a forward without gradients needs no loss scaling, and bfloat16 has
+  float32's range)."""
+  if cfg.teacher_precision:
+    return cfg.teacher_precision
+  return "float32" if cfg.precision == "float32" else "bfloat16"
+
+
+@dataclasses.dataclass
+class StateInit:
+  """The student's `TrainState`, made directly in its shardings.
+
+  ``init()`` runs ``jax.jit(make_state, out_shardings=shardings)``: every
+  device initialises only its own shards, so a state larger than one
+  device never exists whole anywhere. ``abstract`` is the same state as
+  ``jax.ShapeDtypeStruct``s with shardings (restore into it, or compile on
+  it without allocating).
+  """
+
+  jitted: Callable
+  extras: Any
+  abstract: Any
+  shardings: Any
+  specs: Any
+  report: list
+  mesh: Any
+
+  @classmethod
+  def create(cls, cfg: Config, spec: dict, tx, mesh, *, loss_state=None,
+             projector_params=None, combiner_params=None) -> "StateInit":
+    create_model = _model_constructor(spec, cfg.seed, remat=cfg.remat)
+    extras = {"loss_state": loss_state if loss_state is not None else {},
+              "projector_params": projector_params or {},
+              "combiner_params": combiner_params or {}}
+
+    precision_state = precision_lib.get_policy(
+        cfg.precision).init_precision_state()
+
+    def make_state(extras):
+      _, params, model_state = jtrain.FunctionalModel.split(create_model())
+      return jtrain.TrainState.create(params, model_state, tx, cfg.seed,
+                                      precision_state=precision_state,
+                                      **extras)
+
+    with model_errors(spec):
+      abstract = jax.eval_shape(make_state, extras)
+      for path, leaf in jax.tree_util.tree_flatten_with_path(abstract)[0]:
+        if not all(isinstance(d, (int, np.integer)) and 0 <= d < 2**31
+                   for d in leaf.shape):
+          raise TypeError(f"{jsharding.path_string(path)} would have shape "
+                          f"{leaf.shape}")
+    report: list = []
+    specs = jsharding.state_specs(abstract, tx, cfg.sharding_rules_of(
+        "student"), mesh, report=report)
+    shardings = jsharding.named(mesh, specs)
+    return cls(jax.jit(make_state, out_shardings=shardings), extras,
+               jsharding.abstract_with_shardings(abstract, shardings),
+               shardings, specs, report, mesh)
+
+  def __call__(self):
+    return self.jitted(jtrain.replicate(self.extras, self.mesh))
+
+  def describe(self) -> str:
+    whole = jsharding.bytes_per_device(
+        self.abstract, jax.tree.map(lambda _: jax.sharding.PartitionSpec(),
+                                    self.specs), self.mesh)
+    mine = jsharding.bytes_per_device(self.abstract, self.specs, self.mesh)
+    n = sum(int(np.prod(a.shape)) for a in jax.tree.leaves(
+        self.abstract.params))
+    note = jsharding.unused_note(self.mesh, [self.specs.params])
+    return (f"mesh {jtrain.format_mesh(self.mesh)}: student {n:,} parameters"
+            f"; train state {mine / 2**20:.2f} MiB per device of "
+            f"{whole / 2**20:.2f} MiB" + (f" ({note})" if note else ""))
+
+
 def format_timing(timing: dict) -> str:
   """``data 0.1s, compile 1.2s, step 9.8s (teacher forward ≈ 3.1s,
   student 6.7s), checkpoint 0.2s, eval 0.5s``."""
@@ -298,26 +506,33 @@ def run_train(cfg: Config, dataset: jdata.Dataset | None = None) -> dict:
 
   mesh = make_mesh(cfg)
 
-  def factory(model, tx):
+  def factory(model, tx, state_sharding):
     step = jtrain.make_train_step(model, tx,
-                                  label_smoothing=cfg.label_smoothing)
-    return jtrain.compile_step(step, mesh, on_nonfinite=cfg.on_nonfinite)
+                                  label_smoothing=cfg.label_smoothing,
+                                  **step_options(cfg))
+    return bind_step(cfg, step, mesh, state_sharding)
 
   return _train(cfg, dataset, mesh, spec, factory, name=f"train {cfg.model}")
 
 
 def load_teacher(cfg: Config, dataset: jdata.Dataset, mesh):
-  """``(FunctionalModel, replicated variables, spec)`` of the teacher."""
+  """``(FunctionalModel, variables, spec)`` of the teacher, sharded per
+  ``--teacher_sharding`` and in ``--teacher_precision``."""
   return load_teacher_at(cfg.teacher_checkpoint, dataset, mesh,
-                         dataset_flag=cfg.dataset)
+                         dataset_flag=cfg.dataset,
+                         rules=cfg.sharding_rules_of("teacher"),
+                         precision=teacher_precision(cfg))
 
 
 def load_teacher_at(path: str, dataset: jdata.Dataset, mesh, *,
                     flag: str = "--teacher_checkpoint",
-                    dataset_flag: str | None = None):
-  """``(FunctionalModel, replicated variables, spec)`` of the teacher
-  trained under workdir ``path`` (named as ``flag`` in errors, the data as
-  ``--dataset=<dataset_flag>``)."""
+                    dataset_flag: str | None = None,
+                    rules: "jsharding.ShardingRules | None" = None,
+                    precision: str = "float32"):
+  """``(FunctionalModel, variables, spec)`` of the teacher trained under
+  workdir ``path`` (named as ``flag`` in errors, the data as
+  ``--dataset=<dataset_flag>``), its variables split over ``mesh`` per
+  ``rules`` (default: replicated) and stored and run in ``precision``."""
   dataset_flag = dataset_flag or dataset.name
   spec = jtrain.read_model_spec(path, flag=flag)
   if spec["num_classes"] != dataset.num_classes:
@@ -330,9 +545,20 @@ def load_teacher_at(path: str, dataset: jdata.Dataset, mesh, *,
         f"{flag}={path}: the teacher takes inputs of shape "
         f"{tuple(spec['input_shape'])} but --dataset={dataset_flag} has "
         f"{tuple(dataset.input_shape)}")
-  teacher, params, model_state = build_model(spec, 0, flag=flag)
-  like = jtrain.replicate({"params": params, "model_state": model_state},
-                          mesh)
+  teacher, like, _ = init_model_variables(
+      spec, 0, mesh, rules or jsharding.ShardingRules(
+          "replicated", flag="--teacher_sharding_rules",
+          preset_flag="--teacher_sharding"),
+      flag=flag, who=f"the teacher {spec['name']} ({path})")
+  if precision != "float32":
+    # Stored in the compute dtype: half the teacher's memory.
+    dtype = jax.numpy.dtype(precision)
+    like = jax.tree.map(
+        lambda a: jax.ShapeDtypeStruct(
+            a.shape, dtype if jax.numpy.issubdtype(a.dtype, jax.numpy.floating)
+            else a.dtype, sharding=a.sharding), like)
+    teacher = teacher.with_compute_dtype(dtype)
+  # Restored straight into its shardings (never whole on one device).
   variables = jtrain.load_model_variables(path, like["params"],
                                           like["model_state"], flag=flag)
   return teacher, variables, spec
@@ -386,12 +612,10 @@ def run_distill(cfg: Config, dataset: jdata.Dataset | None = None) -> dict:
         seed=cfg.seed, student_name=cfg.model, teacher_name=tspec["name"])
     return projector_params
 
-  def factory(student, tx):
-    step = jtrain.compile_step(
-        jtrain.make_distill_step(student, teacher, tx, objective,
-                                 built["projectors"]), mesh,
-        on_nonfinite=cfg.on_nonfinite)
-    return lambda state, batch: step(state, variables, batch)
+  def factory(student, tx, state_sharding):
+    return bind_step(cfg, jtrain.make_distill_step(
+        student, teacher, tx, objective, built["projectors"],
+        **step_options(cfg)), mesh, state_sharding, variables)
 
   teacher_forward = jax.jit(lambda batch: teacher.apply(
       variables["params"], variables["model_state"], batch["x"],
@@ -462,11 +686,10 @@ def run_multi_teacher_distill(cfg: Config, dataset: jdata.Dataset) -> dict:
         teacher_name=names)
     return projector_params
 
-  def factory(student, tx):
-    step = jtrain.compile_step(jtrain.make_multi_teacher_distill_step(
-        student, ensemble, tx, objective, built["projectors"]), mesh,
-        on_nonfinite=cfg.on_nonfinite)
-    return lambda state, batch: step(state, variables, batch)
+  def factory(student, tx, state_sharding):
+    return bind_step(cfg, jtrain.make_multi_teacher_distill_step(
+        student, ensemble, tx, objective, built["projectors"],
+        **step_options(cfg)), mesh, state_sharding, variables)
 
   def teacher_of(name):
     tap, k = split_teacher_tap(name)
@@ -925,6 +1148,9 @@ def run(cfg: Config) -> dict:
   """Runs ``cfg.mode``. A run stopped by SIGTERM/SIGINT (after saving a
   checkpoint) exits with status 143 and one line on stderr."""
   maybe_initialize_distributed(cfg)
+  if cfg.plan:
+    from experiments import plan as plan_lib
+    return plan_lib.run_plan(cfg, log=_log)
   watchdog = PeerWatchdog(cfg.peer_timeout_s).start()
   try:
     return RUNNERS[cfg.mode](cfg)

@@ -169,8 +169,8 @@ def test_unknown_flag_and_mode(tmp_path):
     (["--mode=distill"], "--teacher_checkpoint=None: expected the workdir"),
     (["--mode=distill", "--teacher_checkpoint=/nonexistent/teacher"],
      "--teacher_checkpoint=/nonexistent/teacher does not exist"),
-    (["--batch_size=100"], "--batch_size=100 must be divisible by the 8 "
-                           "devices"),
+    (["--batch_size=100"], "--batch_size=100 must be divisible by the data x "
+                           "fsdp size 8"),
     (["--temperature_schedule=linear"],
      "--temperature_schedule=linear needs --temperature_end"),
     (["--validation_fraction=1.5"],

@@ -39,19 +39,21 @@ def _records(workdir):
   return [r for r in records if r["split"] != "timing"]
 
 
-def _run_two_processes(args, workdir):
-  """Runs ``experiments.main`` as 2 processes x 2 devices, joined through
-  jax.distributed on a free local port; both must succeed."""
+def _run_two_processes(args, workdir, devices=2):
+  """Runs ``experiments.main`` as 2 processes x ``devices`` devices, joined
+  through jax.distributed on a free local port; both must succeed (returns
+  process 0's stdout)."""
   port = _free_port()
   procs = [subprocess.Popen(
       [sys.executable, "-m", "experiments.main", *args,
        f"--workdir={workdir}", f"--coordinator_address=127.0.0.1:{port}",
        "--num_processes=2", f"--process_id={i}"],
-      cwd=ROOT, env=_env(2), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-      text=True) for i in range(2)]
+      cwd=ROOT, env=_env(devices), stdout=subprocess.PIPE,
+      stderr=subprocess.PIPE, text=True) for i in range(2)]
   outs = [p.communicate(timeout=240) for p in procs]
   for p, (_, err) in zip(procs, outs):
     assert p.returncode == 0, err[-3000:]
+  return outs[0][0]
 
 
 def _run_one_process(args, workdir, devices=4):
@@ -109,6 +111,42 @@ def test_multi_teacher_distillation_on_two_processes(tmp_path, layout):
       for key in ("loss", "accuracy"):
         np.testing.assert_allclose(a[key], b[key], rtol=1e-5, atol=1e-6,
                                    err_msg=name)
+
+
+def test_fsdp_distillation_on_two_processes_and_checkpoint_round_trip(
+    tmp_path):
+  """Mesh data:2 x fsdp:4 over 2 processes x 4 devices (the data axis
+  across the processes): the student's state and the teacher are sharded
+  over fsdp; the run stops at step 8 and resumes from the checkpoint that
+  both processes wrote collectively, and ends where 1 process x 8 devices
+  (same mesh) ends."""
+  teacher = tmp_path / "teacher"
+  _run_one_process(["--mode=train", "--model=mlp", "--num_steps=8",
+                    "--batch_size=64", "--log_every=8"], teacher, devices=1)
+  args = ["--mode=distill", "--model=mlp", f"--teacher_checkpoint={teacher}",
+          "--teacher_logits=online", "--mesh=data:2,fsdp:4",
+          "--teacher_sharding=fsdp", "--lr_schedule=constant",
+          "--batch_size=64", "--eval_batch_size=256", "--log_every=8",
+          "--checkpoint_every=8"]
+  out = _run_two_processes([*args, "--num_steps=8"], tmp_path / "multi",
+                           devices=4)
+  assert "mesh data:2,fsdp:4,tensor:1" in out
+  assert re.search(r"train state [\d.]+ MiB per device of [\d.]+ MiB", out)
+  assert sorted(os.listdir(tmp_path / "multi" / "checkpoints")) == ["8"]
+  out = _run_two_processes([*args, "--num_steps=16"], tmp_path / "multi",
+                           devices=4)
+  assert "resumed from" in out and "at step 8" in out
+  _run_one_process([*args, "--num_steps=16"], tmp_path / "single",
+                   devices=8)
+  # The first run's final evaluation at step 8 stays in the records.
+  multi = [r for r in _records(tmp_path / "multi")
+           if r["split"] == "train"] + _records(tmp_path / "multi")[-1:]
+  one = [r for r in _records(tmp_path / "single")
+         if r["split"] == "train"] + _records(tmp_path / "single")[-1:]
+  assert [r["step"] for r in multi] == [r["step"] for r in one] == [8, 16, 16]
+  for a, b in zip(multi, one):
+    for key in ("loss", "accuracy"):
+      np.testing.assert_allclose(a[key], b[key], rtol=1e-5, atol=1e-6)
 
 
 def _start_two_processes(args, workdir, port):

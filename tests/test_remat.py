@@ -76,7 +76,10 @@ def _close(actual, desired, rtol, msg):
                              err_msg=msg)
 
 
-@pytest.mark.parametrize("name", list(_MODELS))
+# resnet8 compiles for ~20 s: in the slow run (convnet has BatchNorm too).
+@pytest.mark.parametrize("name", [
+    pytest.param(n, marks=pytest.mark.slow) if n == "resnet8" else n
+    for n in _MODELS])
 def test_remat_same_logits_features_grads_and_state(name):
   graphdef, params, rest = _split(name)
   graphdefs = {p: _split(name, p)[0] for p in REMAT_NAMES}
@@ -110,7 +113,8 @@ def test_remat_same_logits_features_grads_and_state(name):
     assert not all(jax.tree.leaves(jax.tree.map(np.array_equal, rest0, rest)))
 
 
-@pytest.mark.parametrize("name", ["resnet8"])
+@pytest.mark.parametrize("name", [
+    "convnet", pytest.param("resnet8", marks=pytest.mark.slow)])
 def test_remat_batchnorm_running_stats_update_once_nnx_jit(name):
   """Stateful NNX use: ``nnx.jit`` around the model, BatchNorm updated in
   place through `nnx.remat`."""

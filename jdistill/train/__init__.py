@@ -7,10 +7,16 @@ from jdistill.train.checkpoint import (CheckpointError, Checkpointer,
 from jdistill.train.loop import (MetricsWriter, Preempted, StopSignals,
                                  evaluate, predict_logits, sum_over_source,
                                  train_loop)
-from jdistill.train.mesh import (DATA_AXIS, TEACHER_AXIS, batch_sharding,
-                                 compile_step, make_data_mesh,
+from jdistill.train.mesh import (DATA_AXIS, FSDP_AXIS, TEACHER_AXIS,
+                                 TENSOR_AXIS, batch_sharding, batch_shards,
+                                 batch_spec, compile_step, format_mesh,
+                                 local_batch_slice, make_data_mesh,
                                  make_data_teacher_mesh, put_batch, replicate,
                                  replicated)
+from jdistill.train.precision import (POLICIES, DynamicLossScale, Policy,
+                                      get_policy)
+from jdistill.train.sharding import (ShardingRules, make_mesh, parse_mesh,
+                                     parse_rules, state_specs)
 from jdistill.train.multi_teacher import (COMBINERS, MultiTeacherObjective,
                                           make_ensemble_eval_step,
                                           make_multi_teacher_distill_step,
@@ -27,11 +33,16 @@ from jdistill.train.projectors import (PROJECTOR_KINDS, FeatureProjectors,
 from jdistill.train.state import FunctionalModel, TrainState
 from jdistill.train.teachers import (STACKINGS, TeacherEnsemble,
                                      shard_teachers)
-from jdistill.train.step import (NONFINITE_MODES, guard_nonfinite,
+from jdistill.train.step import (NONFINITE_MODES, accumulate_gradients,
+                                 guard_nonfinite,
                                  make_class_sums_step, make_distill_step,
                                  make_eval_step, make_train_step)
 
 __all__ = [
+    "FSDP_AXIS", "TENSOR_AXIS", "batch_shards", "batch_spec", "format_mesh",
+    "local_batch_slice", "ShardingRules", "make_mesh", "parse_mesh",
+    "parse_rules", "state_specs", "POLICIES", "DynamicLossScale", "Policy",
+    "get_policy", "accumulate_gradients",
     "batch_sharding", "build_projectors", "COMBINERS", "CheckpointError",
     "guard_nonfinite", "NONFINITE_MODES", "Preempted", "state_digest",
     "StopSignals",

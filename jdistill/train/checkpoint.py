@@ -90,6 +90,9 @@ def _train_item(state: TrainState) -> dict:
     # Only runs with a learned combiner have it, so that checkpoints written
     # before it existed restore unchanged.
     item["combiner_params"] = state.combiner_params
+  if jax.tree.leaves(state.precision_state):
+    # The dynamic loss scale of --precision=float16 (same reason).
+    item["precision_state"] = state.precision_state
   return item
 
 
@@ -264,7 +267,9 @@ class Checkpointer:
                         loss_state=train["loss_state"],
                         projector_params=train["projector_params"],
                         combiner_params=train.get("combiner_params",
-                                                  like.combiner_params))
+                                                  like.combiner_params),
+                        precision_state=train.get("precision_state",
+                                                  like.precision_state))
 
   def wait(self) -> None:
     self._manager.wait_until_finished()

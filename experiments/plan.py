@@ -1,0 +1,191 @@
+"""The memory planner: ``python -m experiments.main --plan ...``.
+
+Compiles the run's update step for the requested ``--mesh`` on abstract
+shapes (`jax.ShapeDtypeStruct`s carrying their shardings: nothing is
+allocated, no checkpoint is read) and prints what one device holds, from
+XLA's memory analysis of the compiled program: arguments (train state,
+teacher, batch), outputs, temporaries, and the peak estimate
+``arguments + outputs - donated + temporaries`` against
+``--device_memory_gb``.
+
+On a CPU the mesh is made of fake devices (`config.plan_xla_flags` sets their
+number from ``--mesh`` before JAX starts), so a pod job can be checked on a
+laptop. XLA:CPU fuses and lays out differently from XLA:GPU/TPU, so its
+temporaries are an estimate of theirs; the state, teacher and batch sizes
+are exact.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from experiments import run as run_lib
+from experiments.config import Config
+from jdistill import train as jtrain
+from jdistill.train import lm as lm_lib
+from jdistill.train import sharding as jsharding
+
+GiB = 2**30
+# JAX's GPU client preallocates this fraction of device memory by default
+# (XLA_PYTHON_CLIENT_MEM_FRACTION).
+GPU_DEFAULT_FRACTION = 0.75
+
+
+class PlanDoesNotFit(ValueError):
+  """The planned step needs more memory per device than
+  ``--device_memory_gb``."""
+
+
+def _abstract_batch(cfg: Config, dataset, mesh, *, lm: bool) -> dict:
+  sharding = jtrain.batch_sharding(mesh)
+  b = cfg.batch_size
+  x = dataset.train.get_batch(np.arange(1))
+  batch = {}
+  for key in ("x", "y"):
+    value = np.asarray(x[key])
+    batch[key] = jax.ShapeDtypeStruct((b, *value.shape[1:]), value.dtype,
+                                      sharding=sharding)
+  batch["mask"] = jax.ShapeDtypeStruct((b,), jnp.bool_, sharding=sharding)
+  return batch
+
+
+def _teacher(cfg: Config, dataset, mesh, report: list):
+  """The abstract teacher: its model description from
+  ``--teacher_checkpoint`` (only model.json is read), or
+  ``--teacher_model`` for --mode=distill_lm without one."""
+  if cfg.teacher_checkpoint:
+    spec = jtrain.read_model_spec(cfg.teacher_checkpoint)
+    flag = "--teacher_checkpoint"
+  elif cfg.mode == "distill_lm":
+    spec = run_lib.model_spec(cfg.teacher_model, cfg.teacher_model_kwargs,
+                              dataset)
+    flag = "--teacher_model"
+  else:
+    raise ValueError("--plan with --mode=distill needs --teacher_checkpoint "
+                     "(its model.json describes the teacher)")
+  model, like, specs = run_lib.init_model_variables(
+      spec, 0, mesh, cfg.sharding_rules_of("teacher"), flag=flag,
+      who=f"the teacher {spec['name']}", report=report)
+  precision = run_lib.teacher_precision(cfg)
+  if precision != "float32":
+    dtype = jnp.dtype(precision)
+    like = jax.tree.map(lambda a: jax.ShapeDtypeStruct(
+        a.shape, dtype if jnp.issubdtype(a.dtype, jnp.floating) else a.dtype,
+        sharding=a.sharding), like)
+    model = model.with_compute_dtype(dtype)
+  return model, like, specs, spec
+
+
+def run_plan(cfg: Config, log=print) -> dict[str, Any]:
+  """Prints (through ``log``) and returns the per-device memory plan of
+  ``cfg``'s update step; raises `PlanDoesNotFit` when it exceeds
+  ``--device_memory_gb``."""
+  lm = cfg.mode == "distill_lm"
+  if lm:
+    from experiments import lm as lm_exp
+    dataset, _ = lm_exp.load_lm_data(cfg)
+  else:
+    dataset = run_lib.load_data(cfg)
+  mesh = run_lib.make_mesh(cfg)
+  _, tx = run_lib._setup(cfg, dataset, mesh)
+  spec = run_lib.model_spec(cfg.model, cfg.model_kwargs, dataset)
+  student, _, _ = run_lib.build_model(spec, cfg.seed, abstract=True,
+                                      remat=cfg.remat)
+  student = run_lib.student_precision(cfg, student)
+  options = run_lib.step_options(cfg)
+  teacher_report: list = []
+  teacher_bytes = 0
+  args: tuple = ()
+  if cfg.mode == "train":
+    make = lm_lib.make_lm_train_step if lm else jtrain.make_train_step
+    step = make(student, tx, **options)
+    what = f"train {cfg.model}"
+  else:
+    teacher, like, tspecs, tspec = _teacher(cfg, dataset, mesh,
+                                            teacher_report)
+    teacher_bytes = jsharding.bytes_per_device(like, tspecs, mesh)
+    args = (like,)
+    if lm:
+      objective = lm_lib.LMDistillObjective(
+          loss=cfg.loss, temperature=cfg.temperature,
+          kd_weight=cfg.kd_weight, ce_weight=cfg.ce_weight,
+          reduction=cfg.lm_reduction, source="online",
+          fused=cfg.lm_fused_kd, chunk_size=cfg.lm_chunk_size,
+          loss_kwargs=cfg.loss_kwargs)
+      step = lm_lib.make_lm_distill_step(student, tx, objective, teacher,
+                                         **options)
+    else:
+      objective = cfg.objective()
+      if objective.feature_terms:
+        raise ValueError("--plan plans logit distillation; drop "
+                         "--feature_pairs to plan this run's memory")
+      step = jtrain.make_distill_step(student, teacher, tx, objective,
+                                      **options)
+    what = f"distill {cfg.model}<-{tspec['name']} (online teacher)"
+  init = run_lib.StateInit.create(cfg, spec, tx, mesh)
+  batch = _abstract_batch(cfg, dataset, mesh, lm=lm)
+  bound = run_lib.bind_step(cfg, step, mesh, init.shardings, *args)
+  compiled = bound.lower(init.abstract, batch).compile()
+  analysis = compiled.memory_analysis()
+  state_bytes = jsharding.bytes_per_device(init.abstract, init.specs, mesh)
+  batch_bytes = jsharding.bytes_per_device(
+      batch, jax.tree.map(lambda _: jtrain.batch_spec(mesh), batch), mesh)
+  result = {
+      "mesh": jtrain.format_mesh(mesh), "devices": int(mesh.devices.size),
+      "platform": jax.devices()[0].platform, "what": what,
+      "student_params": int(sum(np.prod(a.shape) for a in jax.tree.leaves(
+          init.abstract.params))),
+      "state_bytes": state_bytes, "teacher_bytes": teacher_bytes,
+      "batch_bytes": batch_bytes,
+      "argument_bytes": int(analysis.argument_size_in_bytes),
+      "output_bytes": int(analysis.output_size_in_bytes),
+      "alias_bytes": int(analysis.alias_size_in_bytes),
+      "temp_bytes": int(analysis.temp_size_in_bytes),
+      "code_bytes": int(analysis.generated_code_size_in_bytes),
+  }
+  peak = (result["argument_bytes"] + result["output_bytes"]
+          - result["alias_bytes"] + result["temp_bytes"])
+  result["peak_bytes"] = peak
+  _print_plan(cfg, result, init, log)
+  if cfg.device_memory_gb:
+    limit = cfg.device_memory_gb * GiB
+    result["fits"] = peak <= limit
+    share = peak / limit
+    if not result["fits"]:
+      raise PlanDoesNotFit(
+          f"--plan: the step needs {peak / GiB:.2f} GiB per device but "
+          f"--device_memory_gb={cfg.device_memory_gb:g}; shard more "
+          "(--mesh fsdp/tensor), lower --batch_size, raise "
+          "--grad_accum_steps, or use --remat / --precision=bfloat16")
+    log(f"plan: fits: {peak / GiB:.2f} of {cfg.device_memory_gb:g} GiB "
+        f"per device ({share:.0%})" + (
+            f"; above JAX's default GPU preallocation of "
+            f"{GPU_DEFAULT_FRACTION:.0%}: set "
+            "XLA_PYTHON_CLIENT_MEM_FRACTION higher on a GPU"
+            if share > GPU_DEFAULT_FRACTION else ""))
+  return result
+
+
+def _print_plan(cfg: Config, r: dict, init, log) -> None:
+  mib = lambda b: f"{b / 2**20:,.2f} MiB"
+  log(f"plan: {r['what']} on mesh {r['mesh']} ({r['devices']} "
+      f"{r['platform']} devices), batch {cfg.batch_size}"
+      + (f" in {cfg.grad_accum_steps} micro-batches"
+         if cfg.grad_accum_steps > 1 else "")
+      + f", precision {cfg.precision}, remat {cfg.remat}")
+  log(f"plan: student {r['student_params']:,} parameters; per device: "
+      f"train state {mib(r['state_bytes'])}, teacher "
+      f"{mib(r['teacher_bytes'])}, batch {mib(r['batch_bytes'])}")
+  log(f"plan: XLA memory analysis per device: arguments "
+      f"{mib(r['argument_bytes'])}, outputs {mib(r['output_bytes'])} "
+      f"({mib(r['alias_bytes'])} of them in donated buffers), temporaries "
+      f"{mib(r['temp_bytes'])}, code {mib(r['code_bytes'])}")
+  log(f"plan: peak estimate {mib(r['peak_bytes'])} per device "
+      "(arguments + outputs - donated + temporaries)")
+  note = jsharding.unused_note(init.mesh, [init.specs.params])
+  if note:
+    log(f"plan: note: {note}")
