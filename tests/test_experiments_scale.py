@@ -8,6 +8,7 @@ import re
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 
 from experiments import main as main_lib
@@ -122,3 +123,31 @@ def test_plan_makes_the_fake_devices_a_pod_mesh_needs(tmp_path):
   assert proc.returncode == 0, proc.stderr[-2000:]
   assert "on mesh data:4,fsdp:4,tensor:2 (32 cpu devices)" in proc.stdout
   assert "in 2 micro-batches" in proc.stdout
+
+
+def test_precision_accumulation_and_remat_flags_train_and_resume(tmp_path,
+                                                                capsys):
+  """float16 with dynamic loss scaling, 2 micro-batches and rematerialised
+  blocks on an FSDP mesh: the loss scale is reported and checkpointed (the
+  resumed run continues it)."""
+  workdir = tmp_path / "run"
+  args = ["--mode=train", "--model=vit",
+          '--model_kwargs={"dim": 16, "depth": 2, "num_heads": 2, '
+          '"patch_size": 8}', "--batch_size=32", "--eval_batch_size=200",
+          "--log_every=4", "--checkpoint_every=4", "--precision=float16",
+          "--grad_accum_steps=2", "--remat=full", "--mesh=data:2,fsdp:4",
+          f"--workdir={workdir}"]
+  status, out, err = _main([*args, "--num_steps=4"], capsys)
+  assert status == 0, err
+  status, out, err = _main([*args, "--num_steps=8"], capsys)
+  assert status == 0, err
+  assert "resumed from" in out
+  train = [r for r in _records(workdir) if r["split"] == "train"]
+  assert [r["step"] for r in train] == [4, 8]
+  for r in train:  # Window means of the scale and of overflowed steps.
+    assert 1.0 <= r["loss_scale"] <= 2.0**15 and 0 <= r["overflow"] <= 1
+    assert np.isfinite(r["loss"]) and np.isfinite(r["grad_norm"])
+  # float16 overflows in the first steps (from 2**15) and halves the scale;
+  # the resumed run goes on from the checkpointed scale, not from 2**15.
+  assert train[0]["overflow"] > 0
+  assert train[1]["loss_scale"] < 2.0**15

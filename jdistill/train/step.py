@@ -237,8 +237,13 @@ def skip_nonfinite_update(old: TrainState, new: TrainState, grads,
   kept = kept.replace(step=new.step, precision_state={
       **old.precision_state,
       "loss_scale": loss_scale.adjust(scale_state, finite)})
-  return kept, {**metrics, "loss_scale": scale_state["scale"],
-                "overflow": 1.0 - finite.astype(jnp.float32)}
+  metrics = {**metrics, "loss_scale": scale_state["scale"],
+             "overflow": 1.0 - finite.astype(jnp.float32)}
+  if "grad_norm" in metrics:
+    # An overflowed step's norm is inf/NaN and applies to nothing: report
+    # 0 so window means stay finite (``overflow`` counts those steps).
+    metrics["grad_norm"] = jnp.where(finite, metrics["grad_norm"], 0.0)
+  return kept, metrics
 
 
 def per_step_loss_state(objective, before, after, parts: Metrics, step,
