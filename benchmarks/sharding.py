@@ -110,6 +110,8 @@ def build(mesh_text: str, *, dim: int, depth: int, teacher_dim: int,
     return {"params": p, "model_state": s}
 
   teacher = jax.jit(make_teacher, out_shardings=S.named(mesh, t_specs))()
+  teacher_fm = teacher_fm.with_param_sharding(
+      S.compute_shardings(t_specs["params"], mesh))
 
   def make():
     _, p, s = jtrain.FunctionalModel.split(lm(dim, depth, 0, **remat_kw))
@@ -121,6 +123,8 @@ def build(mesh_text: str, *, dim: int, depth: int, teacher_dim: int,
   specs = S.state_specs(abstract, tx, S.ShardingRules("auto"), mesh)
   shardings = S.named(mesh, specs)
   state = jax.jit(make, out_shardings=shardings)()
+  student_fm = student_fm.with_param_sharding(
+      S.compute_shardings(specs.params, mesh))
   options = {"grad_accum_steps": grad_accum} if grad_accum > 1 else {}
   step = jtrain.compile_step(
       lm_lib.make_lm_distill_step(

@@ -77,6 +77,8 @@ def _teacher(cfg: Config, dataset, mesh, report: list):
         a.shape, dtype if jnp.issubdtype(a.dtype, jnp.floating) else a.dtype,
         sharding=a.sharding), like)
     model = model.with_compute_dtype(dtype)
+  model = model.with_param_sharding(jsharding.compute_shardings(
+      specs["params"], mesh))
   return model, like, specs, spec
 
 
@@ -97,6 +99,9 @@ def run_plan(cfg: Config, log=print) -> dict[str, Any]:
                                       remat=cfg.remat)
   student = run_lib.student_precision(cfg, student)
   options = run_lib.step_options(cfg)
+  init = run_lib.StateInit.create(cfg, spec, tx, mesh)
+  student = student.with_param_sharding(jsharding.compute_shardings(
+      init.specs.params, mesh))
   teacher_report: list = []
   teacher_bytes = 0
   args: tuple = ()
@@ -126,7 +131,6 @@ def run_plan(cfg: Config, log=print) -> dict[str, Any]:
       step = jtrain.make_distill_step(student, teacher, tx, objective,
                                       **options)
     what = f"distill {cfg.model}<-{tspec['name']} (online teacher)"
-  init = run_lib.StateInit.create(cfg, spec, tx, mesh)
   batch = _abstract_batch(cfg, dataset, mesh, lm=lm)
   bound = run_lib.bind_step(cfg, step, mesh, init.shardings, *args)
   compiled = bound.lower(init.abstract, batch).compile()

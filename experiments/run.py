@@ -347,6 +347,9 @@ def _train(cfg: Config, dataset: jdata.Dataset, mesh, spec: dict,
     record_settings()  # After a resume's restore: nothing failed before.
     writer = jtrain.MetricsWriter(cfg.workdir, tensorboard=True,
                                   purge_step=purge_step)
+    # FSDP: weights are gathered for compute, gradients reduce-scattered.
+    student = student.with_param_sharding(jsharding.compute_shardings(
+        init.specs.params, mesh))
     step_fn = step_factory(student, tx, init.shardings)
     eval_step = jtrain.compile_step(
         (eval_step_factory or jtrain.make_eval_step)(student), mesh,
@@ -545,11 +548,13 @@ def load_teacher_at(path: str, dataset: jdata.Dataset, mesh, *,
         f"{flag}={path}: the teacher takes inputs of shape "
         f"{tuple(spec['input_shape'])} but --dataset={dataset_flag} has "
         f"{tuple(dataset.input_shape)}")
-  teacher, like, _ = init_model_variables(
+  teacher, like, specs = init_model_variables(
       spec, 0, mesh, rules or jsharding.ShardingRules(
           "replicated", flag="--teacher_sharding_rules",
           preset_flag="--teacher_sharding"),
       flag=flag, who=f"the teacher {spec['name']} ({path})")
+  teacher = teacher.with_param_sharding(jsharding.compute_shardings(
+      specs["params"], mesh))
   if precision != "float32":
     # Stored in the compute dtype: half the teacher's memory.
     dtype = jax.numpy.dtype(precision)

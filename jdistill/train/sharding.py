@@ -385,6 +385,33 @@ def state_specs(abstract_state, tx: optax.GradientTransformation,
       precision_state=replicate(abstract_state.precision_state))
 
 
+def compute_specs(specs: Any, axis: str = FSDP_AXIS) -> Any:
+  """The specs of the parameters during compute: ``specs`` without ``axis``
+  (FSDP gathers each weight before use; tensor-parallel splits stay)."""
+
+  def drop(spec: P) -> P:
+    dims = []
+    for axes in spec:
+      names = tuple(a for a in (axes if isinstance(axes, tuple) else (axes,))
+                    if a is not None and a != axis)
+      dims.append(None if not names else names[0] if len(names) == 1
+                  else names)
+    while dims and dims[-1] is None:
+      dims.pop()
+    return P(*dims)
+
+  return jax.tree.map(drop, specs, is_leaf=lambda x: isinstance(x, P))
+
+
+def compute_shardings(specs: Any, mesh) -> Any:
+  """`NamedSharding`s for `FunctionalModel.with_param_sharding`: the
+  parameters gathered over ``fsdp`` for the forward pass; ``None`` when no
+  parameter is split over ``fsdp`` (nothing to gather)."""
+  if FSDP_AXIS not in axes_in(specs):
+    return None
+  return named(mesh, compute_specs(specs))
+
+
 def abstract_with_shardings(abstract: Any, shardings: Any) -> Any:
   """``jax.ShapeDtypeStruct``s carrying ``shardings`` (for restoring into,
   or compiling on, arrays that do not exist yet)."""

@@ -39,10 +39,20 @@ class FunctionalModel:
       updates float32 master weights. Updated model state (BatchNorm
       statistics) comes back in its original dtype. A teacher that runs in
       bfloat16 is a teacher model with ``compute_dtype=jnp.bfloat16``.
+    param_sharding: ``None``, or a pytree of `jax.sharding.NamedSharding`
+      like the parameters that the forward pass constrains them to
+      (`with_param_sharding`): FSDP's all-gather of the weights before
+      compute (after the cast to ``compute_dtype``, so bfloat16 halves the
+      traffic), whose transpose reduce-scatters the gradients. Without it
+      XLA's SPMD partitioner may split the activations along the features
+      of an FSDP-sharded weight instead of the batch, and replicate them
+      to reshard (much more memory; see `jdistill.train.sharding`).
   """
 
   graphdef: Any
   compute_dtype: Any = None
+  param_sharding: Any = dataclasses.field(default=None, compare=False,
+                                          hash=False)
 
   def __post_init__(self):
     if self.compute_dtype is not None:
@@ -64,13 +74,22 @@ class FunctionalModel:
     """A copy computing in ``dtype`` (``None``: no casts)."""
     return dataclasses.replace(self, compute_dtype=dtype)
 
+  def with_param_sharding(self, shardings: Any) -> "FunctionalModel":
+    """A copy whose forward constrains the parameters to ``shardings``
+    (``None``: no constraint)."""
+    return dataclasses.replace(self, param_sharding=shardings)
+
   def merge(self, params: PyTree, model_state: PyTree) -> nnx.Module:
     """The NNX module with these variables, set up for ``compute_dtype``:
-    its floating parameters cast to it and its layers computing in it."""
+    its floating parameters cast to it and its layers computing in it (and
+    the parameters constrained to ``param_sharding``)."""
+    if self.compute_dtype is not None:
+      params = cast_floating(params, self.compute_dtype)
+    if self.param_sharding is not None:
+      params = jax.lax.with_sharding_constraint(params, self.param_sharding)
     if self.compute_dtype is None:
       return nnx.merge(self.graphdef, params, model_state)
-    model = nnx.merge(self.graphdef, cast_floating(params, self.compute_dtype),
-                      model_state)
+    model = nnx.merge(self.graphdef, params, model_state)
     for _, module in nnx.iter_modules(model):
       dtype = getattr(module, "dtype", None)
       if dtype is not None and jnp.issubdtype(dtype, jnp.floating):
