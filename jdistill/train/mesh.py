@@ -32,6 +32,14 @@ def make_data_mesh(num_devices: int | None = None) -> jax.sharding.Mesh:
 
   ``None`` or 0 uses every device of every process (``jax.devices()``).
   """
+  n = checked_device_count(num_devices)
+  return jax.make_mesh((n,), (DATA_AXIS,), axis_types=(AxisType.Auto,),
+                       devices=jax.devices()[:n])
+
+
+def checked_device_count(num_devices: int | None) -> int:
+  """How many devices ``--num_devices`` asks for (0 or None: all of every
+  process), checked."""
   available = jax.device_count()
   n = num_devices or available
   if n < 0 or n > available:
@@ -40,8 +48,7 @@ def make_data_mesh(num_devices: int | None = None) -> jax.sharding.Mesh:
   if jax.process_count() > 1 and n != available:
     raise ValueError(f"--num_devices={num_devices}: a multi-process run must "
                      f"use all {available} devices (pass 0)")
-  return jax.make_mesh((n,), (DATA_AXIS,), axis_types=(AxisType.Auto,),
-                       devices=jax.devices()[:n])
+  return n
 
 
 def make_data_teacher_mesh(num_devices: int | None = None,

@@ -69,11 +69,10 @@ from jdistill.train.objective import (DistillObjective, cross_entropy,
 from jdistill.train.precision import DynamicLossScale
 from jdistill.train.projectors import FunctionalProjectors
 from jdistill.train.state import FunctionalModel, TrainState
-from jdistill.train.step import (_apply_gradients, accumulate_gradients,
-                                 check_grad_accum_steps, example_count,
-                                 masked_accuracy, micro_loss_state,
-                                 per_step_loss_state, skip_nonfinite_update,
-                                 student_forward, value_and_grad)
+from jdistill.train.step import (accumulate_and_update,
+                                 check_grad_accum_steps, masked_accuracy,
+                                 micro_loss_state, student_forward,
+                                 value_and_grad)
 from jdistill.train.teachers import TeacherEnsemble
 
 COMBINERS = ("mean_probs", "mean_logits", "confidence", "entropy", "best",
@@ -495,15 +494,8 @@ def make_multi_teacher_distill_step(
             teacher_logits[i], batch["y"], mask)
       return (new_model_state, new_loss_state), grads, metrics
 
-    (new_model_state, loss_state), grads, metrics = accumulate_gradients(
-        grad_fn, (state.model_state, state.loss_state), batch, accum,
-        example_count)
-    loss_state = per_step_loss_state(objective, state.loss_state, loss_state,
-                                     metrics, state.step, accum)
-    new_state, grad_norm = _apply_gradients(state, tx, grads, new_model_state)
-    new_state = new_state.replace(loss_state=loss_state)
-    return skip_nonfinite_update(state, new_state, grads, loss_scale,
-                                 {**metrics, "grad_norm": grad_norm})
+    return accumulate_and_update(state, tx, objective, grad_fn, batch, accum,
+                                 loss_scale)
 
   return step
 

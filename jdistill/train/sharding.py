@@ -49,9 +49,9 @@ import numpy as np
 import optax
 from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
 
-from jdistill.train.mesh import (BATCH_AXES, DATA_AXIS, FSDP_AXIS,
-                                 TEACHER_AXIS, TENSOR_AXIS, batch_axes,
-                                 batch_shards, batch_spec, format_mesh)
+from jdistill.train.mesh import (DATA_AXIS, FSDP_AXIS, TEACHER_AXIS,
+                                 TENSOR_AXIS, batch_shards,
+                                 checked_device_count, format_mesh)
 
 MESH_AXES = (DATA_AXIS, FSDP_AXIS, TENSOR_AXIS)
 ALL_AXES = MESH_AXES + (TEACHER_AXIS,)
@@ -118,14 +118,7 @@ def make_mesh(axes: dict[str, int] | str | None = None, *,
   """
   if isinstance(axes, str) or axes is None:
     axes = parse_mesh(axes, flag=flag)
-  available = jax.device_count()
-  n = num_devices or available
-  if n < 0 or n > available:
-    raise ValueError(f"--num_devices={num_devices}: expected 0 (all) or at "
-                     f"most the {available} available devices")
-  if jax.process_count() > 1 and n != available:
-    raise ValueError(f"--num_devices={num_devices}: a multi-process run must "
-                     f"use all {available} devices (pass 0)")
+  n = checked_device_count(num_devices)
   sizes = {name: axes.get(name, 1) for name in ALL_AXES if name in axes
            or name in MESH_AXES}
   if -1 not in sizes.values() and DATA_AXIS not in axes:

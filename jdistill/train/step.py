@@ -246,6 +246,27 @@ def skip_nonfinite_update(old: TrainState, new: TrainState, grads,
   return kept, metrics
 
 
+def accumulate_and_update(state: TrainState,
+                          tx: optax.GradientTransformation, objective,
+                          grad_fn: GradFn, batch: Batch,
+                          grad_accum_steps: int,
+                          loss_scale: DynamicLossScale | None
+                          ) -> tuple[TrainState, Metrics]:
+  """The update of a distillation step whose ``grad_fn`` carries
+  ``(model_state, loss_state)``: gradients accumulated over the
+  micro-batches (weighted by their examples), the loss state's per-step
+  update, one optimizer update, and the loss scale's skip."""
+  (new_model_state, loss_state), grads, metrics = accumulate_gradients(
+      grad_fn, (state.model_state, state.loss_state), batch,
+      grad_accum_steps, example_count)
+  loss_state = per_step_loss_state(objective, state.loss_state, loss_state,
+                                   metrics, state.step, grad_accum_steps)
+  new_state, grad_norm = _apply_gradients(state, tx, grads, new_model_state)
+  new_state = new_state.replace(loss_state=loss_state)
+  return skip_nonfinite_update(state, new_state, grads, loss_scale,
+                               {**metrics, "grad_norm": grad_norm})
+
+
 def per_step_loss_state(objective, before, after, parts: Metrics, step,
                         grad_accum_steps: int):
   """The loss state after an accumulated step.
@@ -496,15 +517,8 @@ def make_distill_step(student: FunctionalModel, teacher: FunctionalModel,
       }
       return (new_model_state, new_loss_state), grads, metrics
 
-    (new_model_state, loss_state), grads, metrics = accumulate_gradients(
-        grad_fn, (state.model_state, state.loss_state), batch, k,
-        example_count)
-    loss_state = per_step_loss_state(objective, state.loss_state, loss_state,
-                                     metrics, state.step, k)
-    new_state, grad_norm = _apply_gradients(state, tx, grads, new_model_state)
-    new_state = new_state.replace(loss_state=loss_state)
-    return skip_nonfinite_update(state, new_state, grads, loss_scale,
-                                 {**metrics, "grad_norm": grad_norm})
+    return accumulate_and_update(state, tx, objective, grad_fn, batch, k,
+                                 loss_scale)
 
   return step
 
