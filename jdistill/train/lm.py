@@ -44,9 +44,8 @@ from jdistill.losses.logit import get_logit_loss
 from jdistill.losses.sequence import reduce_tokens, reduction_weights
 from jdistill.train.precision import DynamicLossScale
 from jdistill.train.state import FunctionalModel, TrainState
-from jdistill.train.step import (_apply_gradients, accumulate_gradients,
-                                 check_grad_accum_steps, skip_nonfinite_update,
-                                 value_and_grad)
+from jdistill.train.step import (accumulate_gradients, apply_update,
+                                 check_grad_accum_steps, value_and_grad)
 
 Batch = dict[str, jax.Array]
 Metrics = dict[str, jax.Array]
@@ -188,9 +187,8 @@ def make_lm_train_step(model: FunctionalModel,
 
     new_model_state, grads, metrics = accumulate_gradients(
         grad_fn, state.model_state, batch, k, token_count)
-    new_state, grad_norm = _apply_gradients(state, tx, grads, new_model_state)
-    return skip_nonfinite_update(state, new_state, grads, loss_scale,
-                                 {**metrics, "grad_norm": grad_norm})
+    return apply_update(state, tx, grads, new_model_state, metrics,
+                        loss_scale)
 
   return step
 
@@ -313,9 +311,8 @@ def make_lm_distill_step(student: FunctionalModel,
         grad_fn, state.model_state, batch, k,
         reduction_count(objective.reduction),
         metric_weights={"accuracy": token_count})
-    new_state, grad_norm = _apply_gradients(state, tx, grads, new_model_state)
-    return skip_nonfinite_update(state, new_state, grads, loss_scale,
-                                 {**metrics, "grad_norm": grad_norm})
+    return apply_update(state, tx, grads, new_model_state, metrics,
+                        loss_scale)
 
   return step
 

@@ -261,8 +261,20 @@ def accumulate_and_update(state: TrainState,
       grad_accum_steps, example_count)
   loss_state = per_step_loss_state(objective, state.loss_state, loss_state,
                                    metrics, state.step, grad_accum_steps)
+  return apply_update(state, tx, grads, new_model_state, metrics, loss_scale,
+                      loss_state=loss_state)
+
+
+def apply_update(state: TrainState, tx: optax.GradientTransformation, grads,
+                 new_model_state, metrics: Metrics,
+                 loss_scale: DynamicLossScale | None,
+                 **replace) -> tuple[TrainState, Metrics]:
+  """The end of every update step: one optimizer update (plus the state
+  fields in ``replace``), ``grad_norm`` added to ``metrics``, and the loss
+  scale's skip of an overflowed update (`skip_nonfinite_update`)."""
   new_state, grad_norm = _apply_gradients(state, tx, grads, new_model_state)
-  new_state = new_state.replace(loss_state=loss_state)
+  if replace:
+    new_state = new_state.replace(**replace)
   return skip_nonfinite_update(state, new_state, grads, loss_scale,
                                {**metrics, "grad_norm": grad_norm})
 
@@ -386,9 +398,8 @@ def make_train_step(model: FunctionalModel, tx: optax.GradientTransformation,
 
     new_model_state, grads, metrics = accumulate_gradients(
         grad_fn, state.model_state, batch, k, example_count)
-    new_state, grad_norm = _apply_gradients(state, tx, grads, new_model_state)
-    return skip_nonfinite_update(state, new_state, grads, loss_scale,
-                                 {**metrics, "grad_norm": grad_norm})
+    return apply_update(state, tx, grads, new_model_state, metrics,
+                        loss_scale)
 
   return step
 
