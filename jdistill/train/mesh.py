@@ -12,6 +12,7 @@ devices, a GPU, or every device of a multi-host job after
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Any, Callable
 
@@ -91,13 +92,15 @@ def batch_spec(mesh) -> P:
   return P(axes if len(axes) > 1 else axes[0])
 
 
+@functools.lru_cache(maxsize=16)
 def local_batch_slice(mesh) -> tuple[int, int]:
   """``(index, count)``: this process feeds slice ``index`` of ``count``
   equal slices of the global batch (its devices' part of the batch axes).
 
   Equals ``(process_index, process_count)`` when every process holds a
   contiguous block of the ``data`` axis; ``tensor`` or ``fsdp`` groups that
-  span processes make several processes feed the same slice.
+  span processes make several processes feed the same slice. Cached per
+  mesh: `put_batch` asks every step.
   """
   total = batch_shards(mesh)
   if jax.process_count() == 1:
