@@ -9,7 +9,13 @@ from jdistill.models.causal_lm import CausalLM
 from jdistill.models.cnn1d import CNN1D
 from jdistill.models.convnet import ConvNet
 from jdistill.models.mlp import MLP
-from jdistill.models.registry import MODEL_NAMES, count_params, create_model
+from jdistill.models.peers import PeerGroup, peer_variables
+from jdistill.models.registry import (
+    GROUP_MODEL_NAMES,
+    MODEL_NAMES,
+    count_params,
+    create_model,
+)
 from jdistill.models.remat import REMAT_NAMES, REMAT_POLICIES, remat_block
 from jdistill.models.resnet import BasicBlock, CifarResNet
 from jdistill.models.transformer import ViT
@@ -20,12 +26,15 @@ __all__ = [
     "CNN1D",
     "CifarResNet",
     "ConvNet",
+    "GROUP_MODEL_NAMES",
     "MLP",
     "MODEL_NAMES",
+    "PeerGroup",
     "REMAT_NAMES",
     "REMAT_POLICIES",
     "ViT",
     "count_params",
     "create_model",
+    "peer_variables",
     "remat_block",
 ]

@@ -22,6 +22,11 @@ RESNET_NAMES = (
 )
 MODEL_NAMES: tuple[str, ...] = (
     ("mlp", "cnn1d", "convnet") + RESNET_NAMES + ("vit", "causal_lm"))
+# Models made of other models, built from per-member specs rather than from
+# constructor defaults (``peers``: `jdistill.models.peers.PeerGroup`). They
+# are kept out of ``MODEL_NAMES``, which lists the single models that can be
+# built from a name alone (and that a group's members are chosen from).
+GROUP_MODEL_NAMES: tuple[str, ...] = ("peers",)
 
 
 def _need_hwc(name: str, input_shape: tuple[int, ...]) -> None:
@@ -42,7 +47,7 @@ def create_model(
   """Build the model ``name`` for per-example ``input_shape``.
 
   Args:
-    name: one of ``MODEL_NAMES``.
+    name: one of ``MODEL_NAMES`` or ``GROUP_MODEL_NAMES``.
     num_classes: size of the logits.
     input_shape: shape of ONE example (no batch dim): ``(40,)`` for MNIST-1D,
       ``(8, 8, 1)`` for digits images, ``(32, 32, 3)`` for CIFAR. ``mlp``
@@ -63,16 +68,23 @@ def create_model(
       checkpointing of its blocks (``causal_lm`` / ``vit`` blocks, resnet
       BasicBlocks, ``convnet`` blocks, ``mlp`` / ``cnn1d`` layers), same
       outputs and gradients, less activation memory under ``jax.grad``.
+      ``peers`` (`jdistill.models.peers.PeerGroup`) takes ``peers=[{"name":
+      "mlp", "kwargs": {...}}, ...]``, one spec per member model (each
+      member's own constructor options); ``remat`` and ``dtype`` apply to
+      every member (a member's own ``remat`` wins).
 
   Raises:
     ValueError: unknown ``name``, an ``input_shape`` the model cannot take,
       or an unknown ``remat`` policy.
   """
   input_shape = tuple(int(s) for s in input_shape)
-  if name not in MODEL_NAMES:
+  if name not in MODEL_NAMES + GROUP_MODEL_NAMES:
     raise ValueError(
-        f"unknown model {name!r}; expected one of: {', '.join(MODEL_NAMES)}")
+        f"unknown model {name!r}; expected one of: "
+        f"{', '.join(MODEL_NAMES + GROUP_MODEL_NAMES)}")
   common = dict(num_classes=num_classes, rngs=rngs, dtype=dtype)
+  if name == "peers":
+    return _create_peers(input_shape, common, kwargs)
   if name == "mlp":
     cfg: dict[str, Any] = dict(in_features=math.prod(input_shape))
     cfg.update(kwargs)
@@ -110,6 +122,22 @@ def create_model(
   cfg = dict(depth=depth, widths=widths, in_channels=input_shape[2])
   cfg.update(kwargs)
   return CifarResNet(**cfg, **common)
+
+
+def _create_peers(input_shape: tuple[int, ...], common: dict[str, Any],
+                  kwargs: dict[str, Any]) -> nnx.Module:
+  # Imported here: peers.py builds its members with `create_model`.
+  from jdistill.models.peers import PeerGroup
+
+  kwargs = dict(kwargs)
+  if "peers" not in kwargs:
+    raise ValueError("model 'peers' needs peers=[{'name': ..., 'kwargs': "
+                     "{...}}, ...]")
+  peers, remat = kwargs.pop("peers"), kwargs.pop("remat", None)
+  if kwargs:
+    raise ValueError(f"model 'peers': unknown options {sorted(kwargs)}; "
+                     f"expected peers= and remat=")
+  return PeerGroup(peers, input_shape=input_shape, remat=remat, **common)
 
 
 def count_params(model: nnx.Module) -> int:
