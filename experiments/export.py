@@ -1,0 +1,540 @@
+r"""Export the trained student of a run for use outside jdistill's training.
+
+  python -m experiments.export --workdir=runs/my_run --out=exports/my_model
+
+Writes ``--out`` as::
+
+  out/
+    model.json    {"format": "jdistill-export", "version": 1, "name",
+                   "kwargs", "num_classes", "input_shape", "dataset", "step",
+                   "source_workdir", "param_count"}: ``name`` and ``kwargs``
+                   as `jdistill.models.create_model` takes them
+    variables/    orbax checkpoint (`ocp.StandardCheckpointer`) of
+                   {"params", "model_state"} only: float32 host arrays, as
+                   trained, with the BatchNorm running statistics (and any
+                   other non-parameter model state) that inference needs
+
+Only the ``model`` item of the run's checkpoint is read: the optimizer state,
+feature projectors, loss state and teachers are not part of an export.
+`load_exported` rebuilds the NNX module; ``docs/export_example.py`` shows the
+same steps in plain user code.
+
+Nothing already written is lost or half-written: the export is built in a
+hidden sibling directory of ``--out`` and renamed into place once complete.
+An existing non-empty ``--out`` is refused unless ``--overwrite`` is given
+and it is an earlier export, which is replaced only after the new one is
+complete. An interrupted export leaves ``--out`` as it was (and, if killed
+hard, a ``.<name>.export-tmp-*`` sibling that may be deleted).
+
+Bad input exits with status 2 and one line on stderr, ``jdistill: error:
+...``, naming the flag at fault; an unanticipated exception is a bug (status
+1, ``jdistill: internal error: ...``); ``--debug`` shows the traceback.
+
+The run's checkpoint digest (``checkpoint_digests/<step>.json``) covers the
+``model`` and ``train`` items together, so it cannot be checked without
+rebuilding the run's whole training state; the export checks instead that
+orbax reads the ``model`` item and that its shapes and dtypes are those of
+the model that ``model.json`` describes.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import gc
+import json
+import logging as pylogging
+import math
+import os
+import shutil
+import sys
+import tempfile
+import time
+import traceback
+from typing import Any
+
+from absl import flags, logging
+
+EXPORT_FORMAT = "jdistill-export"
+EXPORT_VERSION = 1
+MODEL_FILE = "model.json"
+VARIABLES_DIR = "variables"
+ERROR_STATUS = 2
+INTERNAL_ERROR_STATUS = 1
+# Bad input; anything else is reported as a bug.
+INPUT_ERRORS = (ValueError, OSError)
+# The run's directories that orbax and the checkpointer manage (see
+# jdistill.train.checkpoint): an export is never written inside them.
+_RUN_MANAGED_SUBDIRS = ("checkpoints", "checkpoint_digests",
+                        "checkpoints_damaged")
+_RUN_KINDS = "a --mode=train or --mode=distill run"
+
+
+def define_flags(flag_values: flags.FlagValues) -> None:
+  """Defines the export's flags in ``flag_values``."""
+  flags.DEFINE_string("workdir", None, "The run's --workdir (required).",
+                      flag_values=flag_values)
+  flags.DEFINE_string("out", None, "Directory to write the export to "
+                      "(required); must be new, empty, or an earlier export "
+                      "with --overwrite.", flag_values=flag_values)
+  flags.DEFINE_integer("step", None, "Checkpoint step to export (default: "
+                       "the latest).", lower_bound=0, flag_values=flag_values)
+  flags.DEFINE_boolean("overwrite", False, "Replace an earlier export at "
+                       "--out (only once the new one is complete).",
+                       flag_values=flag_values)
+  # Multi-peer runs (model "peers"): a --peer=k flag goes here, and picks
+  # the peer in `export_run` (see the comment there).
+  flags.DEFINE_boolean("debug", False, "Show full tracebacks for errors.",
+                       flag_values=flag_values)
+
+
+def _one_line(text: Any) -> str:
+  return " ".join(str(text).split())
+
+
+def _print_error(message: str, kind: str = "error") -> None:
+  print(f"jdistill: {kind}: {_one_line(message)}", file=sys.stderr)
+
+
+def _reason(e: BaseException) -> str:
+  """The first line of the innermost cause of ``e`` (orbax wraps
+  TensorStore's error in one that prints the whole TensorStore spec)."""
+  while e.__cause__ is not None:
+    e = e.__cause__
+  first = (str(e).strip().splitlines() or [""])[0]
+  return f"{type(e).__name__}: {_one_line(first)[:300]}"
+
+
+def _steps_text(steps: list[int]) -> str:
+  return ", ".join(str(s) for s in steps) or "none"
+
+
+# ----------------------------------------------------------------------------
+# Reading the run.
+
+
+def read_run_spec(workdir: str) -> dict:
+  """The run's ``model.json``; `ValueError` naming ``--workdir`` if the
+  workdir or its model description is missing or unreadable."""
+  from jdistill import train as jtrain
+  if not os.path.exists(workdir):
+    raise ValueError(f"--workdir={workdir} does not exist; expected the "
+                     f"workdir of {_RUN_KINDS}")
+  if not os.path.isdir(workdir):
+    raise ValueError(f"--workdir={workdir} is not a directory; expected the "
+                     f"workdir of {_RUN_KINDS}")
+  if not os.path.isfile(os.path.join(workdir, MODEL_FILE)):
+    raise ValueError(f"--workdir={workdir} has no {MODEL_FILE}; expected the "
+                     f"workdir of {_RUN_KINDS}")
+  return jtrain.read_model_spec(workdir, flag="--workdir")
+
+
+def checkpoint_steps(workdir: str) -> list[int]:
+  """The finished checkpoint steps of ``workdir``, oldest first."""
+  import orbax.checkpoint as ocp
+  directory = os.path.join(os.path.abspath(workdir), "checkpoints")
+  if not os.path.isdir(directory):
+    raise ValueError(f"--workdir={workdir} holds no checkpoints/ directory; "
+                     f"expected the workdir of {_RUN_KINDS}")
+  # Reads the directory only (as `jdistill.train.load_model_variables`).
+  manager = ocp.CheckpointManager(
+      directory, options=ocp.CheckpointManagerOptions(create=False))
+  try:
+    return sorted(manager.all_steps())
+  finally:
+    manager.close()
+
+
+def _model_item_dir(workdir: str, step: int) -> str:
+  """The directory of the ``model`` item ({"params", "model_state"}) of the
+  checkpoint at ``step``."""
+  return os.path.join(os.path.abspath(workdir), "checkpoints", str(step),
+                      "model")
+
+
+def _flatten(tree: Any, prefix: tuple = ()) -> dict[tuple, Any]:
+  """Nested dicts as ``{path of str keys: leaf}`` (orbax stores integer
+  keys as strings)."""
+  if isinstance(tree, dict):
+    out = {}
+    for key, value in tree.items():
+      out.update(_flatten(value, prefix + (str(key),)))
+    return out
+  return {prefix: tree}
+
+
+def _describe(leaf: Any) -> str:
+  return f"{tuple(leaf.shape)} {leaf.dtype}"
+
+
+def _mismatch(saved: dict, expected: dict) -> str | None:
+  """The first difference between the saved and expected leaves' paths,
+  shapes and dtypes, or None."""
+  saved, expected = _flatten(saved), _flatten(expected)
+  for path in sorted(set(saved) | set(expected)):
+    name = "/".join(path)
+    if path not in saved:
+      return f"{name} is missing from the checkpoint"
+    if path not in expected:
+      return f"the checkpoint has {name}, which the model has not"
+    have, want = saved[path], expected[path]
+    if (tuple(getattr(have, "shape", ())) != tuple(want.shape)
+        or str(getattr(have, "dtype", None)) != str(want.dtype)):
+      return (f"{name} is {_describe(have)} in the checkpoint but "
+              f"{_describe(want)} in the model")
+  return None
+
+
+@contextlib.contextmanager
+def _quiet_failed_reads(settle_s: float = 0.25, max_wait_s: float = 2.0):
+  """Keeps orbax's aftermath of a failed read off stderr.
+
+  When orbax fails to read one array, its other asyncio reads fail too, and
+  TensorStore completes them later on its threads against a closed event
+  loop: each is reported on stderr ("Event loop is closed", "Task exception
+  was never retrieved"), some after the failure has been raised. The caller
+  reports the failure in one line, so inside this context those reports
+  are dropped and, if the body raises, it waits until they stop (none for
+  ``settle_s``, at most ``max_wait_s``).
+  """
+  asyncio_logger = pylogging.getLogger("asyncio")
+  disabled, hook = asyncio_logger.disabled, sys.unraisablehook
+  dropped = []
+  asyncio_logger.disabled = True
+  sys.unraisablehook = dropped.append
+  try:
+    yield
+  except BaseException:
+    start = last = time.monotonic()
+    count = -1
+    while time.monotonic() - last < settle_s and (
+        time.monotonic() - start < max_wait_s):
+      gc.collect()
+      if len(dropped) != count:
+        count, last = len(dropped), time.monotonic()
+      time.sleep(0.02)
+    raise
+  finally:
+    gc.collect()
+    asyncio_logger.disabled, sys.unraisablehook = disabled, hook
+
+
+def restore_model_variables(workdir: str, spec: dict, step: int,
+                            steps: list[int]) -> dict:
+  """``{"params", "model_state"}`` of the checkpoint at ``step`` as host
+  (numpy) arrays, checked against the model that ``spec`` describes."""
+  import jax
+  import numpy as np
+  import orbax.checkpoint as ocp
+  from etils import epath
+  from experiments import run as run_lib
+
+  try:
+    _, params, model_state = run_lib.build_model(spec, 0, flag="model",
+                                                 abstract=True)
+  except ValueError as e:
+    raise ValueError(f"--workdir={workdir}: its {MODEL_FILE} describes no "
+                     f"model that jdistill can build ({e}); expected the "
+                     f"{MODEL_FILE} that the run wrote") from None
+  cpu = jax.sharding.SingleDeviceSharding(jax.devices("cpu")[0])
+  like = jax.tree.map(
+      lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=cpu),
+      {"params": params, "model_state": model_state})
+  item = epath.Path(_model_item_dir(workdir, step))
+  where = f"--workdir={workdir}: the checkpoint at step {step}"
+  others = [s for s in steps if s != step]
+  hint = (f"; expected an intact checkpoint: export another with --step "
+          f"(available: {_steps_text(others)})" if others else
+          "; expected an intact checkpoint and there is no other")
+  # The item's handler: the item directory holds no step metadata of its
+  # own, which `ocp.StandardCheckpointer` would warn about.
+  handler = ocp.StandardCheckpointHandler()
+  try:
+    # The errors are raised outside their ``except``: a chained orbax error
+    # would keep its failed reads alive past `_quiet_failed_reads`.
+    problem = None
+    with _quiet_failed_reads():
+      try:
+        saved = handler.metadata(item).tree
+      except Exception as e:  # noqa: BLE001 - any failure means "damaged".
+        problem = _reason(e)
+      if problem:
+        raise ValueError(f"{where} is damaged (orbax cannot read its model "
+                         f"item: {problem}){hint}")
+    problem = _mismatch(dict(saved), like)
+    if problem:
+      raise ValueError(
+          f"{where} does not match the model in "
+          f"{os.path.join(workdir, MODEL_FILE)} ({problem}); expected the "
+          "checkpoints that run wrote")
+    with _quiet_failed_reads():
+      try:
+        restored = handler.restore(item, args=ocp.args.StandardRestore(like))
+      except Exception as e:  # noqa: BLE001
+        problem = _reason(e)
+      if problem:
+        raise ValueError(f"{where} is damaged (orbax cannot read it: "
+                         f"{problem}){hint}")
+  finally:
+    handler.close()
+  return jax.tree.map(np.asarray, restored)
+
+
+# ----------------------------------------------------------------------------
+# Writing the export.
+
+
+def _is_within(path: str, directory: str) -> bool:
+  return path == directory or path.startswith(directory.rstrip(os.sep) + os.sep)
+
+
+def check_out(out: str, workdir: str, *, overwrite: bool) -> None:
+  """Raises `ValueError` (naming ``--out``) unless an export may be written
+  to ``out``: outside the run's managed directories, not containing the run,
+  not a file, and new, empty, or (with ``overwrite``) an earlier export."""
+  path = os.path.abspath(out)
+  real_out = os.path.realpath(path)
+  real_workdir = os.path.realpath(workdir)
+  for sub in _RUN_MANAGED_SUBDIRS:
+    if _is_within(real_out, os.path.join(real_workdir, sub)):
+      raise ValueError(f"--out={out} is inside the run's {sub}/ directory, "
+                       "which the run manages; expected a directory outside "
+                       "it (e.g. a sibling of --workdir)")
+  if _is_within(real_workdir, real_out):
+    raise ValueError(f"--out={out} is or contains --workdir={workdir}; "
+                     "expected a directory that does not hold the run")
+  existing = path
+  while existing and not os.path.lexists(existing):
+    parent = os.path.dirname(existing.rstrip(os.sep))
+    existing = parent if parent != existing else ""
+  if existing and not os.path.isdir(existing):
+    where = ("is a file" if existing == path else
+             f"is under {existing}, which is a file")
+    raise ValueError(f"--out={out} {where}; expected a directory (new, "
+                     "empty, or an earlier export with --overwrite)")
+  if existing != path or not os.listdir(path):
+    return
+  if not overwrite:
+    raise ValueError(f"--out={out} is not empty; expected a new or empty "
+                     "directory, or --overwrite to replace an earlier export")
+  if not is_export(path):
+    raise ValueError(
+        f"--out={out} is not empty and is not a jdistill export (no "
+        f"{MODEL_FILE} with \"format\": \"{EXPORT_FORMAT}\"); --overwrite "
+        "replaces only an earlier export: expected such a directory or a new "
+        "one")
+
+
+def is_export(path: str) -> bool:
+  """Whether ``path`` holds an export's ``model.json``."""
+  try:
+    with open(os.path.join(path, MODEL_FILE), encoding="utf-8") as f:
+      spec = json.load(f)
+  except (OSError, ValueError):
+    return False
+  return isinstance(spec, dict) and spec.get("format") == EXPORT_FORMAT
+
+
+def _fsync_dir(path: str) -> None:
+  fd = os.open(path, os.O_RDONLY)
+  try:
+    os.fsync(fd)
+  finally:
+    os.close(fd)
+
+
+def _write_export(directory: str, spec: dict, variables: dict) -> None:
+  """Writes ``model.json`` and ``variables/`` into ``directory``."""
+  import orbax.checkpoint as ocp
+  with ocp.StandardCheckpointer() as checkpointer:
+    checkpointer.save(os.path.join(directory, VARIABLES_DIR), variables)
+    checkpointer.wait_until_finished()
+  with open(os.path.join(directory, MODEL_FILE), "w", encoding="utf-8") as f:
+    json.dump(spec, f, indent=2)
+    f.write("\n")
+    f.flush()
+    os.fsync(f.fileno())
+  _fsync_dir(directory)
+
+
+def _move_into_place(tmp: str, out: str) -> None:
+  """Renames the complete export ``tmp`` to ``out``; an earlier export at
+  ``out`` is first renamed aside, then deleted once ``out`` is the new
+  one."""
+  parent = os.path.dirname(out)
+  old = None
+  if os.path.isdir(out) and os.listdir(out):
+    old = tempfile.mkdtemp(dir=parent,
+                           prefix=f".{os.path.basename(out)}.export-old-")
+    os.replace(out, os.path.join(old, "export"))
+  os.replace(tmp, out)  # An empty directory at ``out`` is replaced.
+  _fsync_dir(parent)
+  if old is not None:
+    shutil.rmtree(old)
+
+
+def export_run(workdir: str, out: str, *, step: int | None = None,
+               overwrite: bool = False) -> dict:
+  """Exports the student of run ``workdir`` to ``out``.
+
+  Args:
+    workdir: the run's ``--workdir``.
+    out: the export directory (see the module docstring).
+    step: the checkpoint step; ``None``: the latest.
+    overwrite: replace an earlier export at ``out``.
+
+  Returns:
+    The export's ``model.json`` as a dict.
+
+  Raises:
+    ValueError: bad input, one line naming the flag (``--workdir``,
+      ``--out``, ``--step``); nothing at ``out`` is changed.
+  """
+  spec = read_run_spec(workdir)
+  check_out(out, workdir, overwrite=overwrite)
+  steps = checkpoint_steps(workdir)
+  if not steps:
+    raise ValueError(f"--workdir={workdir} holds no finished checkpoint in "
+                     f"checkpoints/; expected the workdir of {_RUN_KINDS} "
+                     "that saved one")
+  if step is None:
+    step = steps[-1]
+  elif step not in steps:
+    raise ValueError(f"--step={step}: --workdir={workdir} has no checkpoint "
+                     f"at step {step}; expected one of: {_steps_text(steps)}")
+  variables = restore_model_variables(workdir, spec, step, steps)
+  # Multi-peer runs: without a --peer flag, a "peers" run is exported whole
+  # (a PeerGroup model). --peer=k will replace ``spec`` by peer k's name and
+  # kwargs and ``variables`` by its own (`jdistill.models.peers`'
+  # `peer_variables`) here; the rest is the same.
+  export_spec = {
+      "format": EXPORT_FORMAT, "version": EXPORT_VERSION,
+      "name": spec["name"], "kwargs": spec["kwargs"],
+      "num_classes": spec["num_classes"], "input_shape": spec["input_shape"],
+      "dataset": spec.get("dataset"), "step": int(step),
+      "source_workdir": os.path.abspath(workdir),
+      "param_count": int(sum(math.prod(x.shape) for x in
+                             _flatten(variables["params"]).values())),
+  }
+  path = os.path.abspath(out)
+  parent = os.path.dirname(path)
+  os.makedirs(parent, exist_ok=True)
+  tmp = tempfile.mkdtemp(dir=parent,
+                         prefix=f".{os.path.basename(path)}.export-tmp-")
+  try:
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o777 & ~umask)  # mkdtemp's 0700 would stay on --out.
+    _write_export(tmp, export_spec, variables)
+    # Checked again: --out may have changed while the variables were read.
+    check_out(out, workdir, overwrite=overwrite)
+    _move_into_place(tmp, path)
+  finally:
+    if os.path.exists(tmp):
+      shutil.rmtree(tmp, ignore_errors=True)
+  return export_spec
+
+
+# ----------------------------------------------------------------------------
+# Loading an export.
+
+
+def load_exported(path: str):
+  """The NNX model (an ``nnx.Module``) of the export at ``path``.
+
+  Its call is ``logits, features = model(x, train=False)``.
+
+  Raises:
+    ValueError: ``path`` is not an export, or its variables do not fit the
+      model that its ``model.json`` describes.
+  """
+  import orbax.checkpoint as ocp
+  from flax import nnx
+  from jdistill.models import create_model
+
+  path = os.path.abspath(path)
+  if not is_export(path):
+    raise ValueError(f"{path} is not a jdistill export; expected a directory "
+                     f"with a {MODEL_FILE} of \"format\": \"{EXPORT_FORMAT}\""
+                     " (written by python -m experiments.export)")
+  with open(os.path.join(path, MODEL_FILE), encoding="utf-8") as f:
+    spec = json.load(f)
+  if spec.get("version") != EXPORT_VERSION:
+    raise ValueError(f"{os.path.join(path, MODEL_FILE)}: export version "
+                     f"{spec.get('version')!r}; expected {EXPORT_VERSION}")
+  model = create_model(spec["name"], num_classes=spec["num_classes"],
+                       input_shape=tuple(spec["input_shape"]),
+                       rngs=nnx.Rngs(0), **spec["kwargs"])
+  _, params, model_state = nnx.split(model, nnx.Param, ...)
+  like = {"params": nnx.to_pure_dict(params),
+          "model_state": nnx.to_pure_dict(model_state)}
+  with ocp.StandardCheckpointer() as checkpointer:
+    try:
+      variables = checkpointer.restore(os.path.join(path, VARIABLES_DIR),
+                                       like)
+    except Exception as e:  # noqa: BLE001
+      raise ValueError(f"{os.path.join(path, VARIABLES_DIR)} cannot be read "
+                       f"as the model of its {MODEL_FILE} ({_reason(e)})"
+                       ) from None
+  nnx.update(model, variables["params"], variables["model_state"])
+  return model
+
+
+# ----------------------------------------------------------------------------
+# The program.
+
+
+def run_export(argv: list[str],
+               flag_values: flags.FlagValues | None = None) -> int:
+  """The whole program for command line ``argv`` (program name first);
+  returns the exit status. Errors are printed to ``sys.stderr``."""
+  from experiments import main as main_lib
+  if flag_values is None:
+    flag_values = flags.FlagValues()
+    define_flags(flag_values)
+  if any(arg in ("-h", "--help", "-help", "--helpfull") for arg in argv[1:]):
+    print(__doc__.split("\n\n")[1].strip() + "\n"
+          + flag_values.get_help(include_special_flags=False))
+    return 0
+  try:
+    rest = main_lib.parse_flags(argv, flag_values)
+  except ValueError as e:
+    _print_error(str(e))
+    return ERROR_STATUS
+  if len(rest) > 1:
+    _print_error(f"unexpected positional arguments {rest[1:]}; flags take "
+                 "the form --name=value")
+    return ERROR_STATUS
+  debug = flag_values.debug
+  if not debug:
+    logging.set_verbosity(logging.WARNING)  # orbax logs at INFO.
+  try:
+    for name in ("workdir", "out"):
+      if not flag_values[name].value:
+        raise ValueError(f"--{name}: required; expected "
+                         + (f"the workdir of {_RUN_KINDS}" if name == "workdir"
+                            else "the directory to write the export to"))
+    spec = export_run(flag_values.workdir, flag_values.out,
+                      step=flag_values.step, overwrite=flag_values.overwrite)
+  except INPUT_ERRORS as e:
+    if debug:
+      raise
+    _print_error(str(e))
+    return ERROR_STATUS
+  except Exception as e:  # pylint: disable=broad-except
+    if debug:
+      raise
+    frame = traceback.extract_tb(e.__traceback__)[-1]
+    _print_error(
+        f"{type(e).__name__}: {_one_line(e)[:300]} (at "
+        f"{os.path.relpath(frame.filename)}:{frame.lineno}); this is a bug, "
+        "not a problem with the input: rerun with --debug for the traceback",
+        kind="internal error")
+    return INTERNAL_ERROR_STATUS
+  print(f"exported {spec['name']} ({spec['param_count']} parameters) at step "
+        f"{spec['step']} of {spec['source_workdir']} -> "
+        f"{os.path.abspath(flag_values.out)}")
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(run_export(sys.argv))
