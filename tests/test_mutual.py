@@ -8,6 +8,8 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+
+from jdistill.train.step import augment_key
 from flax import nnx
 
 from jdistill.models import (GROUP_MODEL_NAMES, MODEL_NAMES, PeerGroup,
@@ -291,7 +293,7 @@ def test_augment_once_with_mixup_targets():
 
   state, _, m = _one_step(fm, params, ms, optax.sgd(0.1), batch,
                           augment=augment, **deep_mutual_learning(2))
-  mixed = augment(jax.random.fold_in(state.step_key(), 1), batch)
+  mixed = augment(augment_key(state), batch)
   z = _logits64(fm, params, ms, mixed["x"])
   lam = np.asarray(mixed["mix_lambda"], np.float64)
   y, y_mix = np.asarray(batch["y"]), np.asarray(mixed["y_mix"])

@@ -33,16 +33,19 @@ from jdistill.train.projectors import (PROJECTOR_KINDS, FeatureProjectors,
 from jdistill.train.state import FunctionalModel, TrainState
 from jdistill.train.teachers import (STACKINGS, TeacherEnsemble,
                                      shard_teachers)
-from jdistill.train.step import (NONFINITE_MODES, accumulate_gradients,
-                                 guard_nonfinite,
+from jdistill.train.step import (AUGMENT_VIEWS, NONFINITE_MODES,
+                                 accumulate_gradients, augment_key,
+                                 ema_decay_at, ema_update, guard_nonfinite,
                                  make_class_sums_step, make_distill_step,
-                                 make_eval_step, make_train_step)
+                                 make_ema_self_distill_step, make_eval_step,
+                                 make_train_step)
 
 __all__ = [
     "FSDP_AXIS", "TENSOR_AXIS", "batch_shards", "batch_spec", "format_mesh",
     "local_batch_slice", "ShardingRules", "make_mesh", "parse_mesh",
     "parse_rules", "state_specs", "POLICIES", "DynamicLossScale", "Policy",
-    "get_policy", "accumulate_gradients",
+    "get_policy", "accumulate_gradients", "AUGMENT_VIEWS", "augment_key",
+    "ema_decay_at", "ema_update", "make_ema_self_distill_step",
     "batch_sharding", "build_projectors", "COMBINERS", "CheckpointError",
     "guard_nonfinite", "NONFINITE_MODES", "Preempted", "state_digest",
     "StopSignals",

@@ -93,6 +93,9 @@ def _train_item(state: TrainState) -> dict:
   if jax.tree.leaves(state.precision_state):
     # The dynamic loss scale of --precision=float16 (same reason).
     item["precision_state"] = state.precision_state
+  if jax.tree.leaves(state.ema):
+    # The EMA teacher of self-distillation (same reason).
+    item["ema"] = state.ema
   return item
 
 
@@ -269,7 +272,8 @@ class Checkpointer:
                         combiner_params=train.get("combiner_params",
                                                   like.combiner_params),
                         precision_state=train.get("precision_state",
-                                                  like.precision_state))
+                                                  like.precision_state),
+                        ema=train.get("ema", like.ema))
 
   def wait(self) -> None:
     self._manager.wait_until_finished()

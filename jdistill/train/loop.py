@@ -257,15 +257,22 @@ def predict_logits(model, variables, source: Source, *, batch_size: int,
 
 def evaluate(eval_step: Callable, params, model_state, source: Source, *,
              batch_size: int, mesh) -> dict[str, float]:
-  """Accuracy and mean CE over the whole ``source`` (padding excluded)."""
+  """Accuracy and mean CE over the whole ``source`` (padding excluded),
+  plus ``<name>_accuracy`` for every further ``<name>_correct`` sum of
+  ``eval_step``."""
   totals = sum_over_source(eval_step, params, model_state, source,
                            batch_size=batch_size, mesh=mesh)
+  extra = {k[:-len("_correct")] + "_accuracy": float(v)
+           for k, v in totals.items()
+           if k.endswith("_correct") and k != "correct"}
   totals = {k: float(totals.get(k, 0.0))
             for k in ("correct", "loss_sum", "count")}
   count = max(totals["count"], 1.0)
   return {"accuracy": totals["correct"] / count,
           "loss": totals["loss_sum"] / count,
-          "count": int(totals["count"])}
+          "count": int(totals["count"]),
+          # Further ``<name>_correct`` sums (e.g. per peer of a group).
+          **{k: v / count for k, v in extra.items()}}
 
 
 def train_loop(state, step_fn: Callable, batches: TrainBatches, mesh, *,

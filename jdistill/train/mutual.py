@@ -45,12 +45,14 @@ import jax.numpy as jnp
 import optax
 
 from jdistill.train.objective import (_logit_term, check_loss_kwargs,
-                                      cross_entropy, masked_mean)
+                                      cross_entropy, dominant_labels,
+                                      label_mix_of, masked_mean)
 from jdistill.train.precision import DynamicLossScale
 from jdistill.train.state import FunctionalModel, TrainState
-from jdistill.train.step import (accumulate_gradients, apply_update,
-                                 check_grad_accum_steps, example_count,
-                                 masked_accuracy, value_and_grad)
+from jdistill.train.step import (accumulate_gradients, applied_augmentation,
+                                 apply_update, check_grad_accum_steps,
+                                 example_count, masked_accuracy,
+                                 value_and_grad)
 
 Batch = dict[str, jax.Array]
 Metrics = dict[str, jax.Array]
@@ -168,33 +170,6 @@ def _check_logits(logits: jax.Array, num_peers: int, where: str) -> None:
                      f"{tuple(logits.shape)}")
 
 
-def _label_mix(batch: Batch):
-  """``(y_mix, lam)`` of a mixed batch, else ``None``."""
-  keys = [k for k in ("y_mix", "mix_lambda") if k in batch]
-  if len(keys) == 1:
-    raise ValueError(f"the batch has {keys[0]!r} but not its partner; a "
-                     "mixed batch needs both 'y_mix' and 'mix_lambda'")
-  return (batch["y_mix"], batch["mix_lambda"]) if keys else None
-
-
-def _dominant_labels(labels: jax.Array, label_mix) -> jax.Array:
-  """``labels`` where ``lam >= 0.5``, else ``y_mix`` (no mix: ``labels``)."""
-  if label_mix is None:
-    return labels
-  mixed_labels, lam = label_mix
-  return jnp.where(lam >= 0.5, labels, mixed_labels)
-
-
-def _peer_ce(logits: jax.Array, labels: jax.Array, label_mix) -> jax.Array:
-  """Per-example CE; ``lam * CE(y) + (1 - lam) * CE(y_mix)`` when mixed."""
-  ce = cross_entropy(logits, labels)
-  if label_mix is None:
-    return ce
-  mixed_labels, lam = label_mix
-  lam = jnp.asarray(lam, jnp.float32)
-  return lam * ce + (1.0 - lam) * cross_entropy(logits, mixed_labels)
-
-
 def _ensemble_correct(logits: jax.Array, labels: jax.Array) -> jax.Array:
   """[B] bool: the argmax of the peers' mean probability is the label."""
   probs = jnp.mean(jax.nn.softmax(logits.astype(jnp.float32), axis=-1),
@@ -282,13 +257,14 @@ def make_mutual_step(group: FunctionalModel, tx: optax.GradientTransformation,
                                              train=True)
     _check_logits(logits, num_peers, where)
     mask = batch.get("mask")
-    label_mix = _label_mix(batch)
-    labels = _dominant_labels(batch["y"], label_mix)
+    label_mix = label_mix_of(batch)
+    labels = dominant_labels(batch["y"], label_mix)
     targets = jax.lax.stop_gradient(logits)
     total = jnp.zeros((), jnp.float32)
     parts = {}
     for i in range(num_peers):
-      ce = masked_mean(_peer_ce(logits[i], batch["y"], label_mix), mask)
+      ce = masked_mean(cross_entropy(logits[i], batch["y"],
+                                     label_mix=label_mix), mask)
       kd = jnp.zeros((), jnp.float32)
       for j in distill_from[i]:
         kd = kd + _logit_term(loss, loss_kwargs, logits[i], targets[j],
@@ -301,19 +277,20 @@ def make_mutual_step(group: FunctionalModel, tx: optax.GradientTransformation,
     return total, (logits, parts, new_model_state)
 
   def step(state: TrainState, batch: Batch):
-    if augment is not None:
-      batch = augment(jax.random.fold_in(state.step_key(), 1), batch)
+    batch = applied_augmentation(augment, state, batch)
 
     def grad_fn(model_state, batch: Batch, index):
       del index
       (total, (logits, parts, new_model_state)), grads = value_and_grad(
           loss_fn, state, loss_scale)(state.params, model_state, batch)
       mask = batch.get("mask")
-      labels = _dominant_labels(batch["y"], _label_mix(batch))
+      labels = dominant_labels(batch["y"], label_mix_of(batch))
       metrics = {"loss": total, **parts}
       for i in range(num_peers):
         metrics[f"peer{i}_accuracy"] = masked_accuracy(logits[i], labels,
                                                        mask)
+      # The last peer's (the student's, by convention) for progress lines.
+      metrics["accuracy"] = metrics[f"peer{num_peers - 1}_accuracy"]
       metrics["ensemble_accuracy"] = masked_mean(
           _ensemble_correct(logits, labels).astype(jnp.float32), mask)
       return new_model_state, grads, metrics

@@ -343,13 +343,44 @@ def masked_mean(values: jax.Array, mask: jax.Array | None) -> jax.Array:
 
 
 def cross_entropy(logits: jax.Array, labels: jax.Array, *,
-                  label_smoothing: float = 0.0) -> jax.Array:
-  """Per-example softmax cross-entropy in float32, with label smoothing."""
+                  label_smoothing: float = 0.0, label_mix=None) -> jax.Array:
+  """Per-example softmax cross-entropy in float32, with label smoothing.
+
+  ``label_mix=(mixed_labels, lam)`` (``[batch]`` int and float, from mixup
+  or CutMix, `jdistill.augment`) gives the mixed-input cross-entropy
+  ``lam * CE(labels) + (1 - lam) * CE(mixed_labels)`` (Zhang et al. 2018),
+  i.e. the CE against the mixed one-hot target.
+  """
   num_classes = logits.shape[-1]
   targets = jax.nn.one_hot(labels, num_classes, dtype=jnp.float32)
+  if label_mix is not None:
+    mixed_labels, lam = label_mix
+    lam = jnp.asarray(lam, jnp.float32)[..., None]
+    targets = lam * targets + (1.0 - lam) * jax.nn.one_hot(
+        mixed_labels, num_classes, dtype=jnp.float32)
   if label_smoothing:
     targets = optax.smooth_labels(targets, label_smoothing)
   return optax.softmax_cross_entropy(logits.astype(jnp.float32), targets)
+
+
+def label_mix_of(batch) -> tuple[jax.Array, jax.Array] | None:
+  """``(batch["y_mix"], batch["mix_lambda"])`` of a batch mixed by mixup or
+  CutMix (`jdistill.augment`), else ``None``."""
+  keys = [k for k in ("y_mix", "mix_lambda") if k in batch]
+  if len(keys) == 1:
+    raise ValueError(f"the batch has {keys[0]!r} but not its partner; a "
+                     "mixed batch needs both 'y_mix' and 'mix_lambda'")
+  return (batch["y_mix"], batch["mix_lambda"]) if keys else None
+
+
+def dominant_labels(labels: jax.Array, label_mix) -> jax.Array:
+  """The label with the larger weight of each mixed example (``labels``
+  where ``lam >= 0.5``): what label-dependent losses (DKD's target class,
+  CRD's positives, ...) and accuracies use on a mixed batch."""
+  if label_mix is None:
+    return labels
+  mixed_labels, lam = label_mix
+  return jnp.where(lam >= 0.5, labels, mixed_labels)
 
 
 _SCHEDULED = ("temperature", "ce_weight", "kd_weight")
@@ -519,8 +550,8 @@ class DistillObjective:
 
   def __call__(self, student_logits: jax.Array, teacher_logits: jax.Array,
                labels: jax.Array, mask: jax.Array | None = None, *,
-               step: jax.Array | int = 0, loss_state=None, features=()
-               ) -> tuple[jax.Array, dict[str, jax.Array]]:
+               step: jax.Array | int = 0, loss_state=None, features=(),
+               label_mix=None) -> tuple[jax.Array, dict[str, jax.Array]]:
     """Returns ``(scalar loss, parts)`` at training step ``step``.
 
     ``parts`` holds ``ce``, ``kd`` and the scheduled ``temperature``,
@@ -532,18 +563,23 @@ class DistillObjective:
     stateful feature terms). ``features`` holds
     one ``(projected student feature, teacher feature)`` pair per
     `feature_terms` entry. It is `logit_loss` plus `feature_loss`.
+    ``label_mix=(mixed_labels, lam)`` marks a batch mixed by mixup or
+    CutMix: the CE term is the mixed-target CE (`cross_entropy`) and the
+    label-dependent terms use `dominant_labels`.
     """
     if loss_state is None:
       loss_state = self.init_loss_state()
     total, parts = self.logit_loss(student_logits, teacher_logits, labels,
-                                   mask, step=step, loss_state=loss_state)
+                                   mask, step=step, loss_state=loss_state,
+                                   label_mix=label_mix)
     feature_total, feature_parts = self.feature_loss(
-        features, labels, mask, step=step, loss_state=loss_state)
+        features, dominant_labels(labels, label_mix), mask, step=step,
+        loss_state=loss_state)
     return total + feature_total, {**parts, **feature_parts}
 
   def logit_loss(self, student_logits: jax.Array, teacher_logits: jax.Array,
                  labels: jax.Array, mask: jax.Array | None = None, *,
-                 step: jax.Array | int = 0, loss_state=None
+                 step: jax.Array | int = 0, loss_state=None, label_mix=None
                  ) -> tuple[jax.Array, dict[str, jax.Array]]:
     """``ce_weight * CE + kd_weight * <loss> (+ aux_weight * <aux loss>)``
     at ``step``, and its parts (see `__call__`)."""
@@ -556,7 +592,9 @@ class DistillObjective:
           "teacher must predict the same classes")
     teacher_logits = jax.lax.stop_gradient(teacher_logits)
     ce = masked_mean(cross_entropy(student_logits, labels,
-                                   label_smoothing=self.label_smoothing), mask)
+                                   label_smoothing=self.label_smoothing,
+                                   label_mix=label_mix), mask)
+    labels = dominant_labels(labels, label_mix)
     s, t = student_logits, teacher_logits
     if self.standardize_logits:
       s, t = losses.standardize_logits(s), losses.standardize_logits(t)

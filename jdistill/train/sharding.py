@@ -348,10 +348,15 @@ def optimizer_specs(tx: optax.GradientTransformation, abstract_opt_state,
   """The optimizer state's specs: leaves shaped like the parameters (Adam's
   moments, ...) take their parameter's spec, the rest (counts, scalars) are
   replicated."""
+  # ``optax.MaskedNode``: the leaves that a transform of
+  # ``optax.multi_transform`` (e.g. one optimizer per peer) does not own;
+  # they hold no array.
   return optax.tree_map_params(
-      tx, lambda _, spec: spec, abstract_opt_state, trainable_specs,
+      tx, lambda value, spec: (value if isinstance(value, optax.MaskedNode)
+                               else spec),
+      abstract_opt_state, trainable_specs,
       transform_non_params=lambda _: P(),
-      is_leaf=lambda x: isinstance(x, P))
+      is_leaf=lambda x: isinstance(x, (P, optax.MaskedNode)))
 
 
 def state_specs(abstract_state, tx: optax.GradientTransformation,
@@ -375,7 +380,9 @@ def state_specs(abstract_state, tx: optax.GradientTransformation,
       step=P(), params=params, model_state=model_state, opt_state=opt,
       rng=P(), loss_state=replicate(abstract_state.loss_state),
       projector_params=projector, combiner_params=combiner,
-      precision_state=replicate(abstract_state.precision_state))
+      precision_state=replicate(abstract_state.precision_state),
+      ema=({"params": params, "model_state": model_state}
+           if jax.tree.leaves(abstract_state.ema) else {}))
 
 
 def compute_specs(specs: Any, axis: str = FSDP_AXIS) -> Any:

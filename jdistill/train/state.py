@@ -145,6 +145,10 @@ class TrainState:
       ...}`` (`jdistill.train.precision.DynamicLossScale.init`) for a step
       with dynamic loss scaling; ``{}`` otherwise (so runs without it keep
       their trees unchanged).
+    ema: ``{"params", "model_state"}``, an exponential moving average of the
+      student's variables that serves as its own teacher
+      (`jdistill.train.make_ema_self_distill_step`); ``{}`` otherwise. Not
+      optimised; checkpointed in the ``train`` item.
   """
 
   step: jax.Array
@@ -156,6 +160,7 @@ class TrainState:
   projector_params: PyTree = dataclasses.field(default_factory=dict)
   combiner_params: PyTree = dataclasses.field(default_factory=dict)
   precision_state: PyTree = dataclasses.field(default_factory=dict)
+  ema: PyTree = dataclasses.field(default_factory=dict)
 
   @classmethod
   def create(cls, params: PyTree, model_state: PyTree,
@@ -163,7 +168,10 @@ class TrainState:
              loss_state: PyTree | None = None,
              projector_params: PyTree | None = None,
              combiner_params: PyTree | None = None,
-             precision_state: PyTree | None = None) -> "TrainState":
+             precision_state: PyTree | None = None,
+             ema: bool = False) -> "TrainState":
+    """The state at step 0; ``ema=True`` starts the EMA teacher (`ema`) at
+    the initial variables."""
     projector_params = {} if projector_params is None else projector_params
     combiner_params = {} if combiner_params is None else combiner_params
     return cls(
@@ -177,6 +185,8 @@ class TrainState:
         projector_params=projector_params,
         combiner_params=combiner_params,
         precision_state={} if precision_state is None else precision_state,
+        ema=({"params": params, "model_state": model_state} if ema
+             else {}),
     )
 
   def trainables(self) -> PyTree:

@@ -29,6 +29,17 @@ gradients are not all finite is skipped (the state is unchanged apart from
 ``step`` + 1 and the halved scale). Such steps report the metrics
 ``loss_scale`` (the scale the step used) and ``overflow`` (1.0 for a
 skipped step).
+
+Augmentation (``augment=``, e.g. `jdistill.augment.Augmentation`): a
+function ``augment(key, batch) -> batch`` applied inside the step, once to
+the whole global batch before it is split into micro-batches, with a key
+derived from ``state.rng`` and ``state.step`` (`augment_key`), so resumed
+runs draw the same views. In a distillation step with
+``augment_views="shared"`` (function matching, Beyer et al. 2022) the
+teacher and the student see the same augmented batch, mixup and CutMix
+included; ``"independent"`` draws a second, independent view for the
+teacher (the ablation of that paper). A teacher's logits cannot be
+precomputed then: every step shows it new inputs.
 """
 
 from __future__ import annotations
@@ -39,7 +50,9 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from jdistill.train.objective import DistillObjective, cross_entropy, masked_mean
+from jdistill.train.objective import (DistillObjective, cross_entropy,
+                                      dominant_labels, label_mix_of,
+                                      masked_mean)
 from jdistill.train.precision import DynamicLossScale, all_finite
 from jdistill.train.projectors import FunctionalProjectors
 from jdistill.train.state import FunctionalModel, TrainState
@@ -47,6 +60,38 @@ from jdistill.train.state import FunctionalModel, TrainState
 Batch = dict[str, jax.Array]
 Metrics = dict[str, jax.Array]
 GradFn = Callable[[Any, Batch, jax.Array], tuple[Any, Any, Metrics]]
+
+
+AUGMENT_VIEWS = ("shared", "independent")
+# Folded into the step's key for augmentation (away from the small integers
+# that other per-step randomness, e.g. teacher dropping, folds in).
+_AUGMENT_STREAM = 0x61756720
+
+
+def augment_key(state: TrainState, view: int = 0) -> jax.Array:
+  """The PRNG key of augmentation view ``view`` at ``state.step``."""
+  key = jax.random.fold_in(state.step_key(), _AUGMENT_STREAM)
+  return key if view == 0 else jax.random.fold_in(key, view)
+
+
+def check_augment_views(views: str, where: str) -> str:
+  if views not in AUGMENT_VIEWS:
+    raise ValueError(f"{where}: augment_views={views!r}; expected one of "
+                     f"{', '.join(AUGMENT_VIEWS)}")
+  return views
+
+
+def applied_augmentation(augment: Callable | None, state: TrainState, batch: Batch,
+              views: str = "shared") -> Batch:
+  """``batch`` after ``augment`` (unchanged without one). With ``views=
+  "independent"`` the result also carries ``"teacher_x"``: the teacher's
+  own, independently augmented inputs."""
+  if augment is None or not augment:
+    return batch
+  out = augment(augment_key(state), batch)
+  if views == "independent":
+    out = {**out, "teacher_x": augment(augment_key(state, 1), batch)["x"]}
+  return out
 
 
 def masked_accuracy(logits: jax.Array, labels: jax.Array, mask) -> jax.Array:
@@ -357,7 +402,8 @@ def guard_nonfinite(step: Callable, mode: str = "skip") -> Callable:
 
 def make_train_step(model: FunctionalModel, tx: optax.GradientTransformation,
                     *, label_smoothing: float = 0.0, grad_accum_steps: int = 1,
-                    loss_scale: DynamicLossScale | None = None
+                    loss_scale: DynamicLossScale | None = None,
+                    augment: Callable | None = None
                     ) -> Callable[[TrainState, Batch], tuple[TrainState, Metrics]]:
   """Supervised step (a teacher, or a student from labels).
 
@@ -369,6 +415,8 @@ def make_train_step(model: FunctionalModel, tx: optax.GradientTransformation,
       exact, except for BatchNorm batch statistics).
     loss_scale: dynamic loss scaling (float16), state in
       ``state.precision_state``; ``None`` for none.
+    augment: ``augment(key, batch) -> batch`` applied in the step (see the
+      module docstring); a mixed batch trains on the mixed targets.
 
   Returns:
     ``step(state, batch) -> (state, metrics)`` with metrics ``loss``,
@@ -381,18 +429,21 @@ def make_train_step(model: FunctionalModel, tx: optax.GradientTransformation,
                                              batch["x"], train=True)
     mask = batch.get("mask")
     loss = masked_mean(cross_entropy(logits, batch["y"],
-                                     label_smoothing=label_smoothing), mask)
+                                     label_smoothing=label_smoothing,
+                                     label_mix=label_mix_of(batch)), mask)
     return loss, (logits, new_model_state)
 
   def step(state: TrainState, batch: Batch):
+    batch = applied_augmentation(augment, state, batch)
 
     def grad_fn(model_state, batch: Batch, index):
       del index
       micro_state = state.replace(model_state=model_state)
       (loss, (logits, new_model_state)), grads = value_and_grad(
           loss_fn, state, loss_scale)(state.params, micro_state, batch)
+      labels = dominant_labels(batch["y"], label_mix_of(batch))
       metrics = {"loss": loss, "ce": loss,
-                 "accuracy": masked_accuracy(logits, batch["y"],
+                 "accuracy": masked_accuracy(logits, labels,
                                              batch.get("mask"))}
       return new_model_state, grads, metrics
 
@@ -428,7 +479,9 @@ def make_distill_step(student: FunctionalModel, teacher: FunctionalModel,
                       objective: DistillObjective,
                       projectors: FunctionalProjectors | None = None, *,
                       grad_accum_steps: int = 1,
-                      loss_scale: DynamicLossScale | None = None
+                      loss_scale: DynamicLossScale | None = None,
+                      augment: Callable | None = None,
+                      augment_views: str = "shared"
                       ) -> Callable[[TrainState, Any, Batch],
                                     tuple[TrainState, Metrics]]:
   """Logit- and feature-distillation step.
@@ -454,6 +507,10 @@ def make_distill_step(student: FunctionalModel, teacher: FunctionalModel,
       per-example terms).
     loss_scale: dynamic loss scaling (float16), state in
       ``state.precision_state``; ``None`` for none.
+    augment: ``augment(key, batch) -> batch`` applied in the step.
+    augment_views: ``"shared"``: teacher and student see the same augmented
+      batch (function matching); ``"independent"``: the teacher sees its
+      own augmented view of the same examples.
 
   Returns:
     ``step(state, teacher_variables, batch) -> (state, metrics)`` where
@@ -471,6 +528,7 @@ def make_distill_step(student: FunctionalModel, teacher: FunctionalModel,
     raise ValueError("make_distill_step: the objective has feature terms "
                      "but no projectors were given")
   k = check_grad_accum_steps(grad_accum_steps, "make_distill_step")
+  check_augment_views(augment_views, "make_distill_step")
 
   def loss_fn(trainables, state: TrainState, teacher_logits, teacher_feats,
               batch: Batch):
@@ -479,7 +537,8 @@ def make_distill_step(student: FunctionalModel, teacher: FunctionalModel,
         student, projectors, terms, state, batch["x"], teacher_feats)
     loss, parts = objective(logits, teacher_logits, batch["y"],
                             batch.get("mask"), step=state.step,
-                            loss_state=state.loss_state, features=pairs)
+                            loss_state=state.loss_state, features=pairs,
+                            label_mix=label_mix_of(batch))
     return loss, (logits, parts, new_model_state)
 
   def teacher_outputs(teacher_variables, batch: Batch):
@@ -490,12 +549,17 @@ def make_distill_step(student: FunctionalModel, teacher: FunctionalModel,
             "make_distill_step: batch['teacher_logits'] replaces the teacher "
             "forward, but the objective has feature terms that need the "
             "teacher's features")
+      if augment:
+        raise ValueError(
+            "make_distill_step: batch['teacher_logits'] are the teacher's "
+            "outputs on inputs that are not augmented, but the step "
+            "augments its inputs; run the teacher in the step instead")
       teacher_logits = batch["teacher_logits"].astype(jnp.float32)
       teacher_all = {}
     else:
       teacher_logits, teacher_all, _ = teacher.apply(
           teacher_variables["params"], teacher_variables["model_state"],
-          batch["x"], train=False)
+          batch.get("teacher_x", batch["x"]), train=False)
     teacher_logits = jax.lax.stop_gradient(teacher_logits)
     teacher_all = {**teacher_all, "logits": teacher_logits}
     teacher_feats = [jax.lax.stop_gradient(teacher_all[t.teacher_tap])
@@ -503,6 +567,7 @@ def make_distill_step(student: FunctionalModel, teacher: FunctionalModel,
     return teacher_logits, teacher_feats
 
   def step(state: TrainState, teacher_variables, batch: Batch):
+    batch = applied_augmentation(augment, state, batch, augment_views)
 
     def grad_fn(carry, batch: Batch, index):
       model_state, loss_state = carry
@@ -517,11 +582,11 @@ def make_distill_step(student: FunctionalModel, teacher: FunctionalModel,
       new_loss_state = micro_loss_state(
           objective, loss_state, parts, state.step, index, k,
           teacher_features=teacher_feats, mask=mask)
+      labels = dominant_labels(batch["y"], label_mix_of(batch))
       metrics = {
           "loss": loss, **parts,
-          "accuracy": masked_accuracy(logits, batch["y"], mask),
-          "teacher_accuracy": masked_accuracy(teacher_logits, batch["y"],
-                                              mask),
+          "accuracy": masked_accuracy(logits, labels, mask),
+          "teacher_accuracy": masked_accuracy(teacher_logits, labels, mask),
           "agreement": masked_mean(
               (jnp.argmax(logits, -1) == jnp.argmax(teacher_logits, -1)
                ).astype(jnp.float32), mask),
@@ -530,6 +595,85 @@ def make_distill_step(student: FunctionalModel, teacher: FunctionalModel,
 
     return accumulate_and_update(state, tx, objective, grad_fn, batch, k,
                                  loss_scale)
+
+  return step
+
+
+def ema_decay_at(decay: float, step, *, warmup: bool = True) -> jax.Array:
+  """The EMA decay used after update ``step`` (0-based): ``decay``, or with
+  ``warmup`` ``min(decay, (1 + step) / (10 + step))`` (TensorFlow's
+  ``ExponentialMovingAverage`` with ``num_updates``), so that the average
+  forgets its random initialisation quickly at the start."""
+  decay = jnp.float32(decay)
+  if not warmup:
+    return decay
+  step = jnp.asarray(step, jnp.float32)
+  return jnp.minimum(decay, (1.0 + step) / (10.0 + step))
+
+
+def ema_update(average, new, decay) -> Any:
+  """``decay * average + (1 - decay) * new`` for floating leaves (computed
+  in float32, kept in the average's dtype); other leaves take ``new``."""
+
+  def one(a, n):
+    if not jnp.issubdtype(a.dtype, jnp.floating):
+      return n
+    mixed = (decay * a.astype(jnp.float32)
+             + (1.0 - decay) * n.astype(jnp.float32))
+    return mixed.astype(a.dtype)
+
+  return jax.tree.map(one, average, new)
+
+
+def make_ema_self_distill_step(student: FunctionalModel,
+                               tx: optax.GradientTransformation,
+                               objective: DistillObjective,
+                               projectors: FunctionalProjectors | None = None,
+                               *, ema_decay: float, ema_warmup: bool = True,
+                               **distill_options
+                               ) -> Callable[[TrainState, Batch],
+                                             tuple[TrainState, Metrics]]:
+  """Self-distillation from an exponential moving average of the student.
+
+  The teacher is the student's own architecture with the variables of
+  ``state.ema`` (start the state with ``TrainState.create(..., ema=True)``):
+  a `make_distill_step` with that teacher, followed by ``ema <- d * ema +
+  (1 - d) * student`` over the parameters and the model state (BatchNorm
+  statistics), with ``d = ema_decay_at(ema_decay, step, warmup=
+  ema_warmup)``. The teacher runs in inference mode under
+  ``stop_gradient``; the average is never optimised. This is the "mean
+  teacher" (Tarvainen & Valpola 2017) used as a distillation target, as in
+  self-distillation with an EMA teacher (e.g. DINO's and BYOL's targets).
+
+  Args:
+    student: the student (and so the teacher's) functional model.
+    tx, objective, projectors: as `make_distill_step`.
+    ema_decay: ``d`` in [0, 1).
+    ema_warmup: ramp the decay up from 0.1 (see `ema_decay_at`).
+    **distill_options: `make_distill_step`'s keyword options
+      (``grad_accum_steps``, ``loss_scale``, ``augment``,
+      ``augment_views``).
+
+  Returns:
+    ``step(state, batch) -> (state, metrics)``: `make_distill_step`'s
+    metrics plus ``ema_decay``.
+  """
+  if not 0.0 <= ema_decay < 1.0:
+    raise ValueError(f"make_ema_self_distill_step: ema_decay must be in "
+                     f"[0, 1); got {ema_decay}")
+  inner = make_distill_step(student, student, tx, objective, projectors,
+                            **distill_options)
+
+  def step(state: TrainState, batch: Batch):
+    if not jax.tree.leaves(state.ema):
+      raise ValueError("make_ema_self_distill_step: state.ema is empty; "
+                       "create the state with TrainState.create(..., "
+                       "ema=True)")
+    new_state, metrics = inner(state, state.ema, batch)
+    decay = ema_decay_at(ema_decay, state.step, warmup=ema_warmup)
+    ema = ema_update(state.ema, {"params": new_state.params,
+                                 "model_state": new_state.model_state}, decay)
+    return new_state.replace(ema=ema), {**metrics, "ema_decay": decay}
 
   return step
 
