@@ -23,7 +23,11 @@ from jdistill.train.teachers import STACKINGS
 from jdistill.train.optim import OPTIMIZERS, SCHEDULES
 from jdistill.train.schedules import SCHEDULE_KINDS
 
-MODES = ("train", "distill", "compare", "tune", "kip", "distill_lm", "cache_lm")
+MODES = ("train", "distill", "compare", "tune", "kip", "distill_lm", "cache_lm",
+         "born_again", "mutual", "online_distill")
+AUGMENT_VIEWS = ("shared", "independent")
+# Modes that train several peers in one state (jdistill.train.mutual).
+PEER_MODES = ("mutual", "online_distill")
 KIP_METHODS = ("kip", "rfad", "frepo", "krr_st")
 KIP_KERNELS = ("fc_nngp", "fc_ntk", "conv_nngp", "conv_ntk")
 LM_RUNS = ("baseline", "online", "dense", "topk", "sampled")
@@ -35,6 +39,8 @@ ON_NONFINITE = ("skip", "stop", "ignore")
 PRECISIONS = ("float32", "bfloat16", "float16")
 from jdistill.models.remat import REMAT_NAMES as REMAT_POLICIES  # noqa: E402
 PLAN_MODES = ("train", "distill", "distill_lm")
+# TAID keeps a state of one teacher-student pair.
+PEER_LOSSES = tuple(n for n in distill_loss_names() if n != "taid")
 # Model families whose KD steps ran faster on XLA CPU with YNNPACK's dots
 # turned off (benchmarks/vs_pytorch.py, README "Performance against
 # PyTorch"): resnet8x4<-resnet32x4 +17%, causal_lm +19%; mlp and vit were
@@ -163,6 +169,13 @@ class Config:
   coordinator_address: str | None = None
   num_processes: int = 1
   process_id: int = 0
+  augment: str = ""
+  augment_views: str = "shared"
+  ema_teacher_decay: float = 0.0
+  ema_warmup: bool = True
+  generations: int = 3
+  num_peers: int = 2
+  peer_models: tuple[str, ...] = ()
 
   def __post_init__(self):
     _check(self.mode in MODES, "--mode", self.mode,
@@ -206,14 +219,22 @@ class Config:
              "a positive number")
     self.objective()  # Validates the loss, its options and schedules.
     _check(bool(self.workdir), "--workdir", self.workdir, "a directory path")
-    if self.mode == "distill":
+    self._check_recipes()
+    if self.mode == "distill" and self.ema_teacher_decay > 0:
+      _check(not self.teacher_checkpoint and not self.teacher_checkpoints,
+             "--teacher_checkpoint",
+             self.teacher_checkpoint or ",".join(self.teacher_checkpoints),
+             "unset with --ema_teacher_decay > 0 (the teacher is the "
+             "student's own moving average)")
+    elif self.mode == "distill":
       _check(bool(self.teacher_checkpoint) != bool(self.teacher_checkpoints),
              "--teacher_checkpoint", self.teacher_checkpoint,
              "the workdir of a --mode=train run (required by --mode=distill)"
              if not self.teacher_checkpoints else
              "unset when --teacher_checkpoints names the teachers")
     self._check_multi_teacher()
-    if self.mode in ("compare", "tune"):
+    if self.mode in ("compare", "tune", "born_again", "mutual",
+                     "online_distill"):
       _check(len(self.seeds) > 0, "--seeds", self.seeds,
              "at least one seed")
     if self.mode == "tune":
@@ -250,6 +271,47 @@ class Config:
              self.coordinator_address,
              "host:port of process 0 when --num_processes > 1")
     self._check_numbers()  # After the particular checks' messages.
+
+  def _check_recipes(self) -> None:
+    """Augmentation, EMA teacher, born-again and peer flags (the
+    --augment spec itself is checked against the data's input shape when
+    the run starts)."""
+    _check(self.augment_views in AUGMENT_VIEWS, "--augment_views",
+           self.augment_views, f"one of {', '.join(AUGMENT_VIEWS)}")
+    _check(0 <= self.ema_teacher_decay < 1, "--ema_teacher_decay",
+           self.ema_teacher_decay, "a number in [0, 1) (0: no EMA teacher)")
+    if self.ema_teacher_decay > 0:
+      _check(self.mode in ("distill", "compare", "tune"), "--ema_teacher_decay",
+             self.ema_teacher_decay, "0 outside --mode=distill (or a "
+             "--methods file of compare/tune)")
+      _check(not self.teacher_checkpoints, "--teacher_checkpoints",
+             ",".join(self.teacher_checkpoints), "unset with "
+             "--ema_teacher_decay > 0")
+    _check(self.generations >= 1, "--generations", self.generations,
+           "a positive integer (born-again generations after the first)")
+    _check(self.num_peers >= 2, "--num_peers", self.num_peers,
+           "an integer >= 2 (--mode=mutual trains that many peers)")
+    for name in self.peer_models:
+      if name not in MODEL_NAMES:
+        raise ValueError(f"--peer_models: unknown model {name!r}; expected "
+                         f"one of: {', '.join(MODEL_NAMES)}")
+    if self.peer_models:
+      _check(len(self.peer_models) >= 2, "--peer_models",
+             ",".join(self.peer_models), "at least two models")
+    if self.mode in PEER_MODES:
+      _check(not self.feature_pairs, "--feature_pairs",
+             ",".join(self.feature_pairs), f"unset with --mode={self.mode} "
+             "(peers distil logits)")
+      _check(self.loss in PEER_LOSSES, "--loss", self.loss,
+             f"one of {', '.join(PEER_LOSSES)} with --mode={self.mode}")
+
+  def peers(self) -> tuple[str, ...]:
+    """The peer architectures of --mode=mutual (``--peer_models``, else
+    ``--model`` ``--num_peers`` times) or online_distill (the teacher, then
+    the student)."""
+    if self.mode == "online_distill":
+      return (self.teacher_model, self.model)
+    return self.peer_models or (self.model,) * self.num_peers
 
   def _check_scale(self) -> None:
     """The mesh, sharding, precision and memory flags (their syntax; sizes
@@ -928,6 +990,34 @@ def define_flags(flag_values: flags.FlagValues = flags.FLAGS) -> None:
                    "jax.distributed.initialize() detects them (TPU pods, "
                    "SLURM, Open MPI, Kubernetes).")
   F.DEFINE_integer("process_id", 0, "Index of this process.")
+  F.DEFINE_string("augment", d.augment, "Augmentation inside the train "
+                  "step, as comma-separated ops applied in order: crop:P "
+                  "(pad P, random crop), flip (images), shift:S (1-D "
+                  "signals, circular), noise:STD, then at most one of "
+                  "mixup:ALPHA or cutmix:ALPHA (images); e.g. "
+                  "'shift:8,noise:0.1,mixup:1'. Empty: none. With a "
+                  "teacher the teacher's logits are computed in every step "
+                  "(never cached), on the view --augment_views says.")
+  F.DEFINE_enum("augment_views", d.augment_views, list(AUGMENT_VIEWS),
+                "shared: teacher and student see the same augmented batch "
+                "(function matching, Beyer et al. 2022); independent: the "
+                "teacher sees its own augmented view of the same examples.")
+  F.DEFINE_float("ema_teacher_decay", d.ema_teacher_decay, "--mode=distill "
+                 "without a teacher checkpoint: self-distillation from an "
+                 "exponential moving average of the student with this decay "
+                 "(kept and checkpointed in the train state). 0: off.")
+  F.DEFINE_boolean("ema_warmup", d.ema_warmup, "Ramp the EMA decay up as "
+                   "min(decay, (1 + step) / (10 + step)).")
+  F.DEFINE_integer("generations", d.generations, "--mode=born_again: "
+                   "generations distilled after generation 0 (trained from "
+                   "labels); generation k distils from generation k-1 of "
+                   "the same architecture (--model).")
+  F.DEFINE_integer("num_peers", d.num_peers, "--mode=mutual: peers of "
+                   "--model trained together (Deep Mutual Learning), each "
+                   "distilling from the others' current predictions.")
+  F.DEFINE_list("peer_models", [], "--mode=mutual: one architecture per "
+                "peer instead of --model x --num_peers (e.g. cnn1d,mlp); "
+                "--model_kwargs apply to peers named --model.")
 
 
 def plan_xla_flags(cfg: Config, xla_flags: str) -> str:
@@ -1090,6 +1180,13 @@ def config_from_flags(FLAGS=flags.FLAGS) -> Config:
       coordinator_address=FLAGS.coordinator_address,
       num_processes=FLAGS.num_processes,
       process_id=FLAGS.process_id,
+      augment=FLAGS.augment,
+      augment_views=FLAGS.augment_views,
+      ema_teacher_decay=FLAGS.ema_teacher_decay,
+      ema_warmup=FLAGS.ema_warmup,
+      generations=FLAGS.generations,
+      num_peers=FLAGS.num_peers,
+      peer_models=tuple(FLAGS.peer_models),
   )
 
 

@@ -81,8 +81,10 @@ def define_flags(flag_values: flags.FlagValues) -> None:
   flags.DEFINE_boolean("overwrite", False, "Replace an earlier export at "
                        "--out (only once the new one is complete).",
                        flag_values=flag_values)
-  # Multi-peer runs (model "peers"): a --peer=k flag goes here, and picks
-  # the peer in `export_run` (see the comment there).
+  flags.DEFINE_integer("peer", None, "Runs of --mode=mutual or "
+                       "online_distill hold several peers: export peer k "
+                       "(0: the online teacher, 1: its student).",
+                       lower_bound=0, flag_values=flag_values)
   flags.DEFINE_boolean("debug", False, "Show full tracebacks for errors.",
                        flag_values=flag_values)
 
@@ -373,7 +375,7 @@ def _move_into_place(tmp: str, out: str) -> None:
 
 
 def export_run(workdir: str, out: str, *, step: int | None = None,
-               overwrite: bool = False) -> dict:
+               overwrite: bool = False, peer: int | None = None) -> dict:
   """Exports the student of run ``workdir`` to ``out``.
 
   Args:
@@ -381,6 +383,8 @@ def export_run(workdir: str, out: str, *, step: int | None = None,
     out: the export directory (see the module docstring).
     step: the checkpoint step; ``None``: the latest.
     overwrite: replace an earlier export at ``out``.
+    peer: for a run of peers (--mode=mutual or online_distill), the peer
+      to export (required there, refused elsewhere).
 
   Returns:
     The export's ``model.json`` as a dict.
@@ -390,6 +394,16 @@ def export_run(workdir: str, out: str, *, step: int | None = None,
       ``--out``, ``--step``); nothing at ``out`` is changed.
   """
   spec = read_run_spec(workdir)
+  peers = spec["kwargs"].get("peers") if spec["name"] == "peers" else None
+  if peers is not None and (peer is None or not 0 <= peer < len(peers)):
+    raise ValueError(
+        f"--peer={peer}: --workdir={workdir} trained {len(peers)} peers "
+        f"({', '.join(p['name'] for p in peers)}); expected --peer=k with k "
+        f"in [0, {len(peers)})")
+  if peers is None and peer is not None:
+    raise ValueError(f"--peer={peer}: --workdir={workdir} trained one model "
+                     f"({spec['name']}), not a group of peers; leave --peer "
+                     "unset")
   check_out(out, workdir, overwrite=overwrite)
   steps = checkpoint_steps(workdir)
   if not steps:
@@ -402,10 +416,11 @@ def export_run(workdir: str, out: str, *, step: int | None = None,
     raise ValueError(f"--step={step}: --workdir={workdir} has no checkpoint "
                      f"at step {step}; expected one of: {_steps_text(steps)}")
   variables = restore_model_variables(workdir, spec, step, steps)
-  # Multi-peer runs: without a --peer flag, a "peers" run is exported whole
-  # (a PeerGroup model). --peer=k will replace ``spec`` by peer k's name and
-  # kwargs and ``variables`` by its own (`jdistill.models.peers`'
-  # `peer_variables`) here; the rest is the same.
+  if peers is not None:  # One peer, as the model it is on its own.
+    from jdistill.models import peer_variables
+    variables = peer_variables(variables, peer)
+    spec = {**spec, "name": peers[peer]["name"],
+            "kwargs": peers[peer]["kwargs"]}
   export_spec = {
       "format": EXPORT_FORMAT, "version": EXPORT_VERSION,
       "name": spec["name"], "kwargs": spec["kwargs"],
@@ -514,7 +529,8 @@ def run_export(argv: list[str],
                          + (f"the workdir of {_RUN_KINDS}" if name == "workdir"
                             else "the directory to write the export to"))
     spec = export_run(flag_values.workdir, flag_values.out,
-                      step=flag_values.step, overwrite=flag_values.overwrite)
+                      step=flag_values.step, overwrite=flag_values.overwrite,
+                      peer=flag_values.peer)
   except INPUT_ERRORS as e:
     if debug:
       raise

@@ -22,10 +22,12 @@ from flax import nnx
 from experiments import config as config_lib
 from experiments.config import Config
 from experiments.watchdog import PeerWatchdog
+from jdistill import augment as jaug
 from jdistill import data as jdata
 from jdistill import models as jmodels
 from jdistill import train as jtrain
 from jdistill.train import precision as precision_lib
+from jdistill.train import mutual as jmutual
 from jdistill.train import sharding as jsharding
 from jdistill.train.multi_teacher import split_teacher_tap
 
@@ -44,7 +46,7 @@ _RESUMABLE = {"num_steps", "log_every", "eval_every", "checkpoint_every",
               "num_processes", "process_id", "eval_batch_size", "workdir",
               "teacher_num_steps", "seeds", "data_dir",
               # Which rows a comparison or tuning has: not a run's setting.
-              "methods", "tune_grid", "tune_output_dir"}
+              "methods", "tune_grid", "tune_output_dir", "generations"}
 
 
 def _log(msg: str) -> None:
@@ -261,6 +263,15 @@ def bind_step(cfg: Config, step: Callable, mesh, state_sharding,
                                        state_sharding=state_sharding), args)
 
 
+def make_augmentation(cfg: Config, dataset: jdata.Dataset):
+  """The `jdistill.augment.Augmentation` of ``--augment`` for the data's
+  inputs, or ``None`` without one (checked before anything is written)."""
+  if not cfg.augment or cfg.augment == "none":
+    return None
+  return jaug.parse_augmentation(cfg.augment,
+                                 input_shape=tuple(dataset.input_shape))
+
+
 def step_options(cfg: Config) -> dict[str, Any]:
   """Keyword arguments of the update-step factories for the memory and
   precision flags (none at their defaults)."""
@@ -292,7 +303,8 @@ def _train(cfg: Config, dataset: jdata.Dataset, mesh, spec: dict,
            loss_state_factory: Callable | None = None,
            combiner_params=None,
            eval_step_factory: Callable | None = None,
-           teacher_forward: Callable | None = None) -> dict[str, Any]:
+           teacher_forward: Callable | None = None,
+           ema: bool = False) -> dict[str, Any]:
   """Shared body of train and distill: init/restore, loop, save, summary.
 
   ``step_factory(model, tx, state_sharding)`` returns the compiled
@@ -305,11 +317,16 @@ def _train(cfg: Config, dataset: jdata.Dataset, mesh, spec: dict,
   ``eval_step_factory(model)`` the evaluation step (default
   `jdistill.train.make_eval_step`); ``teacher_forward(batch)``, when the
   step runs a teacher, is its forward alone, timed after training to split
-  the step time into teacher forward and student step.
+  the step time into teacher forward and student step; ``ema`` keeps an
+  EMA of the student in the state (self-distillation).
   """
   batches, tx = _setup(cfg, dataset, mesh)
   student, params, model_state = build_model(spec, cfg.seed, abstract=True,
                                              remat=cfg.remat)
+  if spec["name"] in jmodels.GROUP_MODEL_NAMES:
+    # Each peer its own optimizer state (and gradient clipping).
+    tx = jmutual.per_peer_optimizer(lambda i, tx=tx: tx,
+                                    len(spec["kwargs"]["peers"]), params)
   student = student_precision(cfg, student)
   projector_params = (projector_factory(student, params, model_state)
                       if projector_factory else {})
@@ -317,7 +334,7 @@ def _train(cfg: Config, dataset: jdata.Dataset, mesh, spec: dict,
   record_settings = _check_workdir(cfg)
   init = StateInit.create(cfg, spec, tx, mesh, loss_state=loss_state,
                           projector_params=projector_params,
-                          combiner_params=combiner_params)
+                          combiner_params=combiner_params, ema=ema)
   if cfg.mesh:
     _log(f"[{name}] " + init.describe())
   jtrain.write_model_spec(cfg.workdir, spec)
@@ -432,7 +449,8 @@ class StateInit:
 
   @classmethod
   def create(cls, cfg: Config, spec: dict, tx, mesh, *, loss_state=None,
-             projector_params=None, combiner_params=None) -> "StateInit":
+             projector_params=None, combiner_params=None,
+             ema: bool = False) -> "StateInit":
     create_model = _model_constructor(spec, cfg.seed, remat=cfg.remat)
     extras = {"loss_state": loss_state if loss_state is not None else {},
               "projector_params": projector_params or {},
@@ -445,7 +463,7 @@ class StateInit:
       _, params, model_state = jtrain.FunctionalModel.split(create_model())
       return jtrain.TrainState.create(params, model_state, tx, cfg.seed,
                                       precision_state=precision_state,
-                                      **extras)
+                                      ema=ema, **extras)
 
     with model_errors(spec):
       abstract = jax.eval_shape(make_state, extras)
@@ -506,13 +524,13 @@ def run_train(cfg: Config, dataset: jdata.Dataset | None = None) -> dict:
   """Supervised training of ``cfg.model`` (a teacher or a baseline)."""
   dataset = dataset or load_data(cfg)
   spec = model_spec(cfg.model, cfg.model_kwargs, dataset)
-
+  augment = make_augmentation(cfg, dataset)
   mesh = make_mesh(cfg)
 
   def factory(model, tx, state_sharding):
     step = jtrain.make_train_step(model, tx,
                                   label_smoothing=cfg.label_smoothing,
-                                  **step_options(cfg))
+                                  augment=augment, **step_options(cfg))
     return bind_step(cfg, step, mesh, state_sharding)
 
   return _train(cfg, dataset, mesh, spec, factory, name=f"train {cfg.model}")
@@ -598,8 +616,11 @@ def run_distill(cfg: Config, dataset: jdata.Dataset | None = None) -> dict:
   dataset = dataset or load_data(cfg)
   if cfg.teacher_checkpoints:
     return run_multi_teacher_distill(cfg, dataset)
+  if cfg.ema_teacher_decay > 0:
+    return run_ema_self_distill(cfg, dataset)
   spec = model_spec(cfg.model, cfg.model_kwargs, dataset)
   objective = cfg.objective()
+  augment = make_augmentation(cfg, dataset)
   mesh = make_mesh(cfg)
   # The teacher is checked and loaded before anything is written.
   teacher, variables, tspec = load_teacher(cfg, dataset, mesh)
@@ -620,12 +641,13 @@ def run_distill(cfg: Config, dataset: jdata.Dataset | None = None) -> dict:
   def factory(student, tx, state_sharding):
     return bind_step(cfg, jtrain.make_distill_step(
         student, teacher, tx, objective, built["projectors"],
+        augment=augment, augment_views=cfg.augment_views,
         **step_options(cfg)), mesh, state_sharding, variables)
 
   teacher_forward = jax.jit(lambda batch: teacher.apply(
       variables["params"], variables["model_state"], batch["x"],
       train=False)[0])
-  if _cache_teacher_logits(cfg, objective):
+  if _cache_teacher_logits(cfg, objective, augment):
     teacher_forward = None  # Not part of the step.
     # The training inputs are never augmented, so the teacher's logits are
     # fixed: one pass here replaces a teacher forward in every step.
@@ -651,13 +673,64 @@ def run_distill(cfg: Config, dataset: jdata.Dataset | None = None) -> dict:
   return summary
 
 
-def _cache_teacher_logits(cfg: Config, objective) -> bool:
+def run_ema_self_distill(cfg: Config, dataset: jdata.Dataset) -> dict:
+  """Self-distillation of ``cfg.model`` from an exponential moving average
+  of itself (``--ema_teacher_decay``; `jtrain.make_ema_self_distill_step`):
+  no teacher checkpoint, the average lives in the train state."""
+  spec = model_spec(cfg.model, cfg.model_kwargs, dataset)
+  objective = cfg.objective()
+  augment = make_augmentation(cfg, dataset)
+  mesh = make_mesh(cfg)
+  terms = objective.feature_terms
+  if any(t.state_kind == "class_centers" for t in terms):
+    raise ValueError("--ema_teacher_decay: feature terms with teacher class "
+                     "centres (nd) need a fixed teacher; expected "
+                     "--teacher_checkpoint")
+  built = {"projectors": None, "shapes": {}}
+
+  def projector_factory(student, params, model_state):
+    shapes = jtrain.feature_shapes(student, params, model_state,
+                                   dataset.input_shape)
+    built["shapes"] = shapes
+    built["projectors"], projector_params = jtrain.build_projectors(
+        terms, shapes, shapes, seed=cfg.seed, student_name=cfg.model,
+        teacher_name=f"EMA {cfg.model}")
+    return projector_params
+
+  def loss_state_factory():
+    key = jax.random.key(cfg.seed)
+    return objective.init_loss_state(
+        [t.init_state(built["shapes"][t.teacher_tap],
+                      key=jax.random.fold_in(key, i))
+         for i, t in enumerate(terms)] if terms else None)
+
+  def factory(student, tx, state_sharding):
+    return bind_step(cfg, jtrain.make_ema_self_distill_step(
+        student, tx, objective, built["projectors"],
+        ema_decay=cfg.ema_teacher_decay, ema_warmup=cfg.ema_warmup,
+        augment=augment, augment_views=cfg.augment_views,
+        **step_options(cfg)), mesh, state_sharding)
+
+  summary = _train(cfg, dataset, mesh, spec, factory,
+                   name=f"self-distill {cfg.model}<-EMA",
+                   projector_factory=projector_factory, ema=True,
+                   loss_state_factory=loss_state_factory)
+  summary["teacher"] = f"EMA({cfg.ema_teacher_decay:g})"
+  return summary
+
+
+def _cache_teacher_logits(cfg: Config, objective, augment=None) -> bool:
   """Whether `run_distill` precomputes the teacher's logits
-  (``--teacher_logits``)."""
+  (``--teacher_logits``). Never with augmentation: the teacher must see
+  each step's augmented inputs (function matching), which no cache
+  holds."""
   if cfg.teacher_logits == "online":
     return False
   reason = None
-  if objective.feature_terms:
+  if augment:
+    reason = (f"--augment={cfg.augment} shows the teacher new inputs in "
+              "every step")
+  elif objective.feature_terms:
     reason = "feature terms need the teacher's features in every step"
   elif jax.process_count() != 1:
     reason = f"the run has {jax.process_count()} processes"
@@ -796,11 +869,171 @@ def run_compare(cfg: Config) -> dict:
     rows["student (labels)"].append(_train_from_labels(cfg, dataset, s))
     for name, mcfg in methods:
       rows[f"student ({name})"].append(run_distill(mcfg.replace(
-          mode="distill", seed=s, teacher_checkpoint=teacher_dir,
+          mode="distill", seed=s,
+          # A self-distillation method (EMA teacher) has no teacher run.
+          teacher_checkpoint=(None if mcfg.ema_teacher_decay > 0
+                              else teacher_dir),
           workdir=os.path.join(root, f"student_{name}_seed{s}")),
           dataset)["test"]["accuracy"])
   models = {k: cfg.model for k in rows}
   models["teacher"] = cfg.teacher_model
+  return _write_results(cfg, dataset, rows, models, settings)
+
+
+def peer_specs(cfg: Config) -> list[dict]:
+  """``[{"name", "kwargs"}]`` of the peers of --mode=mutual or
+  online_distill (`Config.peers`): ``--model_kwargs`` for peers named
+  ``--model``, ``--teacher_model_kwargs`` for the online teacher."""
+  out = []
+  for i, name in enumerate(cfg.peers()):
+    teacher = cfg.mode == "online_distill" and i == 0
+    kwargs = (cfg.teacher_model_kwargs if teacher
+              else cfg.model_kwargs if name == cfg.model else ())
+    out.append({"name": name, "kwargs": dict(kwargs)})
+  return out
+
+
+def peer_step_options(cfg: Config) -> dict[str, Any]:
+  """`jmutual.make_mutual_step`'s roles: Deep Mutual Learning (every peer
+  distils from all the others) or an online teacher (peer 0 learns from
+  the labels alone, peer 1 distils from it), with this run's loss flags."""
+  n = len(cfg.peers())
+  if cfg.mode == "online_distill":
+    roles = {"distill_from": ((), (0,)), "ce_weights": (1.0, cfg.ce_weight),
+             "kd_weights": (0.0, cfg.kd_weight)}
+  else:
+    roles = {"distill_from": tuple(tuple(j for j in range(n) if j != i)
+                                   for i in range(n)),
+             "ce_weights": (cfg.ce_weight,) * n,
+             "kd_weights": (cfg.kd_weight,) * n}
+  return {"num_peers": n, "loss": cfg.loss, "temperature": cfg.temperature,
+          "loss_kwargs": cfg.loss_kwargs, **roles}
+
+
+def run_peer_group(cfg: Config, dataset: jdata.Dataset) -> dict:
+  """One run of peers trained together in one state (`jmodels.PeerGroup`,
+  `jmutual.make_mutual_step`) under ``cfg.workdir``; its ``test`` summary
+  has ``peer{i}_accuracy`` and ``ensemble_accuracy``."""
+  specs = peer_specs(cfg)
+  spec = model_spec("peers", (("peers", specs),), dataset)
+  augment = make_augmentation(cfg, dataset)
+  mesh = make_mesh(cfg)
+  n = len(specs)
+
+  def factory(group, tx, state_sharding):
+    return bind_step(cfg, jmutual.make_mutual_step(
+        group, tx, augment=augment, **peer_step_options(cfg),
+        **step_options(cfg)), mesh, state_sharding)
+
+  names = "+".join(s["name"] for s in specs)
+  what = "online" if cfg.mode == "online_distill" else "mutual"
+  return _train(cfg, dataset, mesh, spec, factory, name=f"{what} {names}",
+                eval_step_factory=lambda group: jmutual.make_mutual_eval_step(
+                    group, n))
+
+
+def run_peers(cfg: Config) -> dict:
+  """Deep Mutual Learning (--mode=mutual) or an online teacher
+  (--mode=online_distill), over ``cfg.seeds``, as a table.
+
+  Rows: the student from labels; for online distillation also the teacher
+  trained alone (once, ``<workdir>/teacher``) and the student distilled
+  offline from it (``student_kd_seed{s}``); then every peer of the joint
+  run (``{mode}_seed{s}``) and the peers' probability ensemble. A rerun
+  resumes or skips finished runs; ``python -m experiments.export --peer=k``
+  writes one peer as a standalone model.
+  """
+  dataset = load_data(cfg)
+  make_augmentation(cfg, dataset)  # Checked before anything is written.
+  root = cfg.workdir
+  specs = peer_specs(cfg)
+  online = cfg.mode == "online_distill"
+  rows, models, settings = {}, {}, {}
+  loss = describe_method(cfg)
+  if online:
+    teacher_dir, teacher_accuracy = _train_teacher(cfg, dataset)
+    rows["teacher (trained alone)"] = [teacher_accuracy]
+    models["teacher (trained alone)"] = cfg.teacher_model
+    settings["teacher (trained alone)"] = "labels"
+    offline = "student (KD from the trained teacher)"
+  rows["student (labels)"] = []
+  models["student (labels)"], settings["student (labels)"] = cfg.model, ""
+  if online:
+    rows[offline], models[offline], settings[offline] = [], cfg.model, loss
+  if online:
+    peer_rows = ["online: teacher (peer 0)", "online: student (peer 1)"]
+    peer_settings = ["labels, trained with the student",
+                     f"{loss}, from peer 0 as it trains"]
+  else:
+    peer_rows = [f"DML: peer {i}" for i in range(len(specs))]
+    peer_settings = [f"{loss}, from the other peers"] * len(specs)
+  ensemble_row = ("online: ensemble of both" if online
+                  else "DML: ensemble of the peers")
+  for key, spec, setting in zip(peer_rows, specs, peer_settings):
+    rows[key], models[key], settings[key] = [], spec["name"], setting
+  rows[ensemble_row] = []
+  models[ensemble_row] = "+".join(s["name"] for s in specs)
+  settings[ensemble_row] = "mean of the peers' probabilities"
+  for s in cfg.seeds:
+    rows["student (labels)"].append(_train_from_labels(cfg, dataset, s))
+    if online:
+      rows[offline].append(run_distill(cfg.replace(
+          mode="distill", seed=s, teacher_checkpoint=teacher_dir,
+          workdir=os.path.join(root, f"student_kd_seed{s}")),
+          dataset)["test"]["accuracy"])
+    test = run_peer_group(cfg.replace(
+        seed=s, workdir=os.path.join(root, f"{cfg.mode}_seed{s}")),
+        dataset)["test"]
+    for i, key in enumerate(peer_rows):
+      rows[key].append(test[f"peer{i}_accuracy"])
+    rows[ensemble_row].append(test["ensemble_accuracy"])
+  return _write_results(cfg, dataset, rows, models, settings)
+
+
+# Seed offset of born-again generation k (a fresh initialisation and data
+# order per generation, as in Furlanello et al. 2018).
+GENERATION_SEED_STRIDE = 1000
+
+
+def run_born_again(cfg: Config) -> dict:
+  """Born-again networks (Furlanello et al. 2018): for each of
+  ``cfg.seeds``, generation 0 is ``cfg.model`` trained from labels and
+  generation k = 1..``cfg.generations`` distils the same architecture from
+  generation k-1 with the loss flags of this run (seed ``s + 1000 k``).
+  Layout under ``cfg.workdir``: ``gen{k}_seed{s}/`` (each an ordinary
+  train or distill workdir, so ``--mode=distill
+  --teacher_checkpoint=<workdir>/gen{k}_seed{s}`` continues the chain by
+  hand) and ``results.json`` / ``results.md``: one row per generation and
+  the probability ensemble of generations 1..K (BAN-E). A rerun resumes or
+  skips finished runs; a larger ``--generations`` adds generations."""
+  dataset = load_data(cfg)
+  make_augmentation(cfg, dataset)  # Checked before anything is written.
+  root = cfg.workdir
+  label = lambda k: ("generation 0 (labels)" if k == 0
+                     else f"generation {k} (KD from {k - 1})")
+  rows = {label(k): [] for k in range(cfg.generations + 1)}
+  ensemble_key = f"ensemble of generations 1–{cfg.generations}"
+  if cfg.generations > 1:
+    rows[ensemble_key] = []
+  for s in cfg.seeds:
+    previous = os.path.join(root, f"gen0_seed{s}")
+    rows[label(0)].append(run_train(cfg.replace(
+        mode="train", seed=s, workdir=previous),
+        dataset)["test"]["accuracy"])
+    dirs = []
+    for k in range(1, cfg.generations + 1):
+      workdir = os.path.join(root, f"gen{k}_seed{s}")
+      rows[label(k)].append(run_distill(cfg.replace(
+          mode="distill", seed=s + GENERATION_SEED_STRIDE * k,
+          teacher_checkpoint=previous, workdir=workdir),
+          dataset)["test"]["accuracy"])
+      dirs.append(workdir)
+      previous = workdir
+    if cfg.generations > 1:
+      rows[ensemble_key].append(_ensemble_accuracy(cfg, dataset, dirs))
+  models = {k: cfg.model for k in rows}
+  settings = {k: "" if k == label(0) else describe_method(cfg) for k in rows}
+  settings[ensemble_key] = "mean of the generations' probabilities"
   return _write_results(cfg, dataset, rows, models, settings)
 
 
@@ -896,7 +1129,8 @@ def _ensemble_accuracy(cfg: Config, dataset: jdata.Dataset, dirs) -> float:
   evaluation split."""
   tcfg = cfg.replace(mode="distill", teacher_checkpoint=None,
                      teacher_checkpoints=tuple(dirs), teacher_seeds=(),
-                     teacher_models=(), teacher_weights=(), teacher_shards=1)
+                     teacher_models=(), teacher_weights=(), teacher_shards=1,
+                     ema_teacher_decay=0.0)
   mesh = make_mesh(tcfg)
   ensemble, variables, _, _ = load_teachers(tcfg, dataset, mesh)
   sums = jtrain.sum_over_source(
@@ -1107,6 +1341,12 @@ def describe_method(cfg: Config) -> str:
     parts.append(f"+ {term.weight:g}·{term.loss}({term.student_tap}→"
                  f"{term.teacher_tap}" + "".join(f", {e}" for e in extra)
                  + ")")
+  if cfg.ema_teacher_decay > 0:
+    parts.insert(0, f"EMA teacher (decay {cfg.ema_teacher_decay:g})")
+  if cfg.augment and cfg.augment != "none":
+    parts.append(f"augment {cfg.augment}"
+                 + (" (teacher: own view)"
+                    if cfg.augment_views == "independent" else ""))
   if cfg.aux_loss:
     aux = [f"+ {cfg.aux_weight:g}·{cfg.aux_loss}"]
     if cfg.aux_temperature is not None:
@@ -1146,7 +1386,8 @@ def run_cache_lm(cfg: Config) -> dict:
 
 RUNNERS = {"train": run_train, "distill": run_distill, "compare": run_compare,
            "tune": run_tune, "kip": run_kip, "distill_lm": run_distill_lm,
-           "cache_lm": run_cache_lm}
+           "cache_lm": run_cache_lm, "born_again": run_born_again,
+           "mutual": run_peers, "online_distill": run_peers}
 
 
 def run(cfg: Config) -> dict:
