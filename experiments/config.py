@@ -1272,6 +1272,16 @@ def apply_method_lines(cfg: Config, lines: list[str], source: str,
     raise ValueError(f"{source}: {e}") from None
 
 
+def existing_ancestor(path: str) -> str:
+  """``path`` if it exists, else its nearest existing parent ("" if
+  none)."""
+  existing = path
+  while existing and not os.path.lexists(existing):
+    parent = os.path.dirname(existing.rstrip(os.sep))
+    existing = parent if parent != existing else ""
+  return existing
+
+
 def check_paths(cfg: Config) -> None:
   """Checks, before a run, that the directories the flags name are not
   files (a run would fail there only after its first write, or, for an
@@ -1287,10 +1297,7 @@ def check_paths(cfg: Config) -> None:
     if not path:
       continue
     # The path itself or a parent that exists must be a directory.
-    existing = path
-    while existing and not os.path.lexists(existing):
-      parent = os.path.dirname(existing.rstrip(os.sep))
-      existing = parent if parent != existing else ""
+    existing = existing_ancestor(path)
     if existing and not os.path.isdir(existing):
       where = ("is a file" if existing == path else
                f"is under {existing}, which is a file")

@@ -49,7 +49,6 @@ import shutil
 import sys
 import tempfile
 import time
-import traceback
 from typing import Any
 
 from absl import flags, logging
@@ -304,10 +303,8 @@ def check_out(out: str, workdir: str, *, overwrite: bool) -> None:
   if _is_within(real_workdir, real_out):
     raise ValueError(f"--out={out} is or contains --workdir={workdir}; "
                      "expected a directory that does not hold the run")
-  existing = path
-  while existing and not os.path.lexists(existing):
-    parent = os.path.dirname(existing.rstrip(os.sep))
-    existing = parent if parent != existing else ""
+  from experiments.config import existing_ancestor
+  existing = existing_ancestor(path)
   if existing and not os.path.isdir(existing):
     where = ("is a file" if existing == path else
              f"is under {existing}, which is a file")
@@ -522,30 +519,23 @@ def run_export(argv: list[str],
   debug = flag_values.debug
   if not debug:
     logging.set_verbosity(logging.WARNING)  # orbax logs at INFO.
-  try:
+  result = {}
+
+  def body():
     for name in ("workdir", "out"):
       if not flag_values[name].value:
         raise ValueError(f"--{name}: required; expected "
                          + (f"the workdir of {_RUN_KINDS}" if name == "workdir"
                             else "the directory to write the export to"))
-    spec = export_run(flag_values.workdir, flag_values.out,
-                      step=flag_values.step, overwrite=flag_values.overwrite,
-                      peer=flag_values.peer)
-  except INPUT_ERRORS as e:
-    if debug:
-      raise
-    _print_error(str(e))
-    return ERROR_STATUS
-  except Exception as e:  # pylint: disable=broad-except
-    if debug:
-      raise
-    frame = traceback.extract_tb(e.__traceback__)[-1]
-    _print_error(
-        f"{type(e).__name__}: {_one_line(e)[:300]} (at "
-        f"{os.path.relpath(frame.filename)}:{frame.lineno}); this is a bug, "
-        "not a problem with the input: rerun with --debug for the traceback",
-        kind="internal error")
-    return INTERNAL_ERROR_STATUS
+    result["spec"] = export_run(
+        flag_values.workdir, flag_values.out, step=flag_values.step,
+        overwrite=flag_values.overwrite, peer=flag_values.peer)
+
+  status = main_lib.report_errors(body, debug=debug,
+                                  input_errors=INPUT_ERRORS)
+  if status:
+    return status
+  spec = result["spec"]
   print(f"exported {spec['name']} ({spec['param_count']} parameters) at step "
         f"{spec['step']} of {spec['source_workdir']} -> "
         f"{os.path.abspath(flag_values.out)}")

@@ -100,24 +100,14 @@ def _parse_or_exit(argv) -> list[str]:
     sys.exit(ERROR_STATUS)
 
 
-def main(argv, flag_values: flags.FlagValues = FLAGS) -> int:
-  """The program after flag parsing; returns the exit status."""
-  if len(argv) > 1:
-    _print_error(f"unexpected positional arguments {argv[1:]}; flags take "
-                 "the form --name=value")
-    return ERROR_STATUS
-  debug = flag_values.debug
-  if not debug:
-    logging.set_verbosity(logging.WARNING)  # orbax logs every save at INFO.
+def report_errors(body, *, debug: bool, input_errors=INPUT_ERRORS) -> int:
+  """Runs ``body()`` and returns the exit status: 0; `ERROR_STATUS` with one
+  line for bad input (``input_errors``); `INTERNAL_ERROR_STATUS` with one
+  line naming the exception and where it was raised for anything else (a
+  bug). ``debug`` re-raises instead."""
   try:
-    cfg = config_lib.config_from_flags(flag_values)
-    config_lib.check_paths(cfg)
-    # Before JAX starts its backend, which reads XLA_FLAGS once.
-    os.environ["XLA_FLAGS"] = config_lib.plan_xla_flags(
-        cfg, config_lib.cpu_xla_flags(cfg, os.environ.get("XLA_FLAGS", "")))
-    from experiments import run as run_lib  # Imports JAX only after parsing.
-    run_lib.run(cfg)
-  except INPUT_ERRORS as e:
+    body()
+  except input_errors as e:
     if debug:
       raise
     _print_error(str(e))
@@ -135,6 +125,28 @@ def main(argv, flag_values: flags.FlagValues = FLAGS) -> int:
         kind="internal error")
     return INTERNAL_ERROR_STATUS
   return 0
+
+
+def main(argv, flag_values: flags.FlagValues = FLAGS) -> int:
+  """The program after flag parsing; returns the exit status."""
+  if len(argv) > 1:
+    _print_error(f"unexpected positional arguments {argv[1:]}; flags take "
+                 "the form --name=value")
+    return ERROR_STATUS
+  debug = flag_values.debug
+  if not debug:
+    logging.set_verbosity(logging.WARNING)  # orbax logs every save at INFO.
+
+  def body():
+    cfg = config_lib.config_from_flags(flag_values)
+    config_lib.check_paths(cfg)
+    # Before JAX starts its backend, which reads XLA_FLAGS once.
+    os.environ["XLA_FLAGS"] = config_lib.plan_xla_flags(
+        cfg, config_lib.cpu_xla_flags(cfg, os.environ.get("XLA_FLAGS", "")))
+    from experiments import run as run_lib  # Imports JAX only after parsing.
+    run_lib.run(cfg)
+
+  return report_errors(body, debug=debug)
 
 
 def run_main(argv, flag_values: flags.FlagValues | None = None) -> int:

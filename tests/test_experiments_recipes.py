@@ -2,7 +2,6 @@
 self-distillation, born-again generations."""
 
 import json
-import os
 
 import numpy as np
 import pytest
@@ -165,7 +164,6 @@ def test_born_again_adds_generations_and_reuses_finished_ones(tmp_path):
 def test_online_distillation_table_and_peer_export(tmp_path, capsys):
   """--mode=online_distill: the table's rows, and one peer exported as a
   standalone model that predicts what the group's peer predicts."""
-  import jax
   from experiments import export as export_lib
   cfg = Config(mode="online_distill", workdir=str(tmp_path / "run"),
                model="mlp", model_kwargs=(("hidden_sizes", (32,)),),
