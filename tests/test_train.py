@@ -343,10 +343,12 @@ def test_schedule_and_optimizer_errors():
                              atol=1e-6)
 
 
-def test_donating_a_replicated_state_keeps_the_callers_arrays():
+@pytest.mark.parametrize("num_devices", [1, 8])
+def test_donating_a_replicated_state_keeps_the_callers_arrays(num_devices):
   model, params, ms = _linear_setup()
+  params = jax.tree.map(jnp.asarray, params)  # Device arrays (device 0).
   tx = optax.sgd(0.1)
-  mesh = jtrain.make_data_mesh(1)
+  mesh = jtrain.make_data_mesh(num_devices)
   step = jtrain.compile_step(jtrain.make_train_step(model, tx), mesh)
   batch = jtrain.put_batch({"x": np.ones((8, 6), np.float32),
                             "y": np.zeros(8, np.int32)}, mesh)

@@ -17,6 +17,7 @@ import math
 from typing import Any, Callable
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
 
@@ -136,6 +137,12 @@ def replicate(tree: Any, mesh) -> Any:
   """
   sharding = replicated(mesh)
   if jax.process_count() == 1:
+    # ``may_alias=False`` alone still lets device 0's shard share a device
+    # array's buffer on a multi-device mesh (then a donation would delete
+    # the caller's array): copy device arrays first.
+    tree = jax.tree.map(
+        lambda x: jnp.array(x, copy=True) if isinstance(x, jax.Array) else x,
+        tree)
     return jax.device_put(tree, sharding, may_alias=False)
   # Every process holds the same values; build global arrays from them.
   return jax.tree.map(
