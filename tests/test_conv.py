@@ -206,6 +206,7 @@ def test_auto_choices_and_the_inference_forward():
       np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-3)
 
 
+@pytest.mark.slow  # CI budget; run with -m slow.
 def test_resnet_gradients_do_not_depend_on_conv_impl():
   """The whole model: values and parameter gradients (train-mode BN) equal
   for every part by matmuls and for XLA's own."""

@@ -302,6 +302,7 @@ def test_method_files_override_only_loss_settings(tmp_path):
     config_lib.apply_method_file(base, str(bad))
 
 
+@pytest.mark.slow  # CI budget; run with -m slow.
 def test_compare_with_method_files_writes_one_row_per_method(tmp_path):
   m = "experiments/flags/methods"
   proc = _main("--flagfile=experiments/flags/methods_mnist1d_defaults.flags",
@@ -316,6 +317,7 @@ def test_compare_with_method_files_writes_one_row_per_method(tmp_path):
       "dkd, T=4, ce=1, kd=0, alpha=1, beta=8, kd→1 (linear, 250 steps)")
 
 
+@pytest.mark.slow  # CI budget; run with -m slow.
 def test_tune_chooses_on_the_validation_split_and_writes_method_files(
     tmp_path):
   from absl import flags

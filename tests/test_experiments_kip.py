@@ -92,7 +92,8 @@ def test_krr_st_regresses_teacher_representations(tmp_path):
 
 
 @pytest.mark.parametrize("name", [
-    "kip_digits", pytest.param("kip_mnist1d", marks=pytest.mark.slow)])
+    pytest.param("kip_digits", marks=pytest.mark.slow),  # CI budget.
+    pytest.param("kip_mnist1d", marks=pytest.mark.slow)])
 def test_flagfiles_run_from_the_command_line(tmp_path, name):
   proc = _main(f"--flagfile={ROOT}/experiments/flags/{name}.flags",
                f"--workdir={tmp_path / name}", "--images_per_class=1",

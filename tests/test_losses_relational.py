@@ -116,6 +116,7 @@ def test_gradients_match_finite_differences(name):
     np.testing.assert_array_equal(gt, 0.0)
 
 
+@pytest.mark.slow  # CI budget; run with -m slow.
 def test_chunked_anchors_match(monkeypatch):
   # Big batches build the RKD maps a few anchors at a time (lax.map with
   # rematerialisation); the result and the gradient are the same.

@@ -81,7 +81,7 @@ def test_two_processes_equal_one_process(tmp_path):
 
 
 @pytest.mark.parametrize("layout", [
-    "sharded",
+    pytest.param("sharded", marks=pytest.mark.slow),  # CI budget.
     # Replicated teachers are plain data parallelism, which
     # test_two_processes_equal_one_process covers in the default run.
     pytest.param("replicated", marks=pytest.mark.slow)])
@@ -113,6 +113,7 @@ def test_multi_teacher_distillation_on_two_processes(tmp_path, layout):
                                    err_msg=name)
 
 
+@pytest.mark.slow  # CI budget; run with -m slow.
 def test_fsdp_distillation_on_two_processes_and_checkpoint_round_trip(
     tmp_path):
   """Mesh data:2 x fsdp:4 over 2 processes x 4 devices (the data axis
@@ -167,6 +168,7 @@ def _wait_for(proc, pattern, timeout=180):
   raise AssertionError(f"process ended before printing {pattern!r}")
 
 
+@pytest.mark.slow  # CI budget; run with -m slow.
 def test_sigterm_to_one_process_stops_both_at_one_saved_step(tmp_path):
   """Preemption of one host: every process saves the same step and stops;
   the resumed 2-process run (restoring across processes) ends exactly where
