@@ -50,10 +50,12 @@ import numpy as np
 __all__ = [
     "AugmentOp",
     "Augmentation",
+    "choose_dominant",
     "crop_at",
     "cutmix",
     "dominant_labels",
     "gaussian_noise",
+    "label_mix_of",
     "mixup",
     "parse_augmentation",
     "random_crop",
@@ -723,6 +725,30 @@ def parse_augmentation(spec: Optional[str], *, input_shape: Sequence[int],
   return Augmentation(ops, input_shape)
 
 
+def label_mix_of(batch: Batch):
+  """``(batch["y_mix"], batch["mix_lambda"])`` of a batch mixed by mixup or
+  CutMix, else ``None``.
+
+  Raises:
+    ValueError: the batch has one of the two keys but not the other.
+  """
+  keys = [k for k in ("y_mix", "mix_lambda") if k in batch]
+  if len(keys) == 1:
+    raise ValueError(f"the batch has {keys[0]!r} but not its partner; a "
+                     "mixed batch needs both 'y_mix' and 'mix_lambda'")
+  return (batch["y_mix"], batch["mix_lambda"]) if keys else None
+
+
+def choose_dominant(labels: jax.Array, label_mix) -> jax.Array:
+  """``labels`` where the mix weight ``lam >= 0.5``, else the partner's
+  labels; ``labels`` itself when ``label_mix`` (`label_mix_of`) is
+  ``None``."""
+  if label_mix is None:
+    return labels
+  mixed_labels, lam = label_mix
+  return jnp.where(lam >= 0.5, labels, mixed_labels)
+
+
 def dominant_labels(batch: Batch) -> jax.Array:
   """The label with the larger weight in each (possibly mixed) example.
 
@@ -736,7 +762,4 @@ def dominant_labels(batch: Batch) -> jax.Array:
   Returns:
     ``[B]`` labels of the dtype of ``batch["y"]``.
   """
-  y = batch["y"]
-  if "mix_lambda" not in batch:
-    return y
-  return jnp.where(batch["mix_lambda"] >= 0.5, y, batch["y_mix"])
+  return choose_dominant(batch["y"], label_mix_of(batch))

@@ -44,9 +44,9 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from jdistill.augment import choose_dominant, dominant_labels, label_mix_of
 from jdistill.train.objective import (_logit_term, check_loss_kwargs,
-                                      cross_entropy, dominant_labels,
-                                      label_mix_of, masked_mean)
+                                      cross_entropy, masked_mean)
 from jdistill.train.precision import DynamicLossScale
 from jdistill.train.state import FunctionalModel, TrainState
 from jdistill.train.step import (accumulate_gradients, applied_augmentation,
@@ -258,7 +258,7 @@ def make_mutual_step(group: FunctionalModel, tx: optax.GradientTransformation,
     _check_logits(logits, num_peers, where)
     mask = batch.get("mask")
     label_mix = label_mix_of(batch)
-    labels = dominant_labels(batch["y"], label_mix)
+    labels = choose_dominant(batch["y"], label_mix)
     targets = jax.lax.stop_gradient(logits)
     total = jnp.zeros((), jnp.float32)
     parts = {}
@@ -284,7 +284,7 @@ def make_mutual_step(group: FunctionalModel, tx: optax.GradientTransformation,
       (total, (logits, parts, new_model_state)), grads = value_and_grad(
           loss_fn, state, loss_scale)(state.params, model_state, batch)
       mask = batch.get("mask")
-      labels = dominant_labels(batch["y"], label_mix_of(batch))
+      labels = dominant_labels(batch)
       metrics = {"loss": total, **parts}
       for i in range(num_peers):
         metrics[f"peer{i}_accuracy"] = masked_accuracy(logits[i], labels,

@@ -21,6 +21,7 @@ import jax.numpy as jnp
 import optax
 
 from jdistill import losses
+from jdistill.augment import choose_dominant
 from jdistill.train.schedules import make_value_schedule
 
 # How the objective calls each loss whose signature is not the registry's
@@ -363,26 +364,6 @@ def cross_entropy(logits: jax.Array, labels: jax.Array, *,
   return optax.softmax_cross_entropy(logits.astype(jnp.float32), targets)
 
 
-def label_mix_of(batch) -> tuple[jax.Array, jax.Array] | None:
-  """``(batch["y_mix"], batch["mix_lambda"])`` of a batch mixed by mixup or
-  CutMix (`jdistill.augment`), else ``None``."""
-  keys = [k for k in ("y_mix", "mix_lambda") if k in batch]
-  if len(keys) == 1:
-    raise ValueError(f"the batch has {keys[0]!r} but not its partner; a "
-                     "mixed batch needs both 'y_mix' and 'mix_lambda'")
-  return (batch["y_mix"], batch["mix_lambda"]) if keys else None
-
-
-def dominant_labels(labels: jax.Array, label_mix) -> jax.Array:
-  """The label with the larger weight of each mixed example (``labels``
-  where ``lam >= 0.5``): what label-dependent losses (DKD's target class,
-  CRD's positives, ...) and accuracies use on a mixed batch."""
-  if label_mix is None:
-    return labels
-  mixed_labels, lam = label_mix
-  return jnp.where(lam >= 0.5, labels, mixed_labels)
-
-
 _SCHEDULED = ("temperature", "ce_weight", "kd_weight")
 
 
@@ -565,7 +546,8 @@ class DistillObjective:
     `feature_terms` entry. It is `logit_loss` plus `feature_loss`.
     ``label_mix=(mixed_labels, lam)`` marks a batch mixed by mixup or
     CutMix: the CE term is the mixed-target CE (`cross_entropy`) and the
-    label-dependent terms use `dominant_labels`.
+    label-dependent terms use the dominant label
+    (`jdistill.augment.choose_dominant`).
     """
     if loss_state is None:
       loss_state = self.init_loss_state()
@@ -573,7 +555,7 @@ class DistillObjective:
                                    mask, step=step, loss_state=loss_state,
                                    label_mix=label_mix)
     feature_total, feature_parts = self.feature_loss(
-        features, dominant_labels(labels, label_mix), mask, step=step,
+        features, choose_dominant(labels, label_mix), mask, step=step,
         loss_state=loss_state)
     return total + feature_total, {**parts, **feature_parts}
 
@@ -594,7 +576,7 @@ class DistillObjective:
     ce = masked_mean(cross_entropy(student_logits, labels,
                                    label_smoothing=self.label_smoothing,
                                    label_mix=label_mix), mask)
-    labels = dominant_labels(labels, label_mix)
+    labels = choose_dominant(labels, label_mix)
     s, t = student_logits, teacher_logits
     if self.standardize_logits:
       s, t = losses.standardize_logits(s), losses.standardize_logits(t)

@@ -50,8 +50,8 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from jdistill.augment import dominant_labels, label_mix_of
 from jdistill.train.objective import (DistillObjective, cross_entropy,
-                                      dominant_labels, label_mix_of,
                                       masked_mean)
 from jdistill.train.precision import DynamicLossScale, all_finite
 from jdistill.train.projectors import FunctionalProjectors
@@ -441,7 +441,7 @@ def make_train_step(model: FunctionalModel, tx: optax.GradientTransformation,
       micro_state = state.replace(model_state=model_state)
       (loss, (logits, new_model_state)), grads = value_and_grad(
           loss_fn, state, loss_scale)(state.params, micro_state, batch)
-      labels = dominant_labels(batch["y"], label_mix_of(batch))
+      labels = dominant_labels(batch)
       metrics = {"loss": loss, "ce": loss,
                  "accuracy": masked_accuracy(logits, labels,
                                              batch.get("mask"))}
@@ -582,7 +582,7 @@ def make_distill_step(student: FunctionalModel, teacher: FunctionalModel,
       new_loss_state = micro_loss_state(
           objective, loss_state, parts, state.step, index, k,
           teacher_features=teacher_feats, mask=mask)
-      labels = dominant_labels(batch["y"], label_mix_of(batch))
+      labels = dominant_labels(batch)
       metrics = {
           "loss": loss, **parts,
           "accuracy": masked_accuracy(logits, labels, mask),
