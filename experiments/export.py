@@ -333,17 +333,10 @@ def is_export(path: str) -> bool:
   return isinstance(spec, dict) and spec.get("format") == EXPORT_FORMAT
 
 
-def _fsync_dir(path: str) -> None:
-  fd = os.open(path, os.O_RDONLY)
-  try:
-    os.fsync(fd)
-  finally:
-    os.close(fd)
-
-
 def _write_export(directory: str, spec: dict, variables: dict) -> None:
   """Writes ``model.json`` and ``variables/`` into ``directory``."""
   import orbax.checkpoint as ocp
+  from jdistill.data.teacher_cache import fsync_path
   with ocp.StandardCheckpointer() as checkpointer:
     checkpointer.save(os.path.join(directory, VARIABLES_DIR), variables)
     checkpointer.wait_until_finished()
@@ -352,13 +345,14 @@ def _write_export(directory: str, spec: dict, variables: dict) -> None:
     f.write("\n")
     f.flush()
     os.fsync(f.fileno())
-  _fsync_dir(directory)
+  fsync_path(directory)
 
 
 def _move_into_place(tmp: str, out: str) -> None:
   """Renames the complete export ``tmp`` to ``out``; an earlier export at
   ``out`` is first renamed aside, then deleted once ``out`` is the new
   one."""
+  from jdistill.data.teacher_cache import fsync_path
   parent = os.path.dirname(out)
   old = None
   if os.path.isdir(out) and os.listdir(out):
@@ -366,7 +360,7 @@ def _move_into_place(tmp: str, out: str) -> None:
                            prefix=f".{os.path.basename(out)}.export-old-")
     os.replace(out, os.path.join(old, "export"))
   os.replace(tmp, out)  # An empty directory at ``out`` is replaced.
-  _fsync_dir(parent)
+  fsync_path(parent)
   if old is not None:
     shutil.rmtree(old)
 
@@ -507,15 +501,9 @@ def run_export(argv: list[str],
     print(__doc__.split("\n\n")[1].strip() + "\n"
           + flag_values.get_help(include_special_flags=False))
     return 0
-  try:
-    rest = main_lib.parse_flags(argv, flag_values)
-  except ValueError as e:
-    _print_error(str(e))
-    return ERROR_STATUS
-  if len(rest) > 1:
-    _print_error(f"unexpected positional arguments {rest[1:]}; flags take "
-                 "the form --name=value")
-    return ERROR_STATUS
+  status = main_lib.parse_or_status(argv, flag_values)
+  if status is not None:
+    return status
   debug = flag_values.debug
   if not debug:
     logging.set_verbosity(logging.WARNING)  # orbax logs at INFO.

@@ -91,6 +91,28 @@ def parse_flags(argv, flag_values: flags.FlagValues = FLAGS) -> list[str]:
         "--name=value") from None
 
 
+def positional_error(argv) -> int | None:
+  """`ERROR_STATUS`, after one line on stderr, when ``argv`` (program name
+  first, flags parsed out) has positional arguments; else ``None``."""
+  if len(argv) > 1:
+    _print_error(f"unexpected positional arguments {argv[1:]}; flags take "
+                 "the form --name=value")
+    return ERROR_STATUS
+  return None
+
+
+def parse_or_status(argv, flag_values: flags.FlagValues) -> int | None:
+  """Parses ``argv`` into ``flag_values``; `ERROR_STATUS` after one line on
+  stderr for anything absl rejects or a positional argument, else
+  ``None``."""
+  try:
+    rest = parse_flags(argv, flag_values)
+  except ValueError as e:
+    _print_error(str(e))
+    return ERROR_STATUS
+  return positional_error(rest)
+
+
 def _parse_or_exit(argv) -> list[str]:
   """``app.run``'s flags parser: absl's own errors become one line too."""
   try:
@@ -129,10 +151,9 @@ def report_errors(body, *, debug: bool, input_errors=INPUT_ERRORS) -> int:
 
 def main(argv, flag_values: flags.FlagValues = FLAGS) -> int:
   """The program after flag parsing; returns the exit status."""
-  if len(argv) > 1:
-    _print_error(f"unexpected positional arguments {argv[1:]}; flags take "
-                 "the form --name=value")
-    return ERROR_STATUS
+  status = positional_error(argv)
+  if status is not None:
+    return status
   debug = flag_values.debug
   if not debug:
     logging.set_verbosity(logging.WARNING)  # orbax logs every save at INFO.

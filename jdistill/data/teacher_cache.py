@@ -322,7 +322,8 @@ def _check_array(field: Field, x: Any, *, vocab_size: int, num_samples: int,
   return x
 
 
-def _fsync(path: str) -> None:
+def fsync_path(path: str) -> None:
+  """fsync a file or directory (so a rename into it is durable)."""
   fd = os.open(path, os.O_RDONLY)
   try:
     os.fsync(fd)
@@ -605,8 +606,8 @@ class TeacherCacheWriter:
       json.dump(meta, f, indent=2, sort_keys=True)
       f.write("\n")
     for name in os.listdir(self._tmp):
-      _fsync(os.path.join(self._tmp, name))
-    _fsync(self._tmp)
+      fsync_path(os.path.join(self._tmp, name))
+    fsync_path(self._tmp)
     self._move_into_place()
     return self.directory
 
@@ -625,7 +626,7 @@ class TeacherCacheWriter:
       else:
         os.rmdir(d)  # empty
     os.rename(self._tmp, d)
-    _fsync(os.path.dirname(d) or ".")
+    fsync_path(os.path.dirname(d) or ".")
     if old is not None:
       shutil.rmtree(old)
 
