@@ -949,31 +949,31 @@ def run_peers(cfg: Config) -> dict:
   specs = peer_specs(cfg)
   online = cfg.mode == "online_distill"
   rows, models, settings = {}, {}, {}
+
+  def add_row(key, model, setting, values=()):
+    rows[key], models[key], settings[key] = list(values), model, setting
+
   loss = describe_method(cfg)
+  offline = "student (KD from the trained teacher)"
   if online:
     teacher_dir, teacher_accuracy = _train_teacher(cfg, dataset)
-    rows["teacher (trained alone)"] = [teacher_accuracy]
-    models["teacher (trained alone)"] = cfg.teacher_model
-    settings["teacher (trained alone)"] = "labels"
-    offline = "student (KD from the trained teacher)"
-  rows["student (labels)"] = []
-  models["student (labels)"], settings["student (labels)"] = cfg.model, ""
+    add_row("teacher (trained alone)", cfg.teacher_model, "labels",
+            [teacher_accuracy])
+  add_row("student (labels)", cfg.model, "")
   if online:
-    rows[offline], models[offline], settings[offline] = [], cfg.model, loss
-  if online:
+    add_row(offline, cfg.model, loss)
     peer_rows = ["online: teacher (peer 0)", "online: student (peer 1)"]
     peer_settings = ["labels, trained with the student",
                      f"{loss}, from peer 0 as it trains"]
+    ensemble_row = "online: ensemble of both"
   else:
     peer_rows = [f"DML: peer {i}" for i in range(len(specs))]
     peer_settings = [f"{loss}, from the other peers"] * len(specs)
-  ensemble_row = ("online: ensemble of both" if online
-                  else "DML: ensemble of the peers")
+    ensemble_row = "DML: ensemble of the peers"
   for key, spec, setting in zip(peer_rows, specs, peer_settings):
-    rows[key], models[key], settings[key] = [], spec["name"], setting
-  rows[ensemble_row] = []
-  models[ensemble_row] = "+".join(s["name"] for s in specs)
-  settings[ensemble_row] = "mean of the peers' probabilities"
+    add_row(key, spec["name"], setting)
+  add_row(ensemble_row, "+".join(s["name"] for s in specs),
+          "mean of the peers' probabilities")
   for s in cfg.seeds:
     rows["student (labels)"].append(_train_from_labels(cfg, dataset, s))
     if online:

@@ -12,13 +12,8 @@ from experiments.config import Config
 from jdistill import train as jtrain
 
 
-@pytest.fixture(scope="module")
-def teacher_dir(tmp_path_factory):
-  workdir = tmp_path_factory.mktemp("teacher")
-  run_lib.run_train(Config(mode="train", workdir=str(workdir), model="cnn1d",
-                           num_steps=16, batch_size=64, log_every=8,
-                           checkpoint_every=8))
-  return workdir
+# The small cnn1d teacher of the program tests (module-scoped fixture).
+from tests.test_experiments import teacher_dir  # noqa: E402,F401
 
 
 def _records(workdir):

@@ -164,13 +164,19 @@ def test_distill_step_feeds_teacher_the_view_it_should(views):
     assert not np.allclose(teacher_x, student_view["x"])
 
 
-def test_distill_step_with_augmentation_and_grad_accumulation_is_exact():
+def _kd_setup():
+  """An MLP student and teacher, SGD, KD with ce_weight 0.3, the state."""
   student, params, model_state = _mlp(0)
   teacher, tparams, tstate = _mlp(1)
   tvars = {"params": tparams, "model_state": tstate}
   tx = optax.sgd(0.1)
   objective = jtrain.DistillObjective(loss="kd", ce_weight=0.3)
   state = jtrain.TrainState.create(params, model_state, tx, seed=1)
+  return student, teacher, tvars, tx, objective, state
+
+
+def test_distill_step_with_augmentation_and_grad_accumulation_is_exact():
+  student, teacher, tvars, tx, objective, state = _kd_setup()
   batch = _batch(3)
   aug = _noise_and_mixup()
   one, m1 = jtrain.make_distill_step(student, teacher, tx, objective,
@@ -198,12 +204,7 @@ def test_cached_teacher_logits_and_augmentation_refuse_to_mix():
 
 
 def test_distill_step_augmentation_on_a_mesh_equals_one_device():
-  student, params, model_state = _mlp(0)
-  teacher, tparams, tstate = _mlp(1)
-  tvars = {"params": tparams, "model_state": tstate}
-  tx = optax.sgd(0.1)
-  objective = jtrain.DistillObjective(loss="kd", ce_weight=0.3)
-  state = jtrain.TrainState.create(params, model_state, tx, seed=1)
+  student, teacher, tvars, tx, objective, state = _kd_setup()
   batch = _batch(4)
   step = jtrain.make_distill_step(student, teacher, tx, objective,
                                   augment=_noise_and_mixup())

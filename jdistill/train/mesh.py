@@ -139,11 +139,12 @@ def replicate(tree: Any, mesh) -> Any:
   if jax.process_count() == 1:
     # ``may_alias=False`` alone still lets device 0's shard share a device
     # array's buffer on a multi-device mesh (then a donation would delete
-    # the caller's array): copy device arrays first.
+    # the caller's array): copy device arrays first, then place the copies,
+    # which may be aliased (host arrays are copied by the transfer).
     tree = jax.tree.map(
         lambda x: jnp.array(x, copy=True) if isinstance(x, jax.Array) else x,
         tree)
-    return jax.device_put(tree, sharding, may_alias=False)
+    return jax.device_put(tree, sharding)
   # Every process holds the same values; build global arrays from them.
   return jax.tree.map(
       lambda x: jax.make_array_from_process_local_data(
