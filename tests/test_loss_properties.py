@@ -47,7 +47,7 @@ import numpy as np
 import pytest
 from hypothesis import assume, given
 
-from jdistill import losses
+from jdistill import losses, teachers
 from jdistill.losses import fused, sequence, sparse
 from jdistill.train import objective
 from tests import loss_testing as lt
@@ -240,15 +240,7 @@ EXCEPTIONS = {
     "large": {},
     "bfloat16": {},
     "padding": {n: _NO_PADDING for n in FEATURE_INPUTS},
-    "huge_equal": {
-        "mlkd": "XLA:CPU contracts x / T - max(x / T) into an FMA, so the "
-                "row maximum is off by the rounding error of x / T; for "
-                "|x / T| above ~1e9 that exceeds exp's range and the "
-                "log-softmax overflows (NaN). mlkd's default temperatures "
-                "3, 5, 6 are not powers of two; 'large' covers its "
-                "documented range (1e4). Not a bug of the loss",
-        **{n: _FEATURES_HUGE for n in FEATURE_INPUTS},
-    },
+    "huge_equal": {n: _FEATURES_HUGE for n in FEATURE_INPUTS},
     "huge_scale": {
         "hint": "MSE of the features: not scale-invariant (the value grows "
                 "as scale**2 and overflows float32 for huge features)",
@@ -494,6 +486,109 @@ def test_huge_equal_logits(name, data):
     np.testing.assert_allclose(v, 0.0, atol=64 * pt.F32_EPS * case.scale)
 
 
+# ``huge_equal`` at a temperature that is not a power of two, for every
+# public function with a temperature: x / 3 rounds, and where the CPU has
+# fused multiply-add XLA contracts ``x / T - max(x / T)`` into one FMA that
+# subtracts the rounded maximum from the unrounded quotient, an error of
+# hundreds for |x| ~ 1e10, beyond exp's range. The log-softmax overflowed to
+# NaN on AVX2 and AVX-512 machines and not under --xla_cpu_max_isa=SSE4_2
+# (no FMA), until the losses shifted by the raw maximum before dividing
+# (`jdistill.losses.logit._tempered`). Each case is keyed by the function
+# it covers; `test_every_tempered_function_has_a_t3_case` keeps the table
+# complete.
+_T3 = 3.0
+
+
+def _stack2(t):
+  return jnp.stack([t, t])  # Two equal teachers: [K, batch, classes].
+
+
+def _eye_fused(s, t, y):
+  eye = jnp.eye(s.shape[-1], dtype=s.dtype)
+  return fused.fused_linear_kd(s, eye, t, eye, temperature=_T3, chunk_size=2)
+
+
+_KEY = jax.random.key(0)
+T3_CASES = {
+    **{n: (lambda s, t, y, fn=fn: fn(s, t, temperature=_T3))
+       for n, fn in losses.LOGIT_LOSSES.items()},
+    **{n: (lambda s, t, y, fn=getattr(losses, n): fn(s, t, y,
+                                                     temperature=_T3))
+       for n in ("dkd", "ofa", "pld")},
+    **{n: (lambda s, t, y, fn=getattr(losses, n): fn(s, t, temperature=_T3))
+       for n in ("dist", "sinkhorn", "contrastive")},
+    "taid": lambda s, t, y: losses.taid(s, t, t=0.5, temperature=_T3),
+    "mlkd": lambda s, t, y: losses.mlkd(s, t, temperatures=(_T3, 5.0)),
+    "sequence_kd": lambda s, t, y: sequence.sequence_kd(
+        s[None], t[None], temperature=_T3, reduction="token"),
+    "fused_linear_kd": _eye_fused,
+    "dense_teacher_targets": lambda s, t, y: sparse.dense_teacher_targets(
+        t, temperature=_T3, dtype=jnp.float32),
+    "dense_kd": lambda s, t, y: sparse.dense_kd(
+        s, sparse.dense_teacher_targets(t, temperature=_T3,
+                                        dtype=jnp.float32),
+        temperature=_T3),
+    "topk_teacher_targets": lambda s, t, y: sparse.topk_teacher_targets(
+        t, 3, temperature=_T3)[0],
+    "topk_kd": lambda s, t, y: sparse.topk_kd(
+        s, *sparse.topk_teacher_targets(t, 3, temperature=_T3),
+        temperature=_T3),
+    "topk_bias": lambda s, t, y: sparse.topk_bias(s, t, 3, temperature=_T3),
+    "sample_teacher_tokens": lambda s, t, y: sparse.sample_teacher_tokens(
+        _KEY, t, 4, temperature=_T3, proposal_temperature=_T3)[1],
+    "sampled_kd": lambda s, t, y: sparse.sampled_kd(
+        s, *sparse.sample_teacher_tokens(_KEY, t, 4, temperature=_T3),
+        temperature=_T3),
+    "sampled_gradient_rmse": lambda s, t, y: sparse.sampled_gradient_rmse(
+        s, t, 4, temperature=_T3, proposal_temperature=_T3),
+    "teacher_entropy": lambda s, t, y: sparse.teacher_entropy(
+        t, temperature=_T3),
+    **{n: (lambda s, t, y, fn=getattr(teachers, n): fn(s, _stack2(t),
+                                                       temperature=_T3))
+       for n in ("ensemble_kd", "ensemble_cross_entropy",
+                 "multi_teacher_kd")},
+    **{n: (lambda s, t, y, fn=getattr(teachers, n): fn(_stack2(t),
+                                                       temperature=_T3))
+       for n in ("ensemble_log_probs", "ensemble_probs", "entropy_weights",
+                 "teacher_disagreement")},
+}
+
+
+# Diagnostics, not losses: norms sqrt(sum(...**2)) of gradient errors, which
+# have no gradient where the error is 0. Their values are checked.
+T3_VALUE_ONLY = ("sampled_gradient_rmse", "topk_bias")
+
+
+def _huge_rows():
+  """[3, 7] logits of magnitude ~1.2e10: a constant row (every entry is the
+  maximum), a spread row and a negative row."""
+  rows = np.stack([np.ones(7), np.linspace(0.5, 1.0, 7), -np.ones(7)])
+  return (np.float32(1.2346141e10) * rows).astype(np.float32)
+
+
+def test_every_tempered_function_has_a_t3_case():
+  import inspect
+  tempered = {
+      name for module in (losses, teachers) for name in module.__all__
+      if callable(getattr(module, name)) and {"temperature", "temperatures"}
+      & set(inspect.signature(getattr(module, name)).parameters)}
+  assert tempered == set(T3_CASES), tempered ^ set(T3_CASES)
+
+
+@pytest.mark.parametrize("name", sorted(T3_CASES))
+def test_huge_equal_logits_at_a_temperature_that_rounds(name):
+  s = _huge_rows()
+  y = np.zeros(3, np.int32)
+  fn = T3_CASES[name]
+  if name in T3_VALUE_ONLY:
+    value = jax.jit(lambda s, t: fn(s, t, y))(s, s)
+    assert lt.all_finite(value), value
+    return
+  value, grads = jax.jit(jax.value_and_grad(
+      lambda s, t: jnp.sum(fn(s, t, y)), argnums=(0, 1)))(s, s)
+  assert lt.all_finite(value) and lt.all_finite(grads), (value, grads)
+
+
 @pytest.mark.parametrize("name", _cases("huge_scale", FEATURE_INPUTS))
 @given(data=st.data())
 @pt.settings(8)
@@ -565,10 +660,6 @@ def _fails(prop, name):
     a = np.float32(3.0) * np.ones(s.shape[:-1] + (1,), np.float32)
     v, shifted = _values(case, s, t, y), _values(case, s + a, t, y)
     return not np.allclose(shifted, v, rtol=1e-5, atol=_tol(case, s + a, t))
-  if prop == "huge_equal":
-    s = np.full(s.shape, 1.2346141e10, np.float32)
-    v, g = pt.value_and_grads(case.fn, s, s, y)
-    return not (lt.all_finite(v) and lt.all_finite(g))
   if prop == "huge_scale":
     c = np.float32(2.0 ** 64)
     v = pt.value_and_grads(case.fn, c * s, c * t, y)[0]

@@ -230,16 +230,19 @@ def _logits(h, w, b):
   return z if b is None else z + b.astype(_F32)
 
 
-def _log_softmax(z: jax.Array, vocab_axis: Optional[str]) -> jax.Array:
-  """log_softmax over the last axis, sharded over ``vocab_axis`` if given.
+def _log_softmax(z: jax.Array, temp, vocab_axis: Optional[str]) -> jax.Array:
+  """log_softmax(z / temp) over the last axis, sharded over ``vocab_axis``.
 
   The same arithmetic as ``jax.nn.log_softmax`` (the max is a stop_gradient
-  shift), with the max and the normaliser reduced across vocab shards.
+  shift), with the max and the normaliser reduced across vocab shards. The
+  shift is the maximum of the raw ``z``, subtracted before the division by
+  ``temp``, so the largest entry is exactly 0 even where XLA contracts the
+  division and the subtraction into an FMA (see ``logit._tempered``).
   """
   m = lax.stop_gradient(jnp.max(z, axis=-1, keepdims=True))
   if vocab_axis is not None:
     m = lax.pmax(m, vocab_axis)
-  shifted = z - m
+  shifted = (z - m) / temp
   total = _psum(jnp.sum(jnp.exp(shifted), axis=-1, keepdims=True), vocab_axis)
   return shifted - jnp.log(total)
 
@@ -247,8 +250,8 @@ def _log_softmax(z: jax.Array, vocab_axis: Optional[str]) -> jax.Array:
 def _per_token(cfg: _Config, z_s, z_t_scaled, log_pt, temp, hp):
   """Per-token losses [chunk] of raw student logits ``z_s`` (local shard)."""
   div = _DIVERGENCES[cfg.loss]
+  log_ps = _log_softmax(z_s, temp, cfg.vocab_axis)
   z_s = z_s / temp
-  log_ps = _log_softmax(z_s, cfg.vocab_axis)
   terms = div.terms(z_s, z_t_scaled, log_ps, log_pt, hp)
   sums = _psum(jnp.stack([jnp.sum(x, axis=-1) for x in terms]),
                cfg.vocab_axis)
@@ -256,8 +259,8 @@ def _per_token(cfg: _Config, z_s, z_t_scaled, log_pt, temp, hp):
 
 
 def _teacher(cfg, ht, wt, bt, temp):
-  z_t = _logits(ht, wt, bt) / temp
-  return z_t, _log_softmax(z_t, cfg.vocab_axis)
+  z_t = _logits(ht, wt, bt)
+  return z_t / temp, _log_softmax(z_t, temp, cfg.vocab_axis)
 
 
 def _chunks(x, cfg):

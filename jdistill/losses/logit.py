@@ -216,6 +216,35 @@ def _log_probs(
   return log_p
 
 
+def _tempered(
+    logits: jax.Array,
+    temperature: ArrayLike,
+    axis: Axis = -1,
+    where: Optional[jax.Array] = None,
+) -> jax.Array:
+  """``logits / temperature`` shifted so that its maximum over ``axis`` is 0.
+
+  Use it in place of ``logits / T`` wherever a softmax, log-softmax or
+  logsumexp over ``axis`` follows (they are shift-invariant). The shift is
+  the stop-gradient maximum of the *raw* logits (over the ``where``
+  entries; none for a row that has no finite maximum), so the largest
+  entry is ``0 / T = 0`` exactly and no entry exceeds 0.
+
+  Why: XLA turns ``x / T`` into ``x * (1 / T)`` and, on CPUs and GPUs with
+  fused multiply-add, contracts ``x * (1 / T) - max(x * (1 / T))`` into one
+  FMA, which subtracts the *rounded* maximum from the *unrounded* product.
+  For ``|x / T|`` above about 1e9 (and ``T`` not a power of two) that
+  difference exceeds exp's float32 range and the log-softmax overflows to
+  NaN. Whether it happens depended on the CPU's instruction set: found as
+  a loss that failed on AVX2/AVX-512 machines and passed under
+  ``--xla_cpu_max_isa=SSE4_2`` (no FMA).
+  """
+  m = jnp.max(logits, axis=axis, where=where, initial=-jnp.inf,
+              keepdims=True)
+  m = jax.lax.stop_gradient(jnp.where(jnp.isfinite(m), m, 0.0))
+  return (logits - m) / temperature
+
+
 def _power_of_two_inverse(m: jax.Array) -> jax.Array:
   """Elementwise power of two ``c`` with ``m * c`` in ``[0.5, 4)`` for
   ``m > 0`` (1 where ``m == 0``); ``m >= 0`` is a stop-gradient scale.
@@ -280,8 +309,8 @@ def _prepare(
   dtype = jnp.result_type(s, t)
   s, t = s.astype(dtype), t.astype(dtype)
   temp = jnp.asarray(temperature, dtype=dtype)
-  log_ps = _log_probs(s / temp, axes, where)
-  log_pt = _log_probs(t / temp, axes, where)
+  log_ps = _log_probs(_tempered(s, temp, axes, where), axes, where)
+  log_pt = _log_probs(_tempered(t, temp, axes, where), axes, where)
   return log_ps, log_pt, axes, where, temp * temp
 
 
@@ -719,8 +748,8 @@ def dkd(
   temp = jnp.asarray(temperature, dtype=dtype)
   if where is not None:
     where = jnp.moveaxis(jnp.broadcast_to(where, s.shape), ax, -1)
-  s = jnp.moveaxis(s.astype(dtype), ax, -1) / temp
-  t = jnp.moveaxis(t.astype(dtype), ax, -1) / temp
+  s = _tempered(jnp.moveaxis(s.astype(dtype), ax, -1), temp, -1, where)
+  t = _tempered(jnp.moveaxis(t.astype(dtype), ax, -1), temp, -1, where)
   gt = labels[..., None] == jnp.arange(num_classes)
   other = ~gt
   if where is not None:
@@ -804,8 +833,8 @@ def dist(
   num_classes = s.shape[ax]
   s = jnp.moveaxis(s.astype(dtype), ax, -1).reshape(-1, num_classes)
   t = jnp.moveaxis(t.astype(dtype), ax, -1).reshape(-1, num_classes)
-  y_s = jax.nn.softmax(s / temp, axis=-1)
-  y_t = jax.nn.softmax(t / temp, axis=-1)
+  y_s = jax.nn.softmax(_tempered(s, temp), axis=-1)
+  y_t = jax.nn.softmax(_tempered(t, temp), axis=-1)
 
   def safe_norm(x):
     sq = jnp.sum(jnp.square(x), axis=-1)

@@ -56,6 +56,7 @@ from jdistill.losses.logit import (
     _float_pair,
     _single_axis,
     _probs,
+    _tempered,
 )
 
 __all__ = ["mlkd", "mlkd_confidence_mask"]
@@ -190,6 +191,10 @@ def mlkd(
   inv_c = 1.0 / jnp.maximum(count_c, 1.0)
 
   hi = jax.lax.Precision.HIGHEST
+  # Shifted once to a row maximum of 0 (see `_tempered`); each level only
+  # divides by its temperature, which keeps the maximum at 0.
+  s = _tempered(s, 1.0, 1, where)
+  t = _tempered(t, 1.0, 1, where)
 
   def levels(temp):
     log_ps = _log_probs(s / temp, (1,), where)

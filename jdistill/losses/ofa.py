@@ -6,7 +6,8 @@ import jax
 import jax.numpy as jnp
 
 from jdistill.losses.logit import (_check_class_labels, _check_positive,
-                                   _check_where, _float_pair, _single_axis)
+                                   _check_where, _float_pair, _single_axis,
+                                   _tempered)
 
 
 def ofa(student_logits, teacher_logits, labels, *, eps: float = 1.0,
@@ -58,10 +59,11 @@ def ofa(student_logits, teacher_logits, labels, *, eps: float = 1.0,
   _check_positive(eps, "eps")
   _check_positive(temperature, "temperature")
   labels = _check_class_labels(labels, s.shape, ax, axis)
-  s = jnp.moveaxis(s, ax, -1) / temperature
-  t = jnp.moveaxis(t, ax, -1) / temperature
   if where is not None:
     where = jnp.moveaxis(jnp.broadcast_to(where, student_logits.shape), ax, -1)
+  s = _tempered(jnp.moveaxis(s, ax, -1), temperature, -1, where)
+  t = _tempered(jnp.moveaxis(t, ax, -1), temperature, -1, where)
+  if where is not None:
     s = jnp.where(where, s, -jnp.inf)
     t = jnp.where(where, t, -jnp.inf)
   log_ps = jax.nn.log_softmax(s, axis=-1)

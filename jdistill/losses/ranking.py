@@ -21,6 +21,7 @@ from jdistill.losses.logit import (
     _float_pair,
     _single_axis,
     _probs,
+    _tempered,
 )
 
 __all__ = ["pld"]
@@ -120,7 +121,8 @@ def pld(
   else:
     where = jnp.ones(s.shape, bool)
   temp = jnp.asarray(temperature, dtype=dtype)
-  weights = _probs(_log_probs(t / temp, (s.ndim - 1,), where), where)
+  weights = _probs(
+      _log_probs(_tempered(t, temp, -1, where), (s.ndim - 1,), where), where)
 
   # Sort key: masked classes first (group 0), then the label (1), then the
   # rest (2) by falling teacher logit. Masked classes lead the order so that

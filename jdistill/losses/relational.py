@@ -46,6 +46,7 @@ from jdistill.losses.logit import (
     _check_positive,
     _log_probs,
     _power_of_two_inverse,
+    _tempered,
 )
 
 __all__ = [
@@ -841,7 +842,7 @@ def contrastive(
     if columns is not None:
       columns = jnp.concatenate(
           [columns, jnp.ones((b, bank.shape[0]), bool)], axis=1)
-  log_p = _log_probs(logits / temp, (1,), columns)
+  log_p = _log_probs(_tempered(logits, temp, 1, columns), (1,), columns)
   positive = jnp.diagonal(log_p[:, :b])
   n = _count(keep, b, dtype)
   return -jnp.sum(positive, where=keep) / jnp.maximum(n, 1.0)

@@ -62,6 +62,7 @@ from jdistill.losses.logit import (
     _check_positive,
     _check_where,
     _is_concrete_number,
+    _tempered,
 )
 
 __all__ = [
@@ -215,7 +216,7 @@ def dense_teacher_targets(
   """
   t = _logits(teacher_logits, "teacher_logits")
   temp = _temperature(temperature, t.dtype)
-  return jax.nn.log_softmax(t / temp, axis=-1).astype(dtype)
+  return jax.nn.log_softmax(_tempered(t, temp), axis=-1).astype(dtype)
 
 
 def dense_kd(
@@ -263,7 +264,7 @@ def dense_kd(
   s = _mask_tokens(mask, s, 0.0)
   lpt = _mask_tokens(mask, lpt, 0.0)
   temp = _temperature(temperature, s.dtype)
-  log_ps = jax.nn.log_softmax(s / temp, axis=-1)
+  log_ps = jax.nn.log_softmax(_tempered(s, temp), axis=-1)
   log_pt = jax.nn.log_softmax(lpt, axis=-1)
   return _finish(temp * temp * _xlogy_diff(log_pt, log_ps), mask)
 
@@ -312,7 +313,7 @@ def topk_teacher_targets(
   if k > t.shape[-1]:
     raise ValueError(f"k={k} exceeds the vocabulary size {t.shape[-1]}")
   temp = _temperature(temperature, t.dtype)
-  log_p = jax.nn.log_softmax(t / temp, axis=-1).astype(jnp.float32)
+  log_p = jax.nn.log_softmax(_tempered(t, temp), axis=-1).astype(jnp.float32)
   values, ids = jax.lax.top_k(log_p, k)
   return values, ids.astype(jnp.int32)
 
@@ -419,7 +420,7 @@ def topk_kd(
   lpt = _mask_tokens(mask, lpt, -np.log(lpt.shape[-1]))
   ids = _mask_tokens(mask, ids, 0)
   temp = _temperature(temperature, s.dtype)
-  log_ps = jax.nn.log_softmax(s / temp, axis=-1)
+  log_ps = jax.nn.log_softmax(_tempered(s, temp), axis=-1)
   log_ps_k = jnp.take_along_axis(log_ps, ids, axis=-1)
 
   if variant == "renormalized":
@@ -515,7 +516,7 @@ def sample_teacher_tokens(
   tau = _temperature(proposal_temperature, t.dtype, "proposal_temperature")
   vocab_size = t.shape[-1]
   batch_shape = t.shape[:-1]
-  log_p = jax.nn.log_softmax(t / temp, axis=-1)
+  log_p = jax.nn.log_softmax(_tempered(t, temp), axis=-1)
   same_proposal = (_is_concrete_number(proposal_temperature)
                    and float(proposal_temperature) == 1.0)
   log_q = log_p if same_proposal else jax.nn.log_softmax(log_p / tau, axis=-1)
@@ -609,7 +610,7 @@ def sampled_kd(
   w = _mask_tokens(mask, w, 0.0)
   ids = _mask_tokens(mask, ids, 0)
   temp = _temperature(temperature, s.dtype)
-  log_ps = jax.nn.log_softmax(s / temp, axis=-1)
+  log_ps = jax.nn.log_softmax(_tempered(s, temp), axis=-1)
   log_ps_ids = jnp.take_along_axis(log_ps, ids, axis=-1)
   zero = w == 0
   ce = -jnp.sum(jnp.where(zero, 0.0, w * jnp.where(zero, 0.0, log_ps_ids)),
@@ -650,7 +651,7 @@ def teacher_entropy(
   """
   t = _logits(teacher_logits, "teacher_logits")
   temp = _temperature(temperature, t.dtype)
-  log_p = jax.nn.log_softmax(t / temp, axis=-1)
+  log_p = jax.nn.log_softmax(_tempered(t, temp), axis=-1)
   p = jnp.exp(log_p)
   return -jnp.sum(jnp.where(p == 0, 0.0, p * log_p), axis=-1)
 
@@ -745,8 +746,8 @@ def topk_bias(
   grad = jax.grad(lambda x: jnp.sum(topk_kd(
       x, lp, ids, temperature=temperature, variant=variant)))(s)
   temp = _temperature(temperature, s.dtype)
-  dense = temp * (jax.nn.softmax(s / temp, axis=-1)
-                  - jax.nn.softmax(t / temp, axis=-1))
+  dense = temp * (jax.nn.softmax(_tempered(s, temp), axis=-1)
+                  - jax.nn.softmax(_tempered(t, temp), axis=-1))
   return jnp.sqrt(jnp.sum(jnp.square(grad - dense), axis=-1))
 
 
@@ -794,8 +795,8 @@ def sampled_gradient_rmse(
   n = _count(num_samples, "num_samples")
   temp = _temperature(temperature, s.dtype)
   tau = _temperature(proposal_temperature, s.dtype, "proposal_temperature")
-  p_s = jax.nn.softmax(s / temp, axis=-1)
-  log_p = jax.nn.log_softmax(t / temp, axis=-1)
+  p_s = jax.nn.softmax(_tempered(s, temp), axis=-1)
+  log_p = jax.nn.log_softmax(_tempered(t, temp), axis=-1)
   log_q = jax.nn.log_softmax(log_p / tau, axis=-1)
   p = jnp.exp(log_p)
   p2_over_q = jnp.where(p == 0, 0.0, jnp.exp(2 * log_p - log_q))

@@ -22,6 +22,7 @@ from jdistill.losses.logit import (
     _float_pair,
     _single_axis,
     _probs,
+    _tempered,
 )
 
 __all__ = ["sinkhorn"]
@@ -176,8 +177,8 @@ def sinkhorn(
     rows = rows if keep is None else rows & keep[:, None]
     s = jnp.where(rows, s, 0.0)
     t = jnp.where(rows, t, 0.0)
-  p_s = _probs(_log_probs(s / temp, (1,), where), where)
-  p_t = _probs(_log_probs(t / temp, (1,), where), where)
+  p_s = _probs(_log_probs(_tempered(s, temp, 1, where), (1,), where), where)
+  p_t = _probs(_log_probs(_tempered(t, temp, 1, where), (1,), where), where)
   cost = _l1_cdist(p_s, p_t)  # [N, N]: student examples x teacher examples.
   log_kernel = -cost / eps
 

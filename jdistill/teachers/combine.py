@@ -53,6 +53,7 @@ from jdistill.losses.logit import (
     _log_probs,
     _normalize_axis,
     _probs,
+    _tempered,
     kd,
 )
 from jdistill.losses.relational import _check_int
@@ -211,7 +212,7 @@ def _teacher_log_probs(t: jax.Array, temperature: Any,
   """Per-teacher log-probabilities ``[K, ..., C]`` (0 at masked classes)."""
   _check_positive(temperature, "temperature")
   temp = jnp.asarray(temperature, dtype=t.dtype)
-  return _log_probs(t / temp, (t.ndim - 1,), where)
+  return _log_probs(_tempered(t, temp, -1, where), (t.ndim - 1,), where)
 
 
 def _log_mixture(log_p: jax.Array, w: jax.Array,
@@ -751,7 +752,7 @@ def _ensemble_parts(student_logits, teacher_logits, temperature, weights,
                   t.shape[0], s.ndim, s.dtype)
   log_pt = _teacher_log_probs(t, temperature, where)
   temp = jnp.asarray(temperature, dtype=s.dtype)
-  log_ps = _log_probs(s / temp, (s.ndim - 1,), where)
+  log_ps = _log_probs(_tempered(s, temp, -1, where), (s.ndim - 1,), where)
   return log_ps, _log_mixture(log_pt, w, where), where, temp * temp
 
 
