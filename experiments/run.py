@@ -1390,10 +1390,34 @@ RUNNERS = {"train": run_train, "distill": run_distill, "compare": run_compare,
            "mutual": run_peers, "online_distill": run_peers}
 
 
+def check_backend_dtypes(cfg: Config) -> None:
+  """Refuses, before anything is written, the float16 work that this
+  backend cannot compile (`precision.float16_supported`): ``--precision=
+  float16``, and the LM teacher caches, which store float16
+  log-probabilities (``--mode=cache_lm``; ``--mode=distill_lm`` with cached
+  runs in ``--lm_runs``)."""
+  if cfg.precision == "float16":
+    precision_lib.get_policy(cfg.precision)  # Raises with the reason.
+  cached = sorted(set(cfg.lm_runs) & set(config_lib.LM_CACHE_FORMS))
+  if cfg.mode == "cache_lm":
+    flag, expected = "--mode=cache_lm", "a machine with float16 support"
+  elif cfg.mode == "distill_lm" and cached:
+    flag = f"--lm_runs={','.join(cfg.lm_runs)}"
+    expected = "only baseline and online runs (no cache) on this machine"
+  else:
+    return
+  if not precision_lib.float16_supported():
+    raise ValueError(f"{flag}: teacher caches store float16 "
+                     f"log-probabilities, and "
+                     f"{precision_lib.FLOAT16_UNSUPPORTED}; expected "
+                     f"{expected}")
+
+
 def run(cfg: Config) -> dict:
   """Runs ``cfg.mode``. A run stopped by SIGTERM/SIGINT (after saving a
   checkpoint) exits with status 143 and one line on stderr."""
   maybe_initialize_distributed(cfg)
+  check_backend_dtypes(cfg)
   if cfg.plan:
     from experiments import plan as plan_lib
     return plan_lib.run_plan(cfg, log=_log)

@@ -34,6 +34,7 @@ def pipeline(tmp_path_factory):
   return tmp_path, cfg, run_lib.run(cfg)
 
 
+@pytest.mark.float16  # The teacher caches store float16.
 def test_distill_lm_pipeline_table_caches_and_resume(pipeline):
   tmp_path, cfg, results = pipeline
   rows = {r["run"]: r for r in results["rows"]}
@@ -77,6 +78,7 @@ def test_distill_lm_pipeline_table_caches_and_resume(pipeline):
                        **{**TINY, "lm_topk": 3, "lm_runs": ("topk",)}))
 
 
+@pytest.mark.float16
 def test_cache_lm_writes_one_cache(pipeline, tmp_path):
   out = tmp_path / "cache"
   meta = run_lib.run(Config(

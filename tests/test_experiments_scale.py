@@ -86,6 +86,29 @@ def test_bad_scale_flags_get_one_line_and_write_nothing(tmp_path, capsys,
   assert not workdir.exists()
 
 
+@pytest.mark.parametrize("flags, words", [
+    ([*SMALL, "--precision=float16"], "--precision=float16: this machine's"),
+    ([*LM, "--lm_runs=baseline,topk"], "--lm_runs=baseline,topk: teacher "
+     "caches store float16 log-probabilities, and this machine's"),
+    ([*LM, "--mode=cache_lm", "--teacher_checkpoint=/nonexistent/t",
+      "--lm_cache_dir=/nonexistent/c"], "--mode=cache_lm: teacher caches"),
+])
+def test_float16_on_a_backend_without_it_is_one_line_and_writes_nothing(
+    tmp_path, capsys, monkeypatch, flags, words):
+  """On an x86-64 CPU without F16C XLA:CPU cannot compile float16 (see
+  `jdistill.train.float16_supported`): the program says so in one line
+  before anything is written, instead of failing to link in a step."""
+  from jdistill.train import precision as precision_lib
+  monkeypatch.setattr(precision_lib, "float16_supported", lambda: False)
+  workdir = tmp_path / "run"
+  status, out, err = _main([*flags, "--num_steps=8", f"--workdir={workdir}"],
+                           capsys)
+  assert status == 2, err
+  lines = [l for l in err.splitlines() if l.startswith("jdistill:")]
+  assert len(lines) == 1 and words in lines[0] and "F16C" in lines[0], err
+  assert not workdir.exists()
+
+
 def test_plan_prints_per_device_memory_and_verdict(tmp_path, capsys):
   args = [*LM, f"--workdir={tmp_path / 'w'}", "--plan"]
   status, out, err = _main([*args, "--mesh=data:2,fsdp:4",
@@ -125,6 +148,7 @@ def test_plan_makes_the_fake_devices_a_pod_mesh_needs(tmp_path):
   assert "in 2 micro-batches" in proc.stdout
 
 
+@pytest.mark.float16
 def test_precision_accumulation_and_remat_flags_train_and_resume(tmp_path,
                                                                 capsys):
   """float16 with dynamic loss scaling, 2 micro-batches and rematerialised

@@ -43,15 +43,42 @@ def test_get_policy():
   assert bf16.model_compute_dtype == jnp.bfloat16
   assert bf16.param_dtype == jnp.float32 and bf16.output_dtype == jnp.float32
   assert bf16.loss_scale is None and bf16.init_precision_state() == {}
-  f16 = prec.get_policy("float16")
-  assert f16.model_compute_dtype == jnp.float16
-  state = f16.init_precision_state()["loss_scale"]
-  assert float(state["scale"]) == 2.0**15 and int(state["good_steps"]) == 0
   with pytest.raises(ValueError, match=r"--precision='fp8'.*float32, "
                      r"bfloat16, float16"):
     prec.get_policy("fp8")
 
 
+@pytest.mark.float16
+def test_get_float16_policy():
+  assert prec.float16_supported()
+  f16 = prec.get_policy("float16")
+  assert f16.model_compute_dtype == jnp.float16
+  state = f16.init_precision_state()["loss_scale"]
+  assert float(state["scale"]) == 2.0**15 and int(state["good_steps"]) == 0
+
+
+def test_float16_policy_is_refused_where_the_backend_has_no_float16(
+    monkeypatch):
+  monkeypatch.setattr(prec, "float16_supported", lambda: False)
+  with pytest.raises(ValueError, match=r"--precision=float16: this "
+                     r"machine's XLA backend cannot compile float16 .*F16C"):
+    prec.get_policy("float16")
+  assert prec.get_policy("bfloat16").model_compute_dtype == jnp.bfloat16
+
+
+def test_float16_supported_matches_a_float16_computation():
+  """The probe agrees with an actual float16 computation on this backend
+  (True on CPUs with F16C, False e.g. under --xla_cpu_max_isa=SSE4_2)."""
+  try:
+    x = jax.jit(lambda x: (x.astype(jnp.float16) * 3).astype(jnp.float32))(
+        jnp.arange(3.0))
+    works = bool(np.all(np.asarray(x) == [0.0, 3.0, 6.0]))
+  except jax.errors.JaxRuntimeError:
+    works = False
+  assert prec.float16_supported() is works
+
+
+@pytest.mark.float16  # The tree holds a float16 leaf.
 def test_cast_to_compute_casts_floating_leaves_only():
   tree = {"x": jnp.ones((2, 3)), "ids": jnp.arange(4), "mask": jnp.ones(
       2, bool), "key": jax.random.key(0), "raw": jax.random.key_data(
@@ -206,6 +233,7 @@ def test_bfloat16_distill_step_keeps_float32_master_weights(mlp):
   np.testing.assert_allclose(m16["grad_norm"], m32["grad_norm"], rtol=5e-2)
 
 
+@pytest.mark.float16
 @pytest.mark.parametrize("grad_accum_steps", [1, 2])
 def test_float16_step_skips_an_overflow_and_halves_the_scale(
     mlp, grad_accum_steps):

@@ -129,6 +129,7 @@ def ref_sampled_rmse(s, t, n, temperature, tau):
 # ---------------------------------------------------------------------------
 
 
+@pytest.mark.float16
 @pytest.mark.parametrize("temperature", [1.0, 2.5])
 def test_dense_targets_and_dense_kd_match_numpy(temperature):
   s, t = _logits(0, (2, 3, V)), _logits(1, (2, 3, V))
@@ -396,6 +397,7 @@ def _all_losses(s, t, temperature=2.0, where=None):
   return out
 
 
+@pytest.mark.float16  # The dense targets are float16.
 @pytest.mark.parametrize("scale", [1e4, 1.0])
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
 def test_values_and_gradients_finite(scale, dtype):
@@ -414,6 +416,7 @@ def test_values_and_gradients_finite(scale, dtype):
   assert np.all(np.isfinite(np.asarray(grad, np.float32)))
 
 
+@pytest.mark.float16  # The dense targets are float16.
 def test_token_mask_gives_zero_value_and_gradient():
   s, t = _logits(17, (2, 3, V)), _logits(18, (2, 3, V))
   mask = np.array([[True, False, True], [False, True, True]])

@@ -14,7 +14,7 @@ from jdistill.train.mesh import (DATA_AXIS, FSDP_AXIS, TEACHER_AXIS,
                                  make_data_teacher_mesh, put_batch, replicate,
                                  replicated)
 from jdistill.train.precision import (POLICIES, DynamicLossScale, Policy,
-                                      get_policy)
+                                      float16_supported, get_policy)
 from jdistill.train.sharding import (ShardingRules, make_mesh, parse_mesh,
                                      parse_rules, state_specs)
 from jdistill.train.multi_teacher import (COMBINERS, MultiTeacherObjective,
@@ -44,7 +44,7 @@ __all__ = [
     "FSDP_AXIS", "TENSOR_AXIS", "batch_shards", "batch_spec", "format_mesh",
     "local_batch_slice", "ShardingRules", "make_mesh", "parse_mesh",
     "parse_rules", "state_specs", "POLICIES", "DynamicLossScale", "Policy",
-    "get_policy", "accumulate_gradients", "AUGMENT_VIEWS", "augment_key",
+    "get_policy", "float16_supported", "accumulate_gradients", "AUGMENT_VIEWS", "augment_key",
     "ema_decay_at", "ema_update", "make_ema_self_distill_step",
     "batch_sharding", "build_projectors", "COMBINERS", "CheckpointError",
     "guard_nonfinite", "NONFINITE_MODES", "Preempted", "state_digest",

@@ -32,7 +32,11 @@ Example::
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import functools
+import os
+import sys
 from typing import Any, Callable
 
 import jax
@@ -222,14 +226,62 @@ POLICIES: dict[str, Policy] = {
 }
 
 
+# Why `float16_supported` can be False; programs append their way out.
+FLOAT16_UNSUPPORTED = (
+    "this machine's XLA backend cannot compile float16 conversions (XLA:CPU "
+    "on an x86-64 CPU without F16C, e.g. under --xla_cpu_max_isa=SSE4_2 or "
+    "in some VMs and emulators: jaxlib lacks __truncsfhf2/__extendhfsf2, "
+    "openxla/xla#6787)")
+
+
+@functools.cache
+def float16_supported() -> bool:
+  """Whether the default backend compiles float32 <-> float16 conversions.
+
+  XLA:CPU lowers them to F16C instructions, or, on x86-64 CPUs without F16C
+  (before Ivy Bridge; VMs and emulators that hide it), to the compiler-rt
+  calls ``__truncsfhf2``/``__extendhfsf2``, which jaxlib's JIT does not
+  provide: every float16 computation then fails to compile ("Failed to
+  materialize symbols"). bfloat16 is unaffected. The answer is probed once
+  per process, on the default backend, by compiling one conversion; call it
+  after ``jax.distributed.initialize``.
+  """
+  convert = jax.jit(lambda x: x.astype(jnp.float16).astype(jnp.float32))
+  with _quiet_stderr():  # XLA logs the failed link before raising.
+    try:
+      return bool(jax.device_get(convert(jnp.ones((2,), jnp.float32)))[0]
+                  == 1.0)
+    except jax.errors.JaxRuntimeError:
+      return False
+
+
+@contextlib.contextmanager
+def _quiet_stderr():
+  """File descriptor 2 to /dev/null for the duration (C++ logging)."""
+  sys.stderr.flush()
+  saved = os.dup(2)
+  try:
+    with open(os.devnull, "w") as null:
+      os.dup2(null.fileno(), 2)
+    yield
+  finally:
+    os.dup2(saved, 2)
+    os.close(saved)
+
+
 def get_policy(name: str) -> Policy:
   """The policy called ``name`` (`POLICIES`).
 
   Raises:
     ValueError: for an unknown name, naming ``--precision`` and the valid
-      names.
+      names; for ``"float16"`` on a backend without float16 conversions
+      (`float16_supported`).
   """
   if name not in POLICIES:
     raise ValueError(f"--precision={name!r}: unknown precision policy; "
                      f"expected one of: {', '.join(POLICIES)}")
+  if name == "float16" and not float16_supported():
+    raise ValueError(f"--precision=float16: {FLOAT16_UNSUPPORTED}; expected "
+                     "bfloat16 (float32's range, no loss scaling) or "
+                     "float32")
   return POLICIES[name]
