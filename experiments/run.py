@@ -1395,9 +1395,11 @@ def check_backend_dtypes(cfg: Config) -> None:
   backend cannot compile (`precision.float16_supported`): ``--precision=
   float16``, and the LM teacher caches, which store float16
   log-probabilities (``--mode=cache_lm``; ``--mode=distill_lm`` with cached
-  runs in ``--lm_runs``)."""
+  runs in ``--lm_runs``, unless ``--plan`` only plans its step)."""
   if cfg.precision == "float16":
     precision_lib.get_policy(cfg.precision)  # Raises with the reason.
+  if cfg.plan:
+    return
   cached = sorted(set(cfg.lm_runs) & set(config_lib.LM_CACHE_FORMS))
   if cfg.mode == "cache_lm":
     flag, expected = "--mode=cache_lm", "a machine with float16 support"
