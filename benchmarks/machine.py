@@ -3,23 +3,11 @@
 from __future__ import annotations
 
 import os
-import platform
 import subprocess
 
+from experiments.machine import cpu_model, xla_isa  # noqa: F401 (re-exported)
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-def cpu_model() -> str:
-  """The CPU's model name from /proc/cpuinfo, else what ``platform``
-  knows."""
-  try:
-    with open("/proc/cpuinfo") as f:
-      for line in f:
-        if line.startswith("model name"):
-          return line.split(":", 1)[1].strip()
-  except OSError:
-    pass
-  return platform.processor() or platform.machine()
 
 
 def load_average() -> str:

@@ -34,6 +34,7 @@ import numpy as np
 import optax
 from flax import nnx
 
+from experiments import machine
 from experiments import run as run_lib
 from experiments.config import Config
 from jdistill import data as jdata
@@ -455,7 +456,7 @@ def run_kip(cfg: Config) -> dict:
                              "signals.png"), pictures, classes, ipc, image)
   results["full"] = evaluate(x_train, task.train_targets,
                              "full training set", "all")
-  table = format_kip_table(results)
+  results, table = machine.annotate(results, format_kip_table(results))
   if jax.process_index() == 0:
     run_lib._write_atomic(os.path.join(cfg.workdir, "results.json"),
                 json.dumps(results, indent=2))

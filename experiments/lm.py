@@ -36,6 +36,7 @@ from typing import Any
 import jax
 import numpy as np
 
+from experiments import machine
 from experiments import run as run_lib
 from experiments.config import Config
 from jdistill import data as jdata
@@ -385,6 +386,7 @@ def run_distill_lm(cfg: Config) -> dict:
              "teacher": tspec, "caches": caches,
              "wall_s": time.perf_counter() - start,
              "config": cfg.to_json()}
+  results, table = machine.annotate(results, table)
   if jax.process_index() == 0:
     run_lib._write_atomic(os.path.join(cfg.workdir, "results.md"),
                           table + "\n")

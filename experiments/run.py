@@ -20,6 +20,7 @@ import numpy as np
 from flax import nnx
 
 from experiments import config as config_lib
+from experiments import machine
 from experiments.config import Config
 from experiments.watchdog import PeerWatchdog
 from jdistill import augment as jaug
@@ -1048,6 +1049,7 @@ def _write_results(cfg: Config, dataset: jdata.Dataset, rows: dict,
                           "accuracies": v, "mean": float(np.mean(v)),
                           "std": float(np.std(v))}
                       for k, v in rows.items()}}
+  results, table = machine.annotate(results, table)
   if jax.process_index() == 0:
     _write_atomic(os.path.join(root, "results.json"),
                   json.dumps(results, indent=2))
