@@ -15,6 +15,8 @@ from experiments import run as run_lib
 from experiments.config import Config
 from jdistill import data as jdata
 
+pytestmark = pytest.mark.e2e
+
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 FLAGFILE = "experiments/flags/logit_kd.flags"
 

@@ -14,6 +14,8 @@ from jdistill import data as jdata
 from jdistill.dataset import centered_one_hot, kip
 from tests.test_experiments import ROOT, _main, _one_line_error
 
+pytestmark = pytest.mark.e2e
+
 SMALL = dict(mode="kip", num_steps=24, learning_rate=0.01, log_every=8,
              eval_num_steps=20, seeds=(0,), target_per_class=8)
 

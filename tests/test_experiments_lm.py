@@ -13,6 +13,8 @@ from experiments import run as run_lib
 from experiments.config import Config
 from jdistill.data.teacher_cache import TeacherCache
 
+pytestmark = pytest.mark.e2e
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 TINY = dict(mode="distill_lm", seq_len=16, corpus_train_bytes=6000,

@@ -13,6 +13,8 @@ from experiments.config import Config
 from jdistill import data as jdata
 from tests.test_experiments import _main, _one_line_error, _tree_digest
 
+pytestmark = pytest.mark.e2e
+
 config_lib.define_flags()  # Method files are parsed by the absl flags.
 
 

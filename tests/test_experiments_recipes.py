@@ -15,6 +15,8 @@ from jdistill import train as jtrain
 # The small cnn1d teacher of the program tests (module-scoped fixture).
 from tests.test_experiments import teacher_dir  # noqa: E402,F401
 
+pytestmark = pytest.mark.e2e
+
 
 def _records(workdir):
   return [json.loads(l) for l in

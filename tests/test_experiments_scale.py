@@ -13,6 +13,8 @@ import pytest
 
 from experiments import main as main_lib
 
+pytestmark = pytest.mark.e2e
+
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 SMALL = ["--mode=train", "--model=mlp", '--model_kwargs={"hidden_sizes": [64]}',
          "--batch_size=64", "--eval_batch_size=200", "--log_every=8",

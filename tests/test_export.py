@@ -20,6 +20,8 @@ from experiments.config import Config
 from jdistill import data as jdata
 from jdistill import train as jtrain
 
+pytestmark = pytest.mark.e2e
+
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 COMMON = dict(dataset="digits", batch_size=64, eval_batch_size=64,
               log_every=4, checkpoint_every=4)

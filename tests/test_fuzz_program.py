@@ -24,6 +24,8 @@ import pytest
 
 from tests import fuzz_driver
 
+pytestmark = pytest.mark.e2e
+
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 # Cases of the default run per category (a: flag values, b: shapes and
 # data, c: files), at least; the run prints how many it tried.

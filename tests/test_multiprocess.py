@@ -14,6 +14,8 @@ import time
 import numpy as np
 import pytest
 
+pytestmark = pytest.mark.e2e
+
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 COMMON = ["--mode=train", "--model=mlp", "--num_steps=24", "--batch_size=64",
           "--log_every=8", "--checkpoint_every=8", "--eval_batch_size=256"]

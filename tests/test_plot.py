@@ -11,6 +11,8 @@ import pytest
 
 from experiments import plot as plot_lib
 
+pytestmark = pytest.mark.e2e
+
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

@@ -29,6 +29,8 @@ from jdistill import models as jmodels
 from jdistill import train as jtrain
 from tests.test_experiments import _tree_digest
 
+pytestmark = pytest.mark.e2e
+
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 # About 5 s of training on 2 cores: long enough to be killed at many points.
 RUN = ["--mode=train", "--model=cnn1d", "--batch_size=128", "--num_steps=240",
