@@ -12,6 +12,7 @@ from jdistill import augment as jaug
 from jdistill import train as jtrain
 from jdistill.models import create_model
 from flax import nnx
+from tests.reference import numpy_logit as ref
 
 
 def _softmax(z):
@@ -233,25 +234,19 @@ def test_ema_decay_at_matches_the_formula():
 F32_EPS = float(np.finfo(np.float32).eps)
 
 
-def _log_softmax64(z):
-  z = np.asarray(z, np.float64)
-  z = z - z.max(-1, keepdims=True)
-  return z - np.log(np.exp(z).sum(-1, keepdims=True))
-
-
 def _kd64(student_logits, teacher_logits, temperature):
-  """(KD by the float64 formula, the magnitude of the terms it sums).
+  """(batch-mean KD by the float64 formula, the magnitude of its terms).
 
   KD = T**2 mean_b sum_c p_t (log p_t - log p_s) is a small difference of
   terms of size T**2 sum_c p_t (|log p_t| + |log p_s|): float32 rounds
   each term, so its error scales with that magnitude, not with KD."""
-  log_ps = _log_softmax64(np.asarray(student_logits) / temperature)
-  log_pt = _log_softmax64(np.asarray(teacher_logits) / temperature)
-  p_t = np.exp(log_pt)
-  t2 = temperature ** 2
-  kd = t2 * np.mean(np.sum(p_t * (log_pt - log_ps), -1))
-  scale = t2 * np.mean(np.sum(p_t * (np.abs(log_pt) + np.abs(log_ps)), -1))
-  return kd, scale
+  s = np.asarray(student_logits, np.float64) / temperature
+  t = np.asarray(teacher_logits, np.float64) / temperature
+  log_ps, log_pt = ref.log_softmax(s), ref.log_softmax(t)
+  scale = np.mean(np.sum(np.exp(log_pt) * (np.abs(log_pt) + np.abs(log_ps)),
+                         -1))
+  return (np.mean(ref.kd(student_logits, teacher_logits, temperature)),
+          temperature ** 2 * scale)
 
 
 def _ema_error(got, average, new, decay):
