@@ -39,7 +39,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jdistill.losses.logit import (
+from jdistill.losses._common import (
     _as_float,
     _check_labels,
     _check_positive,
@@ -259,7 +259,7 @@ def hint(
     Romero et al., `FitNets: Hints for Thin Deep Nets
     <https://arxiv.org/abs/1412.6550>`_, ICLR 2015. Checked against
     ``torch.nn.MSELoss`` / ``SmoothL1Loss`` through torchdistill's
-    ``SimpleLossWrapper`` (``tests/test_losses_reference_feature.py``) and a
+    ``SimpleLossWrapper`` (``tests/losses/test_losses_reference_feature.py``) and a
     float64 numpy reference (``tests/reference/numpy_feature.py``).
   """
   _check_choice(kind, "hint kind", HINT_KINDS)
@@ -370,7 +370,7 @@ def attention_transfer(
     the Performance of Convolutional Neural Networks via Attention Transfer
     <https://arxiv.org/abs/1612.03928>`_, ICLR 2017. Reference implementations:
     ``szagoruyko/attention-transfer`` (``at``, ``at_loss``) and torchdistill
-    ``ATLoss`` (fixtures in ``tests/test_losses_reference_feature.py``).
+    ``ATLoss`` (fixtures in ``tests/losses/test_losses_reference_feature.py``).
   """
   _check_choice(mode, "attention_transfer mode", _AT_MODES)
   _check_positive(p, "p")
@@ -543,7 +543,7 @@ def orthogonal_projection(weight: ArrayLike) -> jax.Array:
   its first ``k`` columns are orthonormal. This is exactly
   ``torch.nn.utils.parametrizations.orthogonal(..., orthogonal_map=
   "matrix_exp", use_trivialization=False)`` (checked against it in
-  ``tests/test_losses_reference_feature.py``). The authors' released DeiT
+  ``tests/losses/test_losses_reference_feature.py``). The authors' released DeiT
   code (``train.py``) calls ``parametrizations.orthogonal`` with its
   defaults, which for non-square weights uses the Householder map and a
   trivialisation base: a different parametrisation that reaches the same

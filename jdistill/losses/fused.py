@@ -29,14 +29,14 @@ from jax import lax
 from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
 
 from jdistill.losses.bdkd import bdkd as _bdkd
-from jdistill.losses.logit import (
-    LOGIT_LOSSES,
+from jdistill.losses._common import (
     ArrayLike,
     _check_positive,
     _check_unit_interval,
     _is_concrete_number,
     _log_mixture,
 )
+from jdistill.losses.logit import LOGIT_LOSSES
 
 __all__ = ["FUSED_KD_LOSSES", "fused_linear_kd"]
 
@@ -67,7 +67,7 @@ class _Divergence(NamedTuple):
 
 
 def _kl_terms(log_p: jax.Array, log_q: jax.Array) -> jax.Array:
-  """Elementwise p (log p - log q), 0 where p == 0 (as logit._kl)."""
+  """Elementwise p (log p - log q), 0 where p == 0 (as _common._kl)."""
   p = jnp.exp(log_p)
   zero = p == 0
   diff = jnp.where(zero, 0.0, log_p) - jnp.where(zero, 0.0, log_q)
@@ -237,7 +237,7 @@ def _log_softmax(z: jax.Array, temp, vocab_axis: Optional[str]) -> jax.Array:
   shift), with the max and the normaliser reduced across vocab shards. The
   shift is the maximum of the raw ``z``, subtracted before the division by
   ``temp``, so the largest entry is exactly 0 even where XLA contracts the
-  division and the subtraction into an FMA (see ``logit._tempered``).
+  division and the subtraction into an FMA (see ``_common._tempered``).
   """
   m = lax.stop_gradient(jnp.max(z, axis=-1, keepdims=True))
   if vocab_axis is not None:

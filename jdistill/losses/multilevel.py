@@ -46,7 +46,7 @@ from typing import Optional, Sequence
 import jax
 import jax.numpy as jnp
 
-from jdistill.losses.logit import (
+from jdistill.losses._common import (
     _as_float,
     _check_example_mask,
     _check_positive,

@@ -5,9 +5,9 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from jdistill.losses.logit import (_check_class_labels, _check_positive,
-                                   _check_where, _float_pair, _single_axis,
-                                   _tempered)
+from jdistill.losses._common import (_check_class_labels, _check_positive,
+                                     _check_where, _float_pair, _single_axis,
+                                     _tempered)
 
 
 def ofa(student_logits, teacher_logits, labels, *, eps: float = 1.0,

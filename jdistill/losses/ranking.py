@@ -13,7 +13,7 @@ from typing import Optional
 import jax
 import jax.numpy as jnp
 
-from jdistill.losses.logit import (
+from jdistill.losses._common import (
     _check_class_labels,
     _check_positive,
     _check_where,

@@ -40,7 +40,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jdistill.losses.logit import (
+from jdistill.losses._common import (
     _as_float,
     _check_example_mask,
     _check_positive,

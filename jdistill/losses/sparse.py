@@ -56,7 +56,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jdistill.losses.logit import (
+from jdistill.losses._common import (
     ArrayLike,
     _as_float,
     _check_positive,
@@ -406,7 +406,7 @@ def topk_kd(
     Anshumann et al., `Sparse Logit Sampling
     <https://arxiv.org/abs/2503.16870>`_, ACL 2025 (bias of top-k caches);
     arcee-ai DistillKit ``distillkit/lossfuncs/kl.py`` (``sparse_kl_div``).
-    Checked against the numpy transcription in ``tests/test_sparse_kd.py``.
+    Checked against the numpy transcription in ``tests/losses/test_sparse_kd.py``.
   """
   if variant not in TOPK_VARIANTS:
     raise ValueError(f"variant={variant!r} is not one of "
@@ -599,7 +599,7 @@ def sampled_kd(
   References:
     Anshumann et al., `Sparse Logit Sampling
     <https://arxiv.org/abs/2503.16870>`_, ACL 2025. The unbiasedness of the
-    gradient is checked statistically in ``tests/test_sparse_kd.py``.
+    gradient is checked statistically in ``tests/losses/test_sparse_kd.py``.
   """
   s = _logits(student_logits, "student_logits")
   w = _as_float(sample_weights, "sample_weights").astype(s.dtype)

@@ -30,7 +30,7 @@ from typing import Any, NamedTuple, Optional
 import jax
 import jax.numpy as jnp
 
-from jdistill.losses.logit import (
+from jdistill.losses._common import (
     ArrayLike,
     Axis,
     _as_float,

@@ -14,7 +14,7 @@ from typing import Optional
 import jax
 import jax.numpy as jnp
 
-from jdistill.losses.logit import (
+from jdistill.losses._common import (
     _check_example_mask,
     _check_positive,
     _check_where,

@@ -39,7 +39,7 @@ measured fastest in ``benchmarks/conv_levers.py`` (`choose_algorithm`;
 numbers in the README): on CPU, matmuls whenever the layer is trained and
 XLA's convolution for 3×3 inference forwards; elsewhere XLA's convolution.
 Every variant
-computes the same mathematical quantity; ``tests/test_conv.py`` checks values
+computes the same mathematical quantity; ``tests/models/test_conv.py`` checks values
 and gradients against ``lax.conv_general_dilated`` for strides, paddings,
 1-D/2-D kernels and bfloat16.
 

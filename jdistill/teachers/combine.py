@@ -41,7 +41,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jdistill.losses.logit import (
+from jdistill.losses._common import (
     ArrayLike,
     Axis,
     _as_float,
@@ -54,8 +54,8 @@ from jdistill.losses.logit import (
     _normalize_axis,
     _probs,
     _tempered,
-    kd,
 )
+from jdistill.losses.logit import kd
 from jdistill.losses.relational import _check_int
 
 __all__ = [

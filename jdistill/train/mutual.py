@@ -49,6 +49,7 @@ from jdistill.train.objective import (_logit_term, check_loss_kwargs,
                                       cross_entropy, masked_mean)
 from jdistill.train.precision import DynamicLossScale
 from jdistill.train.state import FunctionalModel, TrainState
+from jdistill.train.stateful import STATEFUL_LOGIT_LOSSES
 from jdistill.train.step import (accumulate_gradients, applied_augmentation,
                                  apply_update, check_grad_accum_steps,
                                  example_count, masked_accuracy,
@@ -58,8 +59,8 @@ Batch = dict[str, jax.Array]
 Metrics = dict[str, jax.Array]
 PyTree = Any
 
-# Logit losses that keep a training state cannot be a peer's loss.
-_STATEFUL_LOSSES = ("taid",)
+# Logit losses that keep a training state (`stateful.STATEFUL_LOGIT_LOSSES`)
+# cannot be a peer's loss.
 
 
 def deep_mutual_learning(num_peers: int) -> dict[str, Any]:
@@ -241,7 +242,7 @@ def make_mutual_step(group: FunctionalModel, tx: optax.GradientTransformation,
   distill_from = _check_distill_from(distill_from, num_peers)
   ce_weights = _check_weights("ce_weights", ce_weights, num_peers)
   kd_weights = _check_weights("kd_weights", kd_weights, num_peers)
-  if loss in _STATEFUL_LOSSES:
+  if loss in STATEFUL_LOGIT_LOSSES:
     raise ValueError(f"{where}: loss={loss!r} keeps a training state; use a "
                      "stateless logit loss")
   check_loss_kwargs(loss, loss_kwargs, flag=f"{where}: loss")

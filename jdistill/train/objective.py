@@ -22,13 +22,16 @@ import optax
 
 from jdistill import losses
 from jdistill.augment import choose_dominant
-from jdistill.train.schedules import make_value_schedule
+from jdistill.train.schedules import Schedule, make_value_schedule
+from jdistill.train.stateful import STATEFUL_LOGIT_LOSSES, get_stateful_loss
 
 # How the objective calls each loss whose signature is not the registry's
 # (student, teacher, *, temperature, ...): (student, teacher, labels,
 # example_mask, temperature, kwargs) -> scalar. Per-example losses are reduced
-# with `masked_mean`; relational ones get the example mask themselves.
-_SPECIAL_LOSSES: dict[str, tuple[Callable, Callable]] = {
+# with `masked_mean`; relational ones get the example mask themselves. The
+# stateful logit losses (`jdistill.train.stateful`) read the loss state, so
+# `DistillObjective.logit_loss` calls them through their protocol instead.
+_SPECIAL_LOSSES: dict[str, tuple[Callable, Callable | None]] = {
     "dkd": (losses.dkd, lambda s, t, y, m, T, kw: masked_mean(
         losses.dkd(s, t, y, temperature=T, **kw), m)),
     "pld": (losses.pld, lambda s, t, y, m, T, kw: masked_mean(
@@ -41,12 +44,12 @@ _SPECIAL_LOSSES: dict[str, tuple[Callable, Callable]] = {
     # MLKD uses its own set of temperatures (2..6 by default).
     "mlkd": (losses.mlkd, lambda s, t, y, m, T, kw: losses.mlkd(
         s, t, example_mask=m, **kw)),
-    "taid": (losses.taid, None),  # Needs the loss state: see __call__.
+    # The stateful logit losses, here for the order of `distill_loss_names`:
+    # no stateless call (see above).
+    **{name: (loss.fn, None) for name, loss in STATEFUL_LOGIT_LOSSES.items()},
     "ofa": (losses.ofa, lambda s, t, y, m, T, kw: masked_mean(
         losses.ofa(s, t, y, temperature=T, **kw), m)),
 }
-# TAID's options are those of its adaptive schedule (`losses.taid_update`).
-_TAID_OPTIONS = ("t_start", "t_end", "alpha", "beta")
 _NOT_HYPERPARAMETERS = ("temperature", "temperatures", "axis", "where",
                         "example_mask", "labels")
 
@@ -202,7 +205,9 @@ class FeatureTerm:
     """The metric name of the term."""
     return f"{self.loss}:{self.student_tap}:{self.teacher_tap}"
 
-  def schedule(self, default_steps: int):
+  def schedule(self, default_steps: int) -> Schedule:
+    """The weight's schedule ``step -> weight``, of length
+    ``weight_schedule_steps`` or else ``default_steps``."""
     return make_value_schedule(
         self.weight_schedule, self.weight, self.weight_end,
         num_steps=self.weight_schedule_steps or default_steps,
@@ -277,10 +282,15 @@ class FeatureTerm:
 
 
 def distill_loss_names() -> tuple[str, ...]:
-  return tuple(losses.LOGIT_LOSSES) + tuple(_SPECIAL_LOSSES)
+  names = tuple(losses.LOGIT_LOSSES) + tuple(_SPECIAL_LOSSES)
+  # Stateful losses registered after this module was imported come last.
+  return names + tuple(n for n in STATEFUL_LOGIT_LOSSES if n not in names)
 
 
 def _loss_fn(name: str, *, flag: str = "--loss") -> Callable:
+  stateful = get_stateful_loss(name)
+  if stateful is not None:
+    return stateful.fn
   if name in _SPECIAL_LOSSES:
     return _SPECIAL_LOSSES[name][0]
   if name in losses.LOGIT_LOSSES:
@@ -298,15 +308,18 @@ def _keyword_parameters(name: str) -> dict[str, inspect.Parameter]:
 
 def loss_hyperparameters(name: str) -> tuple[str, ...]:
   """Keyword-only hyperparameters of loss ``name`` (besides temperature)."""
-  if name == "taid":
-    return _TAID_OPTIONS
+  stateful = get_stateful_loss(name)
+  if stateful is not None:
+    return stateful.options
   return tuple(_keyword_parameters(name))
 
 
 def typed_loss_kwargs(name: str, loss_kwargs) -> dict:
   """``loss_kwargs`` as a dict, with values cast to the type of the loss's
-  default where that is an int or bool (e.g. sinkhorn's ``num_iters``)."""
-  params = {} if name == "taid" else _keyword_parameters(name)
+  default where that is an int or bool (e.g. sinkhorn's ``num_iters``); the
+  options of a stateful loss (`jdistill.train.stateful`) are kept as given."""
+  params = ({} if get_stateful_loss(name) is not None
+            else _keyword_parameters(name))
   return _cast_to_defaults(params, loss_kwargs)
 
 
@@ -390,13 +403,15 @@ class DistillObjective:
       at the schedule's length and holds it afterwards.
     temperature_end, ce_weight_end, kd_weight_end: the values at the end.
     schedule_steps: default length of the schedules (usually the run's
-      number of steps); TAID's adaptive schedule also uses it.
+      number of steps); the update of a stateful loss
+      (`jdistill.train.stateful`) also uses it.
     temperature_schedule_steps, ce_weight_schedule_steps,
       kd_weight_schedule_steps: per-schedule lengths; 0 means
       ``schedule_steps``. A short linear ``kd_weight`` schedule from 0 to 1
       is DKD's warm-up (``min(epoch / 20, 1)``).
-    aux_loss: optional second logit loss added to the first (not ``taid``,
-      whose state is the first loss's); ``None`` for none.
+    aux_loss: optional second logit loss added to the first (not a
+      stateful loss, `jdistill.train.stateful`, whose state is the first
+      loss's); ``None`` for none.
     aux_weight: its (constant) weight.
     aux_temperature: its temperature; ``None`` means ``temperature``'s
       schedule.
@@ -436,12 +451,22 @@ class DistillObjective:
         raise ValueError(f"--{name}_schedule_steps must be >= 0 (0: the "
                          f"run's length); got "
                          f"{getattr(self, f'{name}_schedule_steps')}")
-    self._schedules()  # Validates the schedules.
-    for term in self.feature_terms:
-      term.schedule(self.schedule_steps)
-    if self.loss == "taid" and self.schedule_steps <= 0:
-      raise ValueError("--loss=taid needs the number of training steps "
-                       "(schedule_steps) for its adaptive schedule")
+    # The schedules, chosen (and checked) once; `logit_loss`,
+    # `feature_loss` and `temperature_at` call them.
+    object.__setattr__(self, "_value_schedules", tuple(
+        make_value_schedule(
+            getattr(self, f"{n}_schedule"), getattr(self, n),
+            getattr(self, f"{n}_end"),
+            num_steps=(getattr(self, f"{n}_schedule_steps")
+                       or self.schedule_steps), name=n)
+        for n in _SCHEDULED))
+    object.__setattr__(self, "_feature_weight_schedules", tuple(
+        term.schedule(self.schedule_steps) for term in self.feature_terms))
+    stateful = self.stateful_loss
+    if (stateful is not None and stateful.needs_num_steps
+        and self.schedule_steps <= 0):
+      raise ValueError(f"--loss={self.loss} needs the number of training "
+                       "steps (schedule_steps) for its adaptive schedule")
     if self.temperature_end is not None and self.temperature_end <= 0:
       raise ValueError(f"--temperature_end must be positive; got "
                        f"{self.temperature_end}")
@@ -456,40 +481,44 @@ class DistillObjective:
         raise ValueError("--aux_loss_kwargs is set but --aux_loss is not")
       return
     check_loss_kwargs(self.aux_loss, self.aux_loss_kwargs, flag="--aux_loss")
-    if self.aux_loss == "taid":
-      raise ValueError("--aux_loss=taid: TAID keeps a training state and can "
-                       "only be the main --loss")
+    aux_stateful = get_stateful_loss(self.aux_loss)
+    if aux_stateful is not None:
+      raise ValueError(f"--aux_loss={self.aux_loss}: {aux_stateful.label} "
+                       "keeps a training state and can only be the main "
+                       "--loss")
     if not self.aux_weight >= 0:
       raise ValueError(f"--aux_weight must be >= 0; got {self.aux_weight}")
     if self.aux_temperature is not None and not self.aux_temperature > 0:
       raise ValueError(f"--aux_temperature must be positive; got "
                        f"{self.aux_temperature}")
 
-  def _schedules(self):
-    return tuple(
-        make_value_schedule(
-            getattr(self, f"{n}_schedule"), getattr(self, n),
-            getattr(self, f"{n}_end"),
-            num_steps=(getattr(self, f"{n}_schedule_steps")
-                       or self.schedule_steps), name=n)
-        for n in _SCHEDULED)
+  @property
+  def stateful_loss(self):
+    """The main loss's `jdistill.train.stateful.StatefulLogitLoss`, or
+    ``None`` for a stateless loss."""
+    return get_stateful_loss(self.loss)
+
+  def schedules(self) -> dict[str, Schedule]:
+    """The schedules ``step -> value`` of ``temperature``, ``ce_weight``
+    and ``kd_weight`` (built once, by `make_value_schedule`)."""
+    return dict(zip(_SCHEDULED, self._value_schedules))
 
   def init_loss_state(self, feature_states=None):
     """The objective's own state for `TrainState.loss_state`.
 
-    A dict with ``"taid"`` (TAID's adaptive interpolation coefficient,
-    `losses.TAIDState`) when the loss is TAID, and ``"features"`` (the states
-    of the stateful feature terms, keyed by the term's index as a string)
-    when a term keeps one; ``{}`` otherwise.
+    A dict with the state of a stateful loss (`jdistill.train.stateful`)
+    under the loss's name when the loss keeps one, and ``"features"`` (the
+    states of the stateful feature terms, keyed by the term's index as a
+    string) when a term keeps one; ``{}`` otherwise.
 
     Args:
       feature_states: one entry per feature term, `FeatureTerm.init_state`
         (``None`` for stateless terms); required when a term is stateful.
     """
     state = {}
-    if self.loss == "taid":
-      state["taid"] = losses.taid_init(
-          t_start=dict(self.loss_kwargs).get("t_start", 0.4))
+    if self.stateful_loss is not None:
+      state[self.loss] = self.stateful_loss.init(
+          typed_loss_kwargs(self.loss, self.loss_kwargs))
     stateful = [i for i, term in enumerate(self.feature_terms)
                 if term.state_kind is not None]
     if not stateful:
@@ -513,11 +542,11 @@ class DistillObjective:
     """The loss state after a step whose outputs were ``parts``, with the
     teacher's features of the feature terms (for memory banks)."""
     loss_state = dict(loss_state)
-    if self.loss == "taid":
-      loss_state["taid"] = losses.taid_update(
-          loss_state["taid"], jax.lax.stop_gradient(parts["kd"]), step,
+    if self.stateful_loss is not None:
+      loss_state[self.loss] = self.stateful_loss.update(
+          loss_state[self.loss], jax.lax.stop_gradient(parts["kd"]), step,
           num_steps=self.schedule_steps,
-          **typed_loss_kwargs(self.loss, self.loss_kwargs))
+          options=typed_loss_kwargs(self.loss, self.loss_kwargs))
     if "features" in loss_state:
       loss_state["features"] = {
           key: self.feature_terms[int(key)].next_state(
@@ -527,7 +556,7 @@ class DistillObjective:
 
   def temperature_at(self, step) -> jax.Array:
     """The (scheduled) temperature of the logit loss at ``step``."""
-    return self._schedules()[0](step)
+    return self._value_schedules[0](step)
 
   def __call__(self, student_logits: jax.Array, teacher_logits: jax.Array,
                labels: jax.Array, mask: jax.Array | None = None, *,
@@ -537,8 +566,9 @@ class DistillObjective:
 
     ``parts`` holds ``ce``, ``kd`` and the scheduled ``temperature``,
     ``ce_weight`` and ``kd_weight`` in force at ``step`` (and ``aux`` with
-    a second loss, TAID's ``taid_t``, and per feature term its value and
-    weight under ``<loss>:<student tap>:<teacher tap>`` and ``..._weight``).
+    a second loss, the metrics of a stateful loss (`jdistill.train.
+    stateful`), and per feature term its value and weight under
+    ``<loss>:<student tap>:<teacher tap>`` and ``..._weight``).
     ``loss_state`` is `init_loss_state`'s pytree, as advanced by
     `next_loss_state`; ``None`` means the initial state (only without
     stateful feature terms). ``features`` holds
@@ -580,12 +610,14 @@ class DistillObjective:
     s, t = student_logits, teacher_logits
     if self.standardize_logits:
       s, t = losses.standardize_logits(s), losses.standardize_logits(t)
-    temperature_at, ce_weight_at, kd_weight_at = self._schedules()
+    temperature_at, ce_weight_at, kd_weight_at = self._value_schedules
     temperature = temperature_at(step)
     ce_weight, kd_weight = ce_weight_at(step), kd_weight_at(step)
-    if self.loss == "taid":
-      kd = masked_mean(losses.taid(s, t, t=loss_state["taid"].t,
-                                   temperature=temperature), mask)
+    stateful = self.stateful_loss
+    if stateful is not None:
+      kd = masked_mean(stateful.per_example(
+          loss_state[self.loss], s, t, labels, temperature=temperature,
+          options=typed_loss_kwargs(self.loss, self.loss_kwargs)), mask)
     else:
       kd = _logit_term(self.loss, self.loss_kwargs, s, t, labels, mask,
                        temperature)
@@ -599,8 +631,8 @@ class DistillObjective:
                         mask, aux_temperature)
       total = total + self.aux_weight * aux
       parts["aux"] = aux
-    if self.loss == "taid":
-      parts["taid_t"] = loss_state["taid"].t
+    if stateful is not None:
+      parts.update(stateful.metrics(loss_state[self.loss]))
     return total, parts
 
   def feature_loss(self, features, labels: jax.Array,
@@ -627,11 +659,12 @@ class DistillObjective:
     term_states = (loss_state or {}).get("features", {})
     total = jnp.zeros((), jnp.float32)
     parts = {}
-    for i, (term, (fs, ft), term_mask) in enumerate(
-        zip(self.feature_terms, features, feature_masks)):
+    for i, (term, weight_at, (fs, ft), term_mask) in enumerate(
+        zip(self.feature_terms, self._feature_weight_schedules, features,
+            feature_masks)):
       value = term.value(fs, ft, mask if term_mask is None else term_mask,
                          labels, term_states.get(str(i)))
-      weight = term.schedule(self.schedule_steps)(step)
+      weight = weight_at(step)
       total = total + weight * value
       parts[term.name] = value
       parts[term.name + "_weight"] = weight

@@ -19,8 +19,9 @@ Sinkhorn, MLKD, batch feature standardisation, ...: anything that is not a
 mean of per-example terms) and BatchNorm batch statistics see one
 micro-batch at a time; the model state (BatchNorm running statistics) and
 the feature terms' loss states (memory banks, running teacher-feature
-statistics) are updated micro-batch after micro-batch. TAID's coefficient
-is updated once per step from the accumulated KD loss (exact).
+statistics) are updated micro-batch after micro-batch. The state of a
+stateful logit loss (`jdistill.train.stateful`) is updated once per step
+from the accumulated KD loss (exact).
 
 Dynamic loss scaling (``loss_scale=``, `jdistill.train.precision`): the
 loss is multiplied by the scale in ``state.precision_state["loss_scale"]``
@@ -56,6 +57,7 @@ from jdistill.train.objective import (DistillObjective, cross_entropy,
 from jdistill.train.precision import DynamicLossScale, all_finite
 from jdistill.train.projectors import FunctionalProjectors
 from jdistill.train.state import FunctionalModel, TrainState
+from jdistill.train.stateful import per_step_keys
 
 Batch = dict[str, jax.Array]
 Metrics = dict[str, jax.Array]
@@ -330,29 +332,35 @@ def per_step_loss_state(objective, before, after, parts: Metrics, step,
 
   ``after`` is the state threaded through the micro-batches (feature terms'
   memory banks and running statistics, updated micro-batch after
-  micro-batch). TAID's coefficient adapts once per optimizer step, from the
-  step's accumulated KD loss in ``parts`` (as on the whole batch).
+  micro-batch). The states of stateful logit losses
+  (`jdistill.train.stateful.per_step_keys`) advance once per optimizer
+  step, from the step's accumulated KD loss in ``parts`` (as on the whole
+  batch).
   """
-  if grad_accum_steps == 1 or "taid" not in before:
+  if grad_accum_steps == 1:
     return after
-  taid = objective.next_loss_state({"taid": before["taid"]}, parts,
-                                   step)["taid"]
-  return {**after, "taid": taid}
+  keys = per_step_keys(before)
+  if not keys:
+    return after
+  updated = objective.next_loss_state({key: before[key] for key in keys},
+                                      parts, step)
+  return {**after, **{key: updated[key] for key in keys}}
 
 
 def micro_loss_state(objective, loss_state, parts, step, index,
                      grad_accum_steps: int, **kwargs):
   """``objective.next_loss_state`` after one micro-batch: memory banks
   write at micro-step ``step * k + index`` (so the ``k`` micro-batches of a
-  step fill consecutive slots) and TAID's coefficient is left for
-  `per_step_loss_state`."""
+  step fill consecutive slots) and the states of stateful logit losses are
+  left for `per_step_loss_state`."""
   k = grad_accum_steps
   if k == 1:
     return objective.next_loss_state(loss_state, parts, step, **kwargs)
   new = objective.next_loss_state(loss_state, parts, step * k + index,
                                   **kwargs)
-  if "taid" in loss_state:
-    new = {**new, "taid": loss_state["taid"]}
+  keys = per_step_keys(loss_state)
+  if keys:
+    new = {**new, **{key: loss_state[key] for key in keys}}
   return new
 
 
