@@ -16,8 +16,9 @@ Writes ``--out`` as::
 
 Only the ``model`` item of the run's checkpoint is read: the optimizer state,
 feature projectors, loss state and teachers are not part of an export.
-`load_exported` rebuilds the NNX module; ``docs/export_example.py`` shows the
-same steps in plain user code.
+`jdistill.export.load_exported` rebuilds the NNX module (the library reads
+exports; this program writes them); ``docs/export_example.py`` shows the same
+steps in plain user code.
 
 Nothing already written is lost or half-written: the export is built in a
 hidden sibling directory of ``--out`` and renamed into place once complete.
@@ -53,10 +54,13 @@ from typing import Any
 
 from absl import flags, logging
 
-EXPORT_FORMAT = "jdistill-export"
-EXPORT_VERSION = 1
-MODEL_FILE = "model.json"
-VARIABLES_DIR = "variables"
+# The format is the library's, which reads it; `load_exported` stays
+# importable from here for earlier callers.
+from jdistill.export import (  # noqa: F401  (load_exported re-exported)
+    EXPORT_FORMAT, EXPORT_VERSION, MODEL_FILE, VARIABLES_DIR, error_reason,
+    is_export,
+    load_exported)
+
 ERROR_STATUS = 2
 INTERNAL_ERROR_STATUS = 1
 # Bad input; anything else is reported as a bug.
@@ -86,23 +90,6 @@ def define_flags(flag_values: flags.FlagValues) -> None:
                        lower_bound=0, flag_values=flag_values)
   flags.DEFINE_boolean("debug", False, "Show full tracebacks for errors.",
                        flag_values=flag_values)
-
-
-def _one_line(text: Any) -> str:
-  return " ".join(str(text).split())
-
-
-def _print_error(message: str, kind: str = "error") -> None:
-  print(f"jdistill: {kind}: {_one_line(message)}", file=sys.stderr)
-
-
-def _reason(e: BaseException) -> str:
-  """The first line of the innermost cause of ``e`` (orbax wraps
-  TensorStore's error in one that prints the whole TensorStore spec)."""
-  while e.__cause__ is not None:
-    e = e.__cause__
-  first = (str(e).strip().splitlines() or [""])[0]
-  return f"{type(e).__name__}: {_one_line(first)[:300]}"
 
 
 def _steps_text(steps: list[int]) -> str:
@@ -227,10 +214,10 @@ def restore_model_variables(workdir: str, spec: dict, step: int,
   import numpy as np
   import orbax.checkpoint as ocp
   from etils import epath
-  from experiments import run as run_lib
+  from experiments.engine import setup as setup_lib
 
   try:
-    _, params, model_state = run_lib.build_model(spec, 0, flag="model",
+    _, params, model_state = setup_lib.build_model(spec, 0, flag="model",
                                                  abstract=True)
   except ValueError as e:
     raise ValueError(f"--workdir={workdir}: its {MODEL_FILE} describes no "
@@ -257,7 +244,7 @@ def restore_model_variables(workdir: str, spec: dict, step: int,
       try:
         saved = handler.metadata(item).tree
       except Exception as e:  # noqa: BLE001 - any failure means "damaged".
-        problem = _reason(e)
+        problem = error_reason(e)
       if problem:
         raise ValueError(f"{where} is damaged (orbax cannot read its model "
                          f"item: {problem}){hint}")
@@ -271,7 +258,7 @@ def restore_model_variables(workdir: str, spec: dict, step: int,
       try:
         restored = handler.restore(item, args=ocp.args.StandardRestore(like))
       except Exception as e:  # noqa: BLE001
-        problem = _reason(e)
+        problem = error_reason(e)
       if problem:
         raise ValueError(f"{where} is damaged (orbax cannot read it: "
                          f"{problem}){hint}")
@@ -321,16 +308,6 @@ def check_out(out: str, workdir: str, *, overwrite: bool) -> None:
         f"{MODEL_FILE} with \"format\": \"{EXPORT_FORMAT}\"); --overwrite "
         "replaces only an earlier export: expected such a directory or a new "
         "one")
-
-
-def is_export(path: str) -> bool:
-  """Whether ``path`` holds an export's ``model.json``."""
-  try:
-    with open(os.path.join(path, MODEL_FILE), encoding="utf-8") as f:
-      spec = json.load(f)
-  except (OSError, ValueError):
-    return False
-  return isinstance(spec, dict) and spec.get("format") == EXPORT_FORMAT
 
 
 def _write_export(directory: str, spec: dict, variables: dict) -> None:
@@ -441,51 +418,6 @@ def export_run(workdir: str, out: str, *, step: int | None = None,
 
 
 # ----------------------------------------------------------------------------
-# Loading an export.
-
-
-def load_exported(path: str):
-  """The NNX model (an ``nnx.Module``) of the export at ``path``.
-
-  Its call is ``logits, features = model(x, train=False)``.
-
-  Raises:
-    ValueError: ``path`` is not an export, or its variables do not fit the
-      model that its ``model.json`` describes.
-  """
-  import orbax.checkpoint as ocp
-  from flax import nnx
-  from jdistill.models import create_model
-
-  path = os.path.abspath(path)
-  if not is_export(path):
-    raise ValueError(f"{path} is not a jdistill export; expected a directory "
-                     f"with a {MODEL_FILE} of \"format\": \"{EXPORT_FORMAT}\""
-                     " (written by python -m experiments.export)")
-  with open(os.path.join(path, MODEL_FILE), encoding="utf-8") as f:
-    spec = json.load(f)
-  if spec.get("version") != EXPORT_VERSION:
-    raise ValueError(f"{os.path.join(path, MODEL_FILE)}: export version "
-                     f"{spec.get('version')!r}; expected {EXPORT_VERSION}")
-  model = create_model(spec["name"], num_classes=spec["num_classes"],
-                       input_shape=tuple(spec["input_shape"]),
-                       rngs=nnx.Rngs(0), **spec["kwargs"])
-  _, params, model_state = nnx.split(model, nnx.Param, ...)
-  like = {"params": nnx.to_pure_dict(params),
-          "model_state": nnx.to_pure_dict(model_state)}
-  with ocp.StandardCheckpointer() as checkpointer:
-    try:
-      variables = checkpointer.restore(os.path.join(path, VARIABLES_DIR),
-                                       like)
-    except Exception as e:  # noqa: BLE001
-      raise ValueError(f"{os.path.join(path, VARIABLES_DIR)} cannot be read "
-                       f"as the model of its {MODEL_FILE} ({_reason(e)})"
-                       ) from None
-  nnx.update(model, variables["params"], variables["model_state"])
-  return model
-
-
-# ----------------------------------------------------------------------------
 # The program.
 
 
@@ -493,7 +425,7 @@ def run_export(argv: list[str],
                flag_values: flags.FlagValues | None = None) -> int:
   """The whole program for command line ``argv`` (program name first);
   returns the exit status. Errors are printed to ``sys.stderr``."""
-  from experiments import main as main_lib
+  from experiments import cli
   if flag_values is None:
     flag_values = flags.FlagValues()
     define_flags(flag_values)
@@ -501,7 +433,7 @@ def run_export(argv: list[str],
     print(__doc__.split("\n\n")[1].strip() + "\n"
           + flag_values.get_help(include_special_flags=False))
     return 0
-  status = main_lib.parse_or_status(argv, flag_values)
+  status = cli.parse_or_status(argv, flag_values)
   if status is not None:
     return status
   debug = flag_values.debug
@@ -519,8 +451,7 @@ def run_export(argv: list[str],
         flag_values.workdir, flag_values.out, step=flag_values.step,
         overwrite=flag_values.overwrite, peer=flag_values.peer)
 
-  status = main_lib.report_errors(body, debug=debug,
-                                  input_errors=INPUT_ERRORS)
+  status = cli.report_errors(body, debug=debug, input_errors=INPUT_ERRORS)
   if status:
     return status
   spec = result["spec"]

@@ -23,7 +23,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from experiments import run as run_lib
+from experiments.engine import runner, setup
 from experiments.config import Config
 from jdistill import train as jtrain
 from jdistill.train import lm as lm_lib
@@ -61,16 +61,16 @@ def _teacher(cfg: Config, dataset, mesh, report: list):
     spec = jtrain.read_model_spec(cfg.teacher_checkpoint)
     flag = "--teacher_checkpoint"
   elif cfg.mode == "distill_lm":
-    spec = run_lib.model_spec(cfg.teacher_model, cfg.teacher_model_kwargs,
+    spec = setup.model_spec(cfg.teacher_model, cfg.teacher_model_kwargs,
                               dataset)
     flag = "--teacher_model"
   else:
     raise ValueError("--plan with --mode=distill needs --teacher_checkpoint "
                      "(its model.json describes the teacher)")
-  model, like, specs = run_lib.init_model_variables(
+  model, like, specs = setup.init_model_variables(
       spec, 0, mesh, cfg.sharding_rules_of("teacher"), flag=flag,
       who=f"the teacher {spec['name']}", report=report)
-  precision = run_lib.teacher_precision(cfg)
+  precision = setup.teacher_precision(cfg)
   if precision != "float32":
     dtype = jnp.dtype(precision)
     like = jax.tree.map(lambda a: jax.ShapeDtypeStruct(
@@ -88,51 +88,50 @@ def run_plan(cfg: Config, log=print) -> dict[str, Any]:
   ``--device_memory_gb``."""
   lm = cfg.mode == "distill_lm"
   if lm:
-    from experiments import lm as lm_exp
+    from experiments.programs import lm as lm_exp
     dataset, _ = lm_exp.load_lm_data(cfg)
   else:
-    dataset = run_lib.load_data(cfg)
-  mesh = run_lib.make_mesh(cfg)
-  _, tx = run_lib._setup(cfg, dataset, mesh)
-  spec = run_lib.model_spec(cfg.model, cfg.model_kwargs, dataset)
-  student, _, _ = run_lib.build_model(spec, cfg.seed, abstract=True,
-                                      remat=cfg.remat)
-  student = run_lib.student_precision(cfg, student)
-  options = run_lib.step_options(cfg)
-  init = run_lib.StateInit.create(cfg, spec, tx, mesh)
-  student = student.with_param_sharding(jsharding.compute_shardings(
-      init.specs.params, mesh))
+    dataset = setup.load_data(cfg)
+  mesh = setup.make_mesh(cfg)
+  _, tx = runner.make_batches_and_optimizer(cfg, dataset, mesh)
   teacher_report: list = []
   teacher_bytes = 0
-  args: tuple = ()
-  if cfg.mode == "train":
-    make = lm_lib.make_lm_train_step if lm else jtrain.make_train_step
-    step = make(student, tx, **options)
-    what = f"train {cfg.model}"
+  if not lm:
+    # Every program that trains one network, through its own build().
+    from experiments.programs import BUILDERS
+    job = BUILDERS[cfg.mode].build(cfg, dataset, mesh, abstract=True)
+    spec = job.spec
+    student, tx, extras, init = runner.prepare(cfg, job, tx, mesh)
+    student = student.with_param_sharding(jsharding.compute_shardings(
+        init.specs.params, mesh))
+    bound = job.make_step(student, tx, init.shardings, extras)
+    for arg in bound.args:  # The teacher's (abstract) variables.
+      teacher_bytes += jsharding.bytes_per_device(
+          arg, jax.tree.map(lambda a: a.sharding.spec, arg), mesh)
+    what = job.name + (" (online teacher)" if bound.args else "")
   else:
+    spec = setup.model_spec(cfg.model, cfg.model_kwargs, dataset)
+    student, _, _ = setup.build_model(spec, cfg.seed, abstract=True,
+                                      remat=cfg.remat)
+    student = setup.student_precision(cfg, student)
+    options = setup.step_options(cfg)
+    init = runner.StateInit.create(cfg, spec, tx, mesh)
+    student = student.with_param_sharding(jsharding.compute_shardings(
+        init.specs.params, mesh))
     teacher, like, tspecs, tspec = _teacher(cfg, dataset, mesh,
                                             teacher_report)
     teacher_bytes = jsharding.bytes_per_device(like, tspecs, mesh)
-    args = (like,)
-    if lm:
-      objective = lm_lib.LMDistillObjective(
-          loss=cfg.loss, temperature=cfg.temperature,
-          kd_weight=cfg.kd_weight, ce_weight=cfg.ce_weight,
-          reduction=cfg.lm_reduction, source="online",
-          fused=cfg.lm_fused_kd, chunk_size=cfg.lm_chunk_size,
-          loss_kwargs=cfg.loss_kwargs)
-      step = lm_lib.make_lm_distill_step(student, tx, objective, teacher,
-                                         **options)
-    else:
-      objective = cfg.objective()
-      if objective.feature_terms:
-        raise ValueError("--plan plans logit distillation; drop "
-                         "--feature_pairs to plan this run's memory")
-      step = jtrain.make_distill_step(student, teacher, tx, objective,
-                                      **options)
+    objective = lm_lib.LMDistillObjective(
+        loss=cfg.loss, temperature=cfg.temperature,
+        kd_weight=cfg.kd_weight, ce_weight=cfg.ce_weight,
+        reduction=cfg.lm_reduction, source="online",
+        fused=cfg.lm_fused_kd, chunk_size=cfg.lm_chunk_size,
+        loss_kwargs=cfg.loss_kwargs)
+    step = lm_lib.make_lm_distill_step(student, tx, objective, teacher,
+                                       **options)
+    bound = setup.bind_step(cfg, step, mesh, init.shardings, like)
     what = f"distill {cfg.model}<-{tspec['name']} (online teacher)"
   batch = _abstract_batch(cfg, dataset, mesh, lm=lm)
-  bound = run_lib.bind_step(cfg, step, mesh, init.shardings, *args)
   compiled = bound.lower(init.abstract, batch).compile()
   analysis = compiled.memory_analysis()
   state_bytes = jsharding.bytes_per_device(init.abstract, init.specs, mesh)

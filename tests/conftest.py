@@ -25,7 +25,7 @@ def pytest_collection_modifyitems(config, items):
   """Skips the ``float16`` tests where the backend cannot compile float16
   conversions (XLA:CPU on an x86-64 CPU without F16C, e.g. under
   ``XLA_FLAGS=--xla_cpu_max_isa=SSE4_2``): a jaxlib limitation, which the
-  programs report in one line (tests/test_experiments_scale.py)."""
+  programs report in one line (tests/programs/test_experiments_scale.py)."""
   marked = [item for item in items if item.get_closest_marker("float16")]
   if not marked:
     return

@@ -2,7 +2,7 @@
 
 Writes ``tests/fixtures/feature_reference.npz`` (inputs, losses, gradients)
 and ``tests/fixtures/feature_reference.json`` (versions, arguments, cases),
-which ``tests/test_losses_reference_feature.py`` compares jdistill against
+which ``tests/losses/test_losses_reference_feature.py`` compares jdistill against
 without needing torch. Run from the repository root:
 
     pip install torch==2.13.0

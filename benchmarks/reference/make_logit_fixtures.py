@@ -2,7 +2,7 @@
 
 Writes ``tests/fixtures/logit_reference.npz`` (inputs, losses, gradients) and
 ``tests/fixtures/logit_reference.json`` (versions, constructor arguments,
-cases), which ``tests/test_losses_reference.py`` compares jdistill against
+cases), which ``tests/losses/test_losses_reference.py`` compares jdistill against
 without needing torch. Run from the repository root:
 
     pip install -r benchmarks/reference/requirements.txt  # see the README

@@ -4,7 +4,7 @@ Writes ``tests/fixtures/pld_sinkhorn_mlkd_reference.npz`` (inputs, float64
 and float32 losses, float64 autograd gradients w.r.t. the student logits) and
 ``tests/fixtures/pld_sinkhorn_mlkd_reference.json`` (versions, the reference
 code's repository / path / commit, arguments, cases), which
-``tests/test_losses_reference_pld_sinkhorn_mlkd.py`` compares jdistill with,
+``tests/losses/test_losses_reference_pld_sinkhorn_mlkd.py`` compares jdistill with,
 without torch. Run from the repository root (CPU torch is enough):
 
     python benchmarks/reference/make_pld_sinkhorn_mlkd_fixtures.py

@@ -3,7 +3,7 @@
 Writes ``tests/fixtures/relational_reference.npz`` (inputs, losses, autograd
 gradients) and ``tests/fixtures/relational_reference.json`` (versions,
 constructor arguments, cases, notes), which
-``tests/test_losses_reference_relational.py`` compares jdistill against
+``tests/losses/test_losses_reference_relational.py`` compares jdistill against
 without needing torch. Run from the repository root:
 
     pip install torch==2.13.0

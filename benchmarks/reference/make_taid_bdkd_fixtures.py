@@ -3,7 +3,7 @@
 Writes ``tests/fixtures/taid_bdkd_reference.npz`` (inputs, losses, gradients,
 schedule trajectories) and ``tests/fixtures/taid_bdkd_reference.json``
 (versions, the source of each reference, constructor arguments, cases), which
-``tests/test_losses_reference_taid_bdkd.py`` compares jdistill against without
+``tests/losses/test_losses_reference_taid_bdkd.py`` compares jdistill against without
 needing torch. Run from the repository root (CPU is enough):
 
     pip install torch==2.13.0

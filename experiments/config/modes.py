@@ -1,0 +1,173 @@
+"""Config sections of the dataset-distillation and LM programs."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+from experiments.config.options import Section, check, one_of, option
+
+KIP_METHODS = ("kip", "rfad", "frepo", "krr_st")
+KIP_KERNELS = ("fc_nngp", "fc_ntk", "conv_nngp", "conv_ntk")
+LM_RUNS = ("baseline", "online", "dense", "topk", "sampled")
+LM_CACHE_FORMS = ("dense", "topk", "sampled")
+LM_REDUCTIONS = ("batch", "batch_of_sequences")
+
+
+@dataclasses.dataclass(frozen=True)
+class KipSection(Section):
+  """--mode=kip: kernel-ridge dataset distillation."""
+
+  kip_method: str = option(
+      "kip", "enum",
+      "--mode=kip: "
+      "kip (KIP with --kernel), rfad (random ConvNet features), "
+      "frepo (KRR on the features of a pool of --model networks "
+      "trained online), krr_st (self-supervised: FRePo regressing "
+      "the --teacher_checkpoint model's representations).",
+      choices=KIP_METHODS)
+  kernel: str = option(
+      "fc_ntk", "enum",
+      "--mode=kip: the "
+      "closed-form kernel of kip, and the kernel of every "
+      "method's KRR evaluation.",
+      choices=KIP_KERNELS)
+  kernel_kwargs: tuple[tuple[str, Any], ...] = option(
+      (), "json",
+      "JSON options of --kernel (depth, "
+      "w_std, b_std, filter_size, pool) or, for rfad, of the "
+      "random features (num_networks, width, depth, ...).")
+  images_per_class: tuple[int, ...] = option(
+      (1, 10, 50), "ints",
+      "--mode=kip: support sizes to distil, per class.")
+  learn_labels: bool = option(
+      True, "bool",
+      "--mode=kip: also learn the support labels.")
+  zca_strength: float = option(
+      0.0, "float",
+      "--mode=kip: regularised "
+      "ZCA whitening of the inputs (0: off; KIP uses 0.1).")
+  krr_reg: float = option(
+      1e-6, "float",
+      "--mode=kip: KRR ridge relative to "
+      "the mean kernel diagonal.")
+  target_per_class: int = option(
+      16, "int",
+      "--mode=kip: "
+      "examples of each class in a target batch.")
+  frepo_pool_size: int = option(
+      10, "int",
+      "frepo/krr_st: "
+      "networks in the pool.")
+  frepo_max_online_steps: int = option(
+      100, "int",
+      "frepo/krr_st: a network is re-initialised after this "
+      "many online steps.")
+  frepo_learning_rate: float = option(
+      1e-3, "float",
+      "frepo/krr_st: Adam learning rate of the pool networks.")
+  eval_num_steps: int = option(
+      1000, "int",
+      "--mode=kip: steps "
+      "of the fresh --model networks trained on each support "
+      "set (one per --seeds entry).")
+
+
+  def validate(self) -> None:
+    one_of(self, "kip_method", KIP_METHODS)
+    one_of(self, "kernel", KIP_KERNELS)
+    check(len(self.images_per_class) > 0
+          and all(n > 0 for n in self.images_per_class),
+          "--images_per_class", ",".join(map(str, self.images_per_class)),
+          "positive integers such as 1,10,50")
+    check(self.krr_reg >= 0, "--krr_reg", self.krr_reg,
+          "a non-negative number")
+    check(self.zca_strength >= 0, "--zca_strength", self.zca_strength,
+          "a non-negative number (0: no ZCA whitening)")
+    for name in ("target_per_class", "frepo_pool_size",
+                 "frepo_max_online_steps", "eval_num_steps"):
+      check(getattr(self, name) > 0, f"--{name}", getattr(self, name),
+            "a positive integer")
+    check(self.frepo_learning_rate > 0, "--frepo_learning_rate",
+          self.frepo_learning_rate, "a positive number")
+
+
+@dataclasses.dataclass(frozen=True)
+class LmSection(Section):
+  """--mode=distill_lm and cache_lm: the byte-level LM job."""
+
+  seq_len: int = option(
+      128, "int",
+      "distill_lm/cache_lm: tokens "
+      "(bytes) per training sequence.")
+  corpus_train_bytes: int = option(
+      1_000_000, "int",
+      "distill_lm: "
+      "bytes of Python stdlib source in the train split.")
+  corpus_validation_bytes: int = option(
+      100_000, "int",
+      "distill_lm: bytes in the validation split.")
+  lm_runs: tuple[str, ...] = option(
+      LM_RUNS, "strs",
+      "distill_lm: the students to "
+      "train: baseline (labels only), online (teacher run in the "
+      "step), dense, topk, sampled (from offline caches).")
+  lm_reduction: str = option(
+      "batch", "enum",
+      "distill_lm: batch (mean over valid tokens) or "
+      "batch_of_sequences (mean of per-sequence means).",
+      choices=LM_REDUCTIONS)
+  lm_fused_kd: bool = option(
+      False, "bool",
+      "distill_lm: the online "
+      "run uses the chunked fused linear-KD loss (no [N, V] "
+      "logits; needs --ce_weight=0).")
+  lm_chunk_size: int = option(
+      1024, "int",
+      "Tokens per chunk of "
+      "the fused loss.")
+  lm_topk: int = option(
+      8, "int",
+      "Top-k cache: teacher "
+      "probabilities kept per token.")
+  lm_topk_variant: str = option(
+      "renormalized", "enum",
+      "How a top-k cache is "
+      "turned into a loss (jdistill.losses.sparse.topk_kd).",
+      choices=["renormalized", "raw", "tail"])
+  lm_num_samples: int = option(
+      12, "int",
+      "Sampled (RS-KD) "
+      "cache: token draws per position.")
+  lm_proposal_temperature: float = option(
+      1.0, "float",
+      "Sampled cache: draws come from the teacher's softmax at "
+      "this temperature, reweighted to be unbiased.")
+  lm_cache_dir: str | None = option(
+      None, "str",
+      "cache_lm: where the cache goes.")
+  lm_cache_form: str = option(
+      "sampled", "enum",
+      "cache_lm: dense, topk or sampled.",
+      choices=list(LM_CACHE_FORMS))
+  lm_cache_shards: int = option(
+      4, "int",
+      "Shards (files) of "
+      "a teacher cache.")
+
+
+  def validate(self) -> None:
+    for name in ("seq_len", "lm_chunk_size", "lm_topk", "lm_num_samples",
+                 "lm_cache_shards"):
+      check(getattr(self, name) > 0, f"--{name}", getattr(self, name),
+            "a positive integer")
+    for name in ("corpus_train_bytes", "corpus_validation_bytes"):
+      check(getattr(self, name) > self.seq_len, f"--{name}",
+            getattr(self, name), f"more bytes than --seq_len={self.seq_len}")
+    check(len(self.lm_runs) > 0 and set(self.lm_runs) <= set(LM_RUNS),
+          "--lm_runs", ",".join(self.lm_runs),
+          f"a list of: {', '.join(LM_RUNS)}")
+    one_of(self, "lm_reduction", LM_REDUCTIONS)
+    one_of(self, "lm_cache_form", LM_CACHE_FORMS)
+    check(self.lm_proposal_temperature > 0, "--lm_proposal_temperature",
+          self.lm_proposal_temperature, "a positive number")

@@ -1,0 +1,2 @@
+"""The engine every program shares: setup, the runner, teachers, results
+and workdirs."""

@@ -1,0 +1,110 @@
+"""What distillation did, beyond accuracy, for the rows of a results table.
+
+For each run (a workdir; a peer of a peer-group workdir) on the evaluation
+split, against its reference teacher (one workdir, or the probability
+ensemble of several):
+
+* ``agreement``: top-1 agreement of student and teacher (Stanton et al.
+  2021, "Does knowledge distillation really work?");
+* ``kl``: the mean KL(teacher ‖ student) at T = 1, in nats;
+* ``ece``: the run's own expected calibration error, 15 bins (Guo et al.
+  2017) — a teacher row's ``ece`` is the teacher's.
+
+The formulas are `jdistill.metrics`; this module loads the runs and feeds
+them.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from experiments.config import Config
+from experiments.engine import setup, teachers
+from jdistill import data as jdata
+from jdistill import metrics as jmetrics
+from jdistill import train as jtrain
+
+NUM_BINS = 15
+METRICS = ("agreement", "kl", "ece")
+
+
+@dataclasses.dataclass(frozen=True)
+class Run:
+  """One run of a table row: its ``workdir`` (``peer``: the peer's index in
+  a peer-group workdir) and the runs whose probability ensemble is its
+  reference teacher (none: only ``ece`` is reported)."""
+
+  workdir: str
+  peer: int | None = None
+  teachers: tuple["Run", ...] = ()
+
+
+def run_logits(path: str, peer: int | None, dataset: jdata.Dataset, mesh,
+               batch_size: int) -> np.ndarray:
+  """Inference-mode logits ``[examples, classes]`` (float32 numpy) of the
+  model trained under workdir ``path`` on the evaluation split."""
+  model, variables, _ = teachers.load_teacher_at(path, dataset, mesh,
+                                                 flag="--workdir")
+
+  def forward(v, batch):
+    logits = model.apply(v["params"], v["model_state"], batch["x"],
+                         train=False)[0].astype(jnp.float32)
+    return logits if peer is None else logits[peer]
+
+  forward = jax.jit(forward)
+  out = [np.asarray(forward(variables, jtrain.put_batch({"x": b["x"]}, mesh)))
+         for b in jdata.eval_batches(dataset.test, batch_size)]
+  return np.concatenate(out)[:len(dataset.test)]
+
+
+def evaluate_rows(cfg: Config, dataset: jdata.Dataset,
+                  runs: dict[str, list[Run]]) -> dict[str, dict[str, list]]:
+  """``{row: {"agreement": [...], "kl": [...], "ece": [...]}}``, one value
+  per run (``None`` where a run has no reference teacher). Empty in a
+  multi-process job (the logits of every example live on one host)."""
+  if jax.process_count() != 1:
+    return {}
+  mesh = setup.make_mesh(cfg.replace(teacher_shards=1, teacher_seeds=(),
+                                     teacher_models=(),
+                                     teacher_checkpoints=()))
+  cache: dict[tuple, np.ndarray] = {}
+  labels = jnp.asarray(np.asarray(dataset.test.y))
+
+  def logits_of(run: Run) -> np.ndarray:
+    key = (run.workdir, run.peer)
+    if key not in cache:
+      cache[key] = run_logits(run.workdir, run.peer, dataset, mesh,
+                              cfg.eval_batch_size)
+    return cache[key]
+
+  out = {}
+  for row, row_runs in runs.items():
+    values = {m: [] for m in METRICS}
+    for run in row_runs:
+      student = jnp.asarray(logits_of(run))
+      values["ece"].append(float(jmetrics.ece(student, labels,
+                                              num_bins=NUM_BINS)))
+      if not run.teachers:
+        values["agreement"].append(None)
+        values["kl"].append(None)
+        continue
+      # The ensemble's log of mean probabilities (one teacher: its own
+      # log-probabilities; agreement and KL are unchanged by the shift).
+      teacher = jax.nn.logsumexp(jnp.stack(
+          [jax.nn.log_softmax(jnp.asarray(logits_of(t)), axis=-1)
+           for t in run.teachers]), axis=0) - np.log(len(run.teachers))
+      values["agreement"].append(float(jnp.mean(
+          jmetrics.top1_agreement(student, teacher))))
+      values["kl"].append(float(jnp.mean(
+          jmetrics.kl_teacher_student(student, teacher))))
+    out[row] = values
+  return out
+
+
+def mean_or_none(values: list) -> float | None:
+  values = [v for v in values if v is not None]
+  return float(np.mean(values)) if values else None
