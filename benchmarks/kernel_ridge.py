@@ -9,7 +9,7 @@ against the support-set size.
 Sections (``--sections``):
 
 * ``kernels``: kernel entries per second (``n1 * n2 / seconds``) of
-  `jdistill.dataset.kernels`: ``fc_kernels`` (depth 3) on MNIST-1D-like
+  `jdistill.dataset_distillation.kernels`: ``fc_kernels`` (depth 3) on MNIST-1D-like
   ``[n, 40]`` and digits-like ``[n, 64]`` inputs, ``conv_kernels`` (depth 2)
   on digits-like images ``[n, 8, 8, 1]`` (with and without ``pool``) and 1-D
   signals ``[n, 40, 1]``, and the RFAD kernel (``random_conv_features``,
@@ -155,7 +155,7 @@ def _kernel_cases(fc_n, conv_n):
   """``(name, input shape, n, builder)``; ``builder()`` returns a function
   ``(x1, x2) -> array(s)`` to jit."""
   import jax
-  from jdistill.dataset import kernels as kl
+  from jdistill.dataset_distillation import kernels as kl
 
   def fc(ntk):
     return lambda: lambda a, b: kl.fc_kernels(a, b, depth=3,
@@ -230,7 +230,7 @@ def _print_kernels(rows):
 # Section 2: KIP steps against the support size.
 
 def _kip_configs():
-  from jdistill.dataset import kip
+  from jdistill.dataset_distillation import kip
   return [
       ("fc_ntk depth 3", (64,), [int(s) for s in FLAGS.fc_support],
        lambda: kip.closed_form("fc_ntk", depth=3)),
@@ -270,7 +270,7 @@ def _run_kip():
   import numpy as np
   import optax
   from jdistill import train as jt
-  from jdistill.dataset import kip
+  from jdistill.dataset_distillation import kip
 
   mesh = jt.make_data_mesh(1)
   tx = optax.adam(1e-3)

@@ -65,7 +65,7 @@ def main(argv):
 
   from jdistill.models import create_model
   from jdistill.train import FunctionalModel
-  from jdistill.train.teachers import TeacherEnsemble
+  from jdistill.train.ensemble import TeacherEnsemble
 
   rows = []
   for name in FLAGS.workloads:

@@ -26,7 +26,6 @@ import numpy as np
 from experiments.engine import runner, setup
 from experiments.config import Config
 from jdistill import train as jtrain
-from jdistill.train import lm as lm_lib
 from jdistill.train import sharding as jsharding
 
 GiB = 2**30
@@ -53,84 +52,30 @@ def _abstract_batch(cfg: Config, dataset, mesh, *, lm: bool) -> dict:
   return batch
 
 
-def _teacher(cfg: Config, dataset, mesh, report: list):
-  """The abstract teacher: its model description from
-  ``--teacher_checkpoint`` (only model.json is read), or
-  ``--teacher_model`` for --mode=distill_lm without one."""
-  if cfg.teacher_checkpoint:
-    spec = jtrain.read_model_spec(cfg.teacher_checkpoint)
-    flag = "--teacher_checkpoint"
-  elif cfg.mode == "distill_lm":
-    spec = setup.model_spec(cfg.teacher_model, cfg.teacher_model_kwargs,
-                              dataset)
-    flag = "--teacher_model"
-  else:
-    raise ValueError("--plan with --mode=distill needs --teacher_checkpoint "
-                     "(its model.json describes the teacher)")
-  model, like, specs = setup.init_model_variables(
-      spec, 0, mesh, cfg.sharding_rules_of("teacher"), flag=flag,
-      who=f"the teacher {spec['name']}", report=report)
-  precision = setup.teacher_precision(cfg)
-  if precision != "float32":
-    dtype = jnp.dtype(precision)
-    like = jax.tree.map(lambda a: jax.ShapeDtypeStruct(
-        a.shape, dtype if jnp.issubdtype(a.dtype, jnp.floating) else a.dtype,
-        sharding=a.sharding), like)
-    model = model.with_compute_dtype(dtype)
-  model = model.with_param_sharding(jsharding.compute_shardings(
-      specs["params"], mesh))
-  return model, like, specs, spec
-
-
 def run_plan(cfg: Config, log=print) -> dict[str, Any]:
   """Prints (through ``log``) and returns the per-device memory plan of
   ``cfg``'s update step; raises `PlanDoesNotFit` when it exceeds
   ``--device_memory_gb``."""
   lm = cfg.mode == "distill_lm"
   if lm:
-    from experiments.programs import lm as lm_exp
-    dataset, _ = lm_exp.load_lm_data(cfg)
+    from experiments.programs import lm as lm_program
+    dataset, _ = lm_program.load_lm_data(cfg)
   else:
     dataset = setup.load_data(cfg)
   mesh = setup.make_mesh(cfg)
   _, tx = runner.make_batches_and_optimizer(cfg, dataset, mesh)
-  teacher_report: list = []
+  # Every program that trains one network, through its own build().
+  from experiments.programs import BUILDERS
+  job = BUILDERS[cfg.mode].build(cfg, dataset, mesh, abstract=True)
+  student, tx, extras, init = runner.prepare(cfg, job, tx, mesh)
+  student = student.with_param_sharding(jsharding.compute_shardings(
+      init.specs.params, mesh))
+  bound = job.make_step(student, tx, init.shardings, extras)
   teacher_bytes = 0
-  if not lm:
-    # Every program that trains one network, through its own build().
-    from experiments.programs import BUILDERS
-    job = BUILDERS[cfg.mode].build(cfg, dataset, mesh, abstract=True)
-    spec = job.spec
-    student, tx, extras, init = runner.prepare(cfg, job, tx, mesh)
-    student = student.with_param_sharding(jsharding.compute_shardings(
-        init.specs.params, mesh))
-    bound = job.make_step(student, tx, init.shardings, extras)
-    for arg in bound.args:  # The teacher's (abstract) variables.
-      teacher_bytes += jsharding.bytes_per_device(
-          arg, jax.tree.map(lambda a: a.sharding.spec, arg), mesh)
-    what = job.name + (" (online teacher)" if bound.args else "")
-  else:
-    spec = setup.model_spec(cfg.model, cfg.model_kwargs, dataset)
-    student, _, _ = setup.build_model(spec, cfg.seed, abstract=True,
-                                      remat=cfg.remat)
-    student = setup.student_precision(cfg, student)
-    options = setup.step_options(cfg)
-    init = runner.StateInit.create(cfg, spec, tx, mesh)
-    student = student.with_param_sharding(jsharding.compute_shardings(
-        init.specs.params, mesh))
-    teacher, like, tspecs, tspec = _teacher(cfg, dataset, mesh,
-                                            teacher_report)
-    teacher_bytes = jsharding.bytes_per_device(like, tspecs, mesh)
-    objective = lm_lib.LMDistillObjective(
-        loss=cfg.loss, temperature=cfg.temperature,
-        kd_weight=cfg.kd_weight, ce_weight=cfg.ce_weight,
-        reduction=cfg.lm_reduction, source="online",
-        fused=cfg.lm_fused_kd, chunk_size=cfg.lm_chunk_size,
-        loss_kwargs=cfg.loss_kwargs)
-    step = lm_lib.make_lm_distill_step(student, tx, objective, teacher,
-                                       **options)
-    bound = setup.bind_step(cfg, step, mesh, init.shardings, like)
-    what = f"distill {cfg.model}<-{tspec['name']} (online teacher)"
+  for arg in bound.args:  # The teacher's (abstract) variables.
+    teacher_bytes += jsharding.bytes_per_device(
+        arg, jax.tree.map(lambda a: a.sharding.spec, arg), mesh)
+  what = job.name + (" (online teacher)" if bound.args else "")
   batch = _abstract_batch(cfg, dataset, mesh, lm=lm)
   compiled = bound.lower(init.abstract, batch).compile()
   analysis = compiled.memory_analysis()

@@ -19,6 +19,8 @@ import re
 import numpy as np
 import pytest
 
+pytestmark = pytest.mark.docs
+
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 DOC_FILES = ["README.md"] + sorted(
     str(p.relative_to(ROOT)) for p in (ROOT / "docs").glob("*.md"))

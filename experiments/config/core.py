@@ -257,7 +257,7 @@ class CompareSection(Section):
   methods: tuple[str, ...] = option(
       (), "strs",
       "--mode=compare: method flagfiles (loss "
-      "flags only, e.g. experiments/flags/methods/dkd.flags)"
+      "flags only, e.g. experiments/flags/methods/logit/dkd.flags)"
       "; each is distilled over --seeds and gets a row of the table."
       " Empty: one method, the loss flags of this run.")
   tune_grid: str | None = option(

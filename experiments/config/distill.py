@@ -15,7 +15,7 @@ from jdistill.train.objective import (FEATURE_LOSSES, FeatureTerm,
 from jdistill.train.projectors import PROJECTOR_KINDS
 from jdistill.train.schedules import SCHEDULE_KINDS
 from jdistill.train.stateful import STATEFUL_LOGIT_LOSSES
-from jdistill.train.teachers import STACKINGS
+from jdistill.train.ensemble import STACKINGS
 
 AUGMENT_VIEWS = ("shared", "independent")
 # Stateful losses (TAID) keep a state of one teacher-student pair.

@@ -11,7 +11,8 @@ ensemble of several):
   2017) — a teacher row's ``ece`` is the teacher's.
 
 The formulas are `jdistill.metrics`; this module loads the runs and feeds
-them.
+them. `lm_versus_teacher` does the same for the LM table, per next-byte
+position, with the teacher's top-k mass covered by the student's top-k.
 """
 
 from __future__ import annotations
@@ -108,3 +109,49 @@ def evaluate_rows(cfg: Config, dataset: jdata.Dataset,
 def mean_or_none(values: list) -> float | None:
   values = [v for v in values if v is not None]
   return float(np.mean(values)) if values else None
+
+
+def lm_versus_teacher(cfg: Config, dataset: jdata.Dataset, mesh, teacher,
+                      variables, workdir: str | None) -> dict[str, float]:
+  """Per validation position, the model under ``workdir`` (``None``: the
+  teacher itself) against the teacher: top-1 agreement, KL(t‖s) at T=1,
+  the teacher's top-``--lm_topk`` mass covered by its top-``--lm_topk``
+  (`jdistill.metrics`), and its ECE over 15 bins. Empty in a multi-process
+  job."""
+  if jax.process_count() != 1:
+    return {}
+  if workdir is None:
+    model, model_vars = teacher, variables
+  else:
+    model, model_vars, _ = teachers.load_teacher_at(
+        workdir, dataset, mesh, flag="--workdir", dataset_flag="stdlib_text")
+  k = min(cfg.lm_topk, dataset.num_classes)
+
+  @jax.jit
+  def sums(mv, tv, batch):
+    s = model.apply(mv["params"], mv["model_state"], batch["x"],
+                    train=False)[0].astype(jnp.float32)
+    t = teacher.apply(tv["params"], tv["model_state"], batch["x"],
+                      train=False)[0].astype(jnp.float32)
+    where = jnp.broadcast_to(batch["mask"][:, None], s.shape[:-1])
+    return {"agreement": jmetrics.top1_agreement(s, t, where=where).sum(),
+            "kl": jmetrics.kl_teacher_student(s, t, where=where).sum(),
+            "topk_mass": jmetrics.topk_mass_covered(
+                s, t, k=k, where=where).sum(),
+            "count": where.sum(),
+            "bins": jmetrics.calibration_bins(s, batch["y"], where=where)}
+
+  total = None
+  for batch in jdata.eval_batches(dataset.test, cfg.eval_batch_size):
+    out = jax.device_get(sums(model_vars, variables,
+                              jtrain.put_batch(batch, mesh)))
+    out = jax.tree.map(lambda a: np.asarray(a, np.float64), out)
+    total = out if total is None else jax.tree.map(np.add, total, out)
+  count = max(float(total["count"]), 1.0)
+  result = {name: float(total[name]) / count
+            for name in ("agreement", "kl", "topk_mass")}
+  if workdir is None:
+    result = {"agreement": None, "kl": None, "topk_mass": None}
+  result["ece"] = float(jmetrics.expected_calibration_error(
+      jmetrics.CalibrationBins(*(jnp.asarray(b) for b in total["bins"]))))
+  return result

@@ -39,11 +39,31 @@ def load_teacher_at(path: str, dataset: jdata.Dataset, mesh, *,
   `jax.ShapeDtypeStruct`s (the memory planner)."""
   spec = read_teacher_spec(path, dataset, flag=flag,
                            dataset_flag=dataset_flag)
+  teacher, like = abstract_teacher(spec, mesh, rules=rules,
+                                   precision=precision, flag=flag,
+                                   who=f"the teacher {spec['name']} ({path})")
+  if abstract:
+    return teacher, like, spec
+  # Restored straight into its shardings (never whole on one device).
+  variables = jtrain.load_model_variables(path, like["params"],
+                                          like["model_state"], flag=flag)
+  return teacher, variables, spec
+
+
+def abstract_teacher(spec: dict, mesh, *,
+                     rules: "jsharding.ShardingRules | None" = None,
+                     precision: str = "float32",
+                     flag: str = "--teacher_checkpoint",
+                     who: str = "the teacher"):
+  """``(FunctionalModel, like)`` of the teacher model ``spec``: ``like`` its
+  ``{"params", "model_state"}`` as `jax.ShapeDtypeStruct`s sharded over
+  ``mesh`` per ``rules`` (default: replicated) and stored in ``precision``
+  (restore into them, or compile on them)."""
   teacher, like, specs = setup.init_model_variables(
       spec, 0, mesh, rules or jsharding.ShardingRules(
           "replicated", flag="--teacher_sharding_rules",
           preset_flag="--teacher_sharding"),
-      flag=flag, who=f"the teacher {spec['name']} ({path})")
+      flag=flag, who=who)
   teacher = teacher.with_param_sharding(jsharding.compute_shardings(
       specs["params"], mesh))
   if precision != "float32":
@@ -54,12 +74,7 @@ def load_teacher_at(path: str, dataset: jdata.Dataset, mesh, *,
             a.shape, dtype if jax.numpy.issubdtype(a.dtype, jax.numpy.floating)
             else a.dtype, sharding=a.sharding), like)
     teacher = teacher.with_compute_dtype(dtype)
-  if abstract:
-    return teacher, like, spec
-  # Restored straight into its shardings (never whole on one device).
-  variables = jtrain.load_model_variables(path, like["params"],
-                                          like["model_state"], flag=flag)
-  return teacher, variables, spec
+  return teacher, like
 
 
 def load_teachers(cfg: Config, dataset: jdata.Dataset, mesh):

@@ -1,6 +1,7 @@
 """One program per mode. Each module's ``run(cfg)`` runs its mode and
-returns a summary; the modes that train one network also have
-``build(cfg, dataset, mesh) -> engine.runner.Job`` (train, distill, peers),
+returns a summary; the modes whose run trains networks with the runner
+also have ``build(cfg, dataset, mesh) -> engine.runner.Job`` (train,
+distill, peers, and distill_lm's online student),
 which the runner (`experiments.engine.runner.run_job`), the memory planner
 and ``--dry_run`` use. Programs import each other's public functions only.
 """
@@ -23,4 +24,4 @@ PROGRAMS = {
 }
 # --mode -> the module whose ``build`` makes the `Job` of one run.
 BUILDERS = {"train": train, "distill": distill, "mutual": peers,
-            "online_distill": peers}
+            "online_distill": peers, "distill_lm": lm}

@@ -39,11 +39,11 @@ from experiments.engine import setup, teachers
 from experiments.engine.workdir import check_workdir, write_atomic
 from experiments.config import Config
 from jdistill import data as jdata
-from jdistill import dataset as jdd
+from jdistill import dataset_distillation as jdd
 from jdistill import models as jmodels
 from jdistill import train as jtrain
-from jdistill.dataset import frepo as frepo_lib
-from jdistill.dataset import kip as kip_lib
+from jdistill.dataset_distillation import frepo as frepo_lib
+from jdistill.dataset_distillation import kip as kip_lib
 
 SYNC_EVERY = 16  # Host sync at least this often (multi-device CPU safety).
 

@@ -34,15 +34,13 @@ import time
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from experiments import machine
-from experiments.engine import runner, setup, teachers
+from experiments.engine import evaluation, runner, setup, teachers
 from experiments.engine.workdir import write_atomic
 from experiments.config import Config
 from jdistill import data as jdata
-from jdistill import metrics as jmetrics
 from jdistill import train as jtrain
 from jdistill.data import teacher_cache as cache_lib
 from jdistill.data import text as text_lib
@@ -251,10 +249,71 @@ def _cache_expectations(cfg: Config, form: str, source_info: dict) -> dict:
   return expected
 
 
+def student_job(cfg: Config, sub: Config, dataset: jdata.Dataset, mesh,
+                run: str, teacher, variables, cache_dir: str | None
+                ) -> runner.Job:
+  """The `runner.Job` of one student: ``run`` is ``online`` (the teacher
+  runs in the step) or a cache form (read from ``cache_dir``); ``sub``
+  holds its loss settings."""
+  source = "online" if run == "online" else run
+  objective = lm_lib.LMDistillObjective(
+      loss=sub.loss, temperature=sub.temperature, kd_weight=sub.kd_weight,
+      ce_weight=sub.ce_weight, reduction=sub.lm_reduction, source=source,
+      fused=sub.lm_fused_kd, chunk_size=sub.lm_chunk_size,
+      topk_variant=cfg.lm_topk_variant, loss_kwargs=sub.loss_kwargs)
+  train_data = None
+  step_teacher = teacher if source == "online" else None
+  step_variables = variables if source == "online" else {}
+  if cache_dir is not None:
+    cache = cache_lib.TeacherCache(cache_dir)
+    train_data = dataclasses.replace(dataset, train=jdata.ZippedSource(
+        dataset.train, _CacheSource(cache), name=f"teacher cache {cache_dir}"))
+
+  def make_step(model, tx, state_sharding, extras):
+    del extras
+    return setup.bind_step(cfg, lm_lib.make_lm_distill_step(
+        model, tx, objective, step_teacher, **setup.step_options(cfg)),
+        mesh, state_sharding, step_variables)
+
+  return runner.Job(name=f"{run} student",
+                    spec=setup.model_spec(sub.model, sub.model_kwargs,
+                                          dataset),
+                    make_step=make_step,
+                    make_eval_step=lm_lib.make_lm_eval_step,
+                    dataset=train_data)
+
+
+def build(cfg: Config, dataset: jdata.Dataset, mesh, *,
+          abstract: bool = False) -> runner.Job:
+  """The `runner.Job` of a student distilled from the online teacher of
+  ``--teacher_checkpoint`` (the table's ``online`` row; what ``--plan``
+  plans). ``abstract``: the teacher's variables are shapes only, and
+  without a checkpoint ``--teacher_model`` describes it."""
+  rules = cfg.sharding_rules_of("teacher")
+  precision = setup.teacher_precision(cfg)
+  if cfg.teacher_checkpoint:
+    teacher, variables, tspec = teachers.load_teacher_at(
+        cfg.teacher_checkpoint, dataset, mesh, dataset_flag="stdlib_text",
+        rules=rules, precision=precision, abstract=abstract)
+  elif abstract:
+    tspec = setup.model_spec(cfg.teacher_model, cfg.teacher_model_kwargs,
+                             dataset)
+    teacher, variables = teachers.abstract_teacher(
+        tspec, mesh, rules=rules, precision=precision, flag="--teacher_model",
+        who=f"the teacher {tspec['name']}")
+  else:
+    raise ValueError("--teacher_checkpoint: required to build one LM "
+                     "student run (--mode=distill_lm trains the teacher "
+                     "first when it is unset)")
+  job = student_job(cfg, cfg, dataset, mesh, "online", teacher, variables,
+                    None)
+  return dataclasses.replace(job, name=f"distill {cfg.model}<-"
+                                       f"{tspec['name']}")
+
+
 def distill_student(cfg: Config, dataset: jdata.Dataset, mesh, run: str,
                     teacher, variables, cache_dir: str | None) -> dict:
   """One student run: ``run`` is ``online`` or a cache form."""
-  source = "online" if run == "online" else run
   keep = _DISTILL_FIELDS + (("lm_topk", "lm_topk_variant")
                             if run == "topk" else ()) + (
                                 ("lm_num_samples", "lm_proposal_temperature")
@@ -262,26 +321,8 @@ def distill_student(cfg: Config, dataset: jdata.Dataset, mesh, run: str,
   sub = _sub_config(cfg, run, keep=keep)
   if run != "online":
     sub = dataclasses.replace(sub, lm_fused_kd=False)
-  objective = lm_lib.LMDistillObjective(
-      loss=sub.loss, temperature=sub.temperature, kd_weight=sub.kd_weight,
-      ce_weight=sub.ce_weight, reduction=sub.lm_reduction, source=source,
-      fused=sub.lm_fused_kd, chunk_size=sub.lm_chunk_size,
-      topk_variant=cfg.lm_topk_variant, loss_kwargs=sub.loss_kwargs)
-  train_data = dataset
-  step_teacher = teacher if source == "online" else None
-  step_variables = variables if source == "online" else {}
-  if cache_dir is not None:
-    cache = cache_lib.TeacherCache(cache_dir)
-    train_data = dataclasses.replace(dataset, train=jdata.ZippedSource(
-        dataset.train, _CacheSource(cache), name=f"teacher cache {cache_dir}"))
-  spec = setup.model_spec(sub.model, sub.model_kwargs, dataset)
-
-  def factory(model, tx, state_sharding):
-    return setup.bind_step(cfg, lm_lib.make_lm_distill_step(
-        model, tx, objective, step_teacher, **setup.step_options(cfg)),
-        mesh, state_sharding, step_variables)
-
-  return _train_lm(sub, train_data, mesh, spec, f"{run} student", factory)
+  return runner.run_job(sub, dataset, mesh, student_job(
+      cfg, sub, dataset, mesh, run, teacher, variables, cache_dir))
 
 
 def _row(name: str, summary_or_eval: dict, *, params: int, source: str,
@@ -300,9 +341,10 @@ def _row(name: str, summary_or_eval: dict, *, params: int, source: str,
 
 def format_lm_table(rows: list[dict[str, Any]], topk: int | None = None
                     ) -> str:
-  """The LM table; rows with `versus_teacher` entries add the agreement
-  with the teacher, KL(t‖s), the teacher's top-``topk`` mass covered by
-  the student's top-``topk`` and the ECE, per validation position."""
+  """The LM table; rows with `evaluation.lm_versus_teacher` entries add
+  the agreement with the teacher, KL(t‖s), the teacher's top-``topk`` mass
+  covered by the student's top-``topk`` and the ECE, per validation
+  position."""
   extra = any("agreement" in r for r in rows)
   head = ("| run | teacher signal | params | val bits/byte | val perplexity "
           "| next-byte acc | cache bytes/token (layout / on disk) | wall s |")
@@ -325,52 +367,6 @@ def format_lm_table(rows: list[dict[str, Any]], topk: int | None = None
         line += " — |" if value is None else f" {scale * value:.{digits}f} |"
     lines.append(line)
   return "\n".join(lines)
-
-
-def versus_teacher(cfg: Config, dataset: jdata.Dataset, mesh, teacher,
-                   variables, workdir: str | None) -> dict[str, float]:
-  """Per validation position, the model under ``workdir`` (``None``: the
-  teacher itself) against the teacher: top-1 agreement, KL(t‖s) at T=1,
-  the teacher's top-``--lm_topk`` mass covered by its top-``--lm_topk``
-  (`jdistill.metrics`), and its ECE over 15 bins. Empty in a multi-process
-  job."""
-  if jax.process_count() != 1:
-    return {}
-  if workdir is None:
-    model, model_vars = teacher, variables
-  else:
-    model, model_vars, _ = teachers.load_teacher_at(
-        workdir, dataset, mesh, flag="--workdir", dataset_flag="stdlib_text")
-  k = min(cfg.lm_topk, dataset.num_classes)
-
-  @jax.jit
-  def sums(mv, tv, batch):
-    s = model.apply(mv["params"], mv["model_state"], batch["x"],
-                    train=False)[0].astype(jnp.float32)
-    t = teacher.apply(tv["params"], tv["model_state"], batch["x"],
-                      train=False)[0].astype(jnp.float32)
-    where = jnp.broadcast_to(batch["mask"][:, None], s.shape[:-1])
-    return {"agreement": jmetrics.top1_agreement(s, t, where=where).sum(),
-            "kl": jmetrics.kl_teacher_student(s, t, where=where).sum(),
-            "topk_mass": jmetrics.topk_mass_covered(
-                s, t, k=k, where=where).sum(),
-            "count": where.sum(),
-            "bins": jmetrics.calibration_bins(s, batch["y"], where=where)}
-
-  total = None
-  for batch in jdata.eval_batches(dataset.test, cfg.eval_batch_size):
-    out = jax.device_get(sums(model_vars, variables,
-                              jtrain.put_batch(batch, mesh)))
-    out = jax.tree.map(lambda a: np.asarray(a, np.float64), out)
-    total = out if total is None else jax.tree.map(np.add, total, out)
-  count = max(float(total["count"]), 1.0)
-  result = {name: float(total[name]) / count
-            for name in ("agreement", "kl", "topk_mass")}
-  if workdir is None:
-    result = {"agreement": None, "kl": None, "topk_mass": None}
-  result["ece"] = float(jmetrics.expected_calibration_error(
-      jmetrics.CalibrationBins(*(jnp.asarray(b) for b in total["bins"]))))
-  return result
 
 
 def _source_info(cfg: Config, corpus: text_lib.TextCorpus,
@@ -447,9 +443,10 @@ def run_distill_lm(cfg: Config) -> dict:
     rows.append(_row(run, summary["test"], params=student_params,
                      source=source, cache=caches.get(run),
                      wall_s=time.perf_counter() - t0))
-    rows[-1].update(versus_teacher(cfg, dataset, mesh, teacher, variables,
-                                   summary["workdir"]))
-  rows[0].update(versus_teacher(cfg, dataset, mesh, teacher, variables, None))
+    rows[-1].update(evaluation.lm_versus_teacher(
+        cfg, dataset, mesh, teacher, variables, summary["workdir"]))
+  rows[0].update(evaluation.lm_versus_teacher(cfg, dataset, mesh, teacher,
+                                              variables, None))
   table = format_lm_table(rows, topk=min(cfg.lm_topk, dataset.num_classes))
   results = {"rows": rows, "corpus": {
       "root": corpus.root, "fingerprint": corpus.fingerprint,

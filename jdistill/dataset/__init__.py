@@ -1,13 +1,13 @@
-"""Kernel-ridge dataset distillation (KIP, RFAD, FRePo, KRR-ST): pure math.
+"""Former name of `jdistill.dataset_distillation` (kernel-ridge dataset
+distillation), kept so that ``from jdistill.dataset import kip`` and the
+like still run; new code imports ``jdistill.dataset_distillation`` (the
+old name was easy to confuse with `jdistill.data`, the data loaders)."""
 
-* ``kernels``: closed-form NNGP/NTK kernels of fully connected and
-  convolutional ReLU networks, random ConvNet features (RFAD), empirical NTK.
-"""
+import sys
 
-from jdistill.dataset.kernels import (KERNELS, Kernels, closed_form_kernel,
-                                      conv_kernels, empirical_ntk,
-                                      fc_kernels, feature_kernel,
-                                      random_conv_features)
-from jdistill.dataset.krr import (centered_one_hot, check_support_classes,
-                                  krr_accuracy, krr_predict)
-from jdistill.dataset import frepo, kip
+from jdistill import dataset_distillation as _new
+from jdistill.dataset_distillation import *  # noqa: F401,F403
+from jdistill.dataset_distillation import frepo, kernels, kip, krr  # noqa: F401
+
+for _name in ("frepo", "kernels", "kip", "krr"):
+  sys.modules[f"{__name__}.{_name}"] = getattr(_new, _name)

@@ -1,5 +1,5 @@
 """Private helpers shared by the losses of `jdistill.losses` (and by
-`jdistill.teachers.combine`): argument validation and the numerical building
+`jdistill.losses.multi_teacher`): argument validation and the numerical building
 blocks of the softmax-based losses.
 
 Everything here runs at trace time on static shapes and dtypes (validation)

@@ -34,7 +34,7 @@ import numpy as np
 # The private helpers shared by the losses (validation, numerics) live in
 # `jdistill.losses._common`. All of them stay importable from this module,
 # where they were defined before, for code outside `jdistill.losses` that
-# still imports them from here (jdistill/teachers/combine.py,
+# still imports them from here (jdistill/losses/multi_teacher.py,
 # jdistill/metrics.py).
 from jdistill.losses._common import (  # noqa: F401
     ArrayLike,

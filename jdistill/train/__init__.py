@@ -31,7 +31,7 @@ from jdistill.train.projectors import (PROJECTOR_KINDS, FeatureProjectors,
                                        FunctionalProjectors, build_projectors,
                                        check_projectable, feature_shapes)
 from jdistill.train.state import FunctionalModel, TrainState
-from jdistill.train.teachers import (STACKINGS, TeacherEnsemble,
+from jdistill.train.ensemble import (STACKINGS, TeacherEnsemble,
                                      shard_teachers)
 from jdistill.train.step import (AUGMENT_VIEWS, NONFINITE_MODES,
                                  accumulate_gradients, augment_key,

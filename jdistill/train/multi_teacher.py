@@ -11,9 +11,9 @@ Logits (``combiner``):
   ensemble teacher, MEAL V2), uniform or with fixed ``teacher_weights``.
 * ``mean_logits`` -- the (weighted) mean of the teachers' logits.
 * ``confidence`` -- CA-MKD: per-example weights from each teacher's
-  cross-entropy on the label (`jdistill.teachers.confidence_weights`).
+  cross-entropy on the label (`jdistill.losses.multi_teacher.confidence_weights`).
 * ``entropy`` -- per-example weights ``softmax(-H_k)`` of the teachers'
-  entropies at temperature ``T`` (`jdistill.teachers.entropy_weights`).
+  entropies at temperature ``T`` (`jdistill.losses.multi_teacher.entropy_weights`).
 * ``best`` -- per example, the teacher with the lowest label loss.
 * ``learned`` -- weights ``softmax(a)`` with logits ``a`` kept in
   `TrainState.combiner_params` (trained with the student, checkpointed).
@@ -24,7 +24,7 @@ Logits (``combiner``):
 * ``per_teacher`` -- the logit loss against every teacher separately,
   summed with (fixed) weights: big_vision's multi-teacher loss. For ``kd``
   it has exactly the student gradient of ``mean_probs``
-  (`jdistill.teachers.multi_teacher_kd` documents the identity); for losses
+  (`jdistill.losses.multi_teacher.multi_teacher_kd` documents the identity); for losses
   that are not linear in the teacher's distribution (DKD, DIST, ...) it
   differs. With teacher dropping, a dropped teacher's examples leave its
   loss's example mask (UNIC's aggregation).
@@ -44,12 +44,12 @@ the terms' weights are divided by ``K`` (the mean over teachers). Options:
 * ``drop_rate`` -- UNIC's teacher dropping: per example, each teacher but
   the one the student matches worst (highest per-teacher KD loss) is dropped
   with probability ``drop_rate`` from the logit combination and from the
-  feature terms (`jdistill.teachers.teacher_dropout_mask`).
+  feature terms (`jdistill.losses.multi_teacher.teacher_dropout_mask`).
 * ``feature_standardize`` -- ``batch``: each teacher's feature is
   standardised with its batch mean and std (one scalar each, the global
   standardisation PHI-S compares with); ``running``: with running
   per-channel statistics kept in the loss state
-  (`jdistill.teachers.FeatureStats`, pooled globally), so that teachers of
+  (`jdistill.losses.multi_teacher.FeatureStats`, pooled globally), so that teachers of
   different feature scales weigh alike.
 """
 
@@ -62,7 +62,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from jdistill import teachers as combine
+from jdistill.losses import multi_teacher as combine
 from jdistill.losses import kd
 from jdistill.train.objective import (DistillObjective, cross_entropy,
                                       masked_mean)
@@ -73,7 +73,7 @@ from jdistill.train.step import (accumulate_and_update,
                                  check_grad_accum_steps, masked_accuracy,
                                  micro_loss_state, student_forward,
                                  value_and_grad)
-from jdistill.train.teachers import TeacherEnsemble
+from jdistill.train.ensemble import TeacherEnsemble
 
 COMBINERS = ("mean_probs", "mean_logits", "confidence", "entropy", "best",
              "learned", "per_teacher")
@@ -507,7 +507,7 @@ def make_ensemble_eval_step(teachers: TeacherEnsemble
   Returns:
     ``eval_step(teacher_variables, unused, batch) -> sums`` (the signature
     of `jdistill.train.evaluate`'s steps) with ``correct`` (of the uniform
-    probability ensemble, `jdistill.teachers.ensemble_probs`),
+    probability ensemble, `jdistill.losses.multi_teacher.ensemble_probs`),
     ``correct<k>`` per teacher, ``loss_sum`` (the ensemble's NLL) and
     ``count``, summed over the unpadded examples.
   """

@@ -499,7 +499,7 @@ def make_cases(fx: dict, rng: random.Random, sample: int | None,
     if context == "tune":
       return ["--mode=tune", "--validation_fraction=0.2", "--num_steps=4",
               "--batch_size=64", "--eval_batch_size=64", "--seeds=0",
-              "--methods=experiments/flags/methods/kd.flags",
+              "--methods=experiments/flags/methods/logit/kd.flags",
               f"--workdir={workdir}"], workdir
     raise ValueError(context)
 
@@ -789,7 +789,7 @@ def make_cases(fx: dict, rng: random.Random, sample: int | None,
     mention = ("--methods", os.path.basename(path))
     c(f"--methods: {label}", argv + [f"--methods={path}"], mention, wd)
   argv, wd = base("compare")
-  kd = "experiments/flags/methods/kd.flags"
+  kd = "experiments/flags/methods/logit/kd.flags"
   c("--methods: the same name twice", argv + [f"--methods={kd},{kd}"],
     ("--methods",), wd)
   for label, path in fx["grids"].items():

@@ -419,7 +419,7 @@ def test_registry():
 
 def test_private_helpers_live_in_common_and_stay_importable_from_logit():
   # jdistill.losses._common holds the helpers the losses share; code outside
-  # the package (jdistill/teachers/combine.py, jdistill/metrics.py) still
+  # the package (jdistill/losses/multi_teacher.py, jdistill/metrics.py) still
   # imports them from jdistill.losses.logit, where they were defined.
   from jdistill.losses import _common, logit
   names = [n for n in vars(_common)

@@ -11,6 +11,9 @@ from absl import flags
 from experiments import config as config_lib
 from experiments import main as main_lib
 
+# Program runs (their checks before the first write).
+pytestmark = pytest.mark.e2e
+
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 MAIN_FLAGFILES = sorted(glob.glob(str(ROOT / "experiments/flags/*.flags")))
 

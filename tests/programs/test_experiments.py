@@ -188,7 +188,7 @@ def test_unknown_flag_and_mode(tmp_path):
      "--aux_loss_kwargs: expected name=number items"),
     (["--kd_weight_schedule_steps=-5"],
      "--kd_weight_schedule_steps must be >= 0"),
-    (["--mode=tune", "--methods=experiments/flags/methods/kd.flags",
+    (["--mode=tune", "--methods=experiments/flags/methods/logit/kd.flags",
       "--tune_grid=experiments/flags/tune/grid_digits.json"],
      "--validation_fraction=0.0: expected a fraction in (0, 1) with "
      "--mode=tune"),
@@ -196,7 +196,7 @@ def test_unknown_flag_and_mode(tmp_path):
       "--tune_grid=experiments/flags/tune/grid_digits.json"],
      "--methods=(): expected the method flagfiles to tune"),
     (["--mode=tune", "--validation_fraction=0.2",
-      "--methods=experiments/flags/methods/kd.flags",
+      "--methods=experiments/flags/methods/logit/kd.flags",
       "--tune_grid=experiments/flags/tune/grid_digits.json"],
      "'bdkd' is not one of the --methods (kd)"),
 ])
@@ -285,18 +285,18 @@ def test_method_files_override_only_loss_settings(tmp_path):
     flags.FLAGS(["test"])
   base = Config(loss="kd", temperature=4.0, loss_kwargs=())
   m = config_lib.apply_method_file(
-      base, str(ROOT / "experiments/flags/methods/dkd.flags"))
+      base, str(ROOT / "experiments/flags/methods/logit/dkd.flags"))
   assert (m.loss, m.loss_kwargs, m.temperature) == (
       "dkd", (("alpha", 1.0), ("beta", 8.0)), 4.0)
   m = config_lib.apply_method_file(
-      base, str(ROOT / "experiments/flags/methods/kd_standardized.flags"))
+      base, str(ROOT / "experiments/flags/methods/logit/kd_standardized.flags"))
   assert m.standardize_logits and m.temperature == 2.0
   m = config_lib.apply_method_file(
       base.replace(aux_loss="jsd"),
-      str(ROOT / "experiments/flags/methods/kd.flags"))
+      str(ROOT / "experiments/flags/methods/logit/kd.flags"))
   assert m.aux_loss is None  # A method names all of its losses.
   m = config_lib.apply_method_file(
-      base, str(ROOT / "experiments/flags/methods/sinkhorn.flags"))
+      base, str(ROOT / "experiments/flags/methods/logit/sinkhorn.flags"))
   assert (m.loss, m.aux_loss) == ("kd", "sinkhorn")
   bad = tmp_path / "bad.flags"
   bad.write_text("--model=cnn1d\n")
@@ -310,7 +310,7 @@ def test_method_files_override_only_loss_settings(tmp_path):
 
 @pytest.mark.slow  # CI budget; run with -m slow.
 def test_compare_with_method_files_writes_one_row_per_method(tmp_path):
-  m = "experiments/flags/methods"
+  m = "experiments/flags/methods/logit"
   proc = _main("--flagfile=experiments/flags/methods_mnist1d_defaults.flags",
                f"--workdir={tmp_path}", "--teacher_num_steps=16",
                "--num_steps=16", "--seeds=0", "--log_every=8",
@@ -332,7 +332,7 @@ def test_tune_chooses_on_the_validation_split_and_writes_method_files(
   grid = tmp_path / "grid.json"
   grid.write_text('{"kd": {"temperature": [1, 8], "kd_weight": [0, 3]}}')
   out = tmp_path / "tuned"
-  m = "experiments/flags/methods"
+  m = "experiments/flags/methods/logit"
   proc = _main("--flagfile=experiments/flags/tune_digits.flags",
                f"--workdir={tmp_path / 'tune'}", "--num_steps=32",
                "--teacher_num_steps=32", "--seeds=0,1", "--log_every=16",
@@ -377,7 +377,7 @@ def test_tune_grid_errors(tmp_path):
   grid = tmp_path / "grid.json"
   base = ["--flagfile=experiments/flags/tune_digits.flags",
           f"--workdir={tmp_path / 'tune'}", "--num_steps=4",
-          "--methods=experiments/flags/methods/kd.flags",
+          "--methods=experiments/flags/methods/logit/kd.flags",
           f"--tune_grid={grid}"]
   grid.write_text("{kd: 1}")
   _one_line_error(_main(*base), f"--tune_grid={grid}: expected JSON")

@@ -11,7 +11,7 @@ import pytest
 from experiments import run as run_lib
 from experiments.config import Config
 from jdistill import data as jdata
-from jdistill.dataset import centered_one_hot, kip
+from jdistill.dataset_distillation import centered_one_hot, kip
 from tests.programs.test_experiments import ROOT, _main, _one_line_error
 
 pytestmark = pytest.mark.e2e

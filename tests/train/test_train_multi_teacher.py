@@ -71,7 +71,7 @@ def test_mean_logits_and_per_teacher_match_numpy():
 
 def test_per_teacher_kd_has_the_gradient_of_the_probability_ensemble():
   # big_vision: KL averaged over teachers trains the student like KD from
-  # the probability ensemble (documented in jdistill.teachers).
+  # the probability ensemble (documented in jdistill.losses.multi_teacher).
   s, t, y = _logits(3)
 
   def grad(combiner):

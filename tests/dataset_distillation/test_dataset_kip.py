@@ -1,4 +1,4 @@
-"""Tests for jdistill.dataset.krr and jdistill.dataset.kip.
+"""Tests for jdistill.dataset_distillation.krr and jdistill.dataset_distillation.kip.
 
 References: ``np.linalg.solve`` in float64 (``tests/reference/
 numpy_kernels.py``), finite differences in float64, numpy label counting,
@@ -17,7 +17,7 @@ import pytest
 
 from jdistill import train
 from jdistill.data import load_dataset
-from jdistill.dataset import kernels, kip, krr
+from jdistill.dataset_distillation import kernels, kip, krr
 from tests.kernel_testing import assert_rel, normal, rel
 from tests.loss_testing import finite_diff
 from tests.reference import numpy_kernels as ref

@@ -1,4 +1,4 @@
-"""Tests for jdistill.teachers against float64 numpy references.
+"""Tests for jdistill.losses.multi_teacher against float64 numpy references.
 
 The references (``tests/reference/numpy_teachers.py``) do not import jdistill;
 they include literal transcriptions of CA-MKD's weights and loss, EBKD's
@@ -13,7 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jdistill import teachers
+from jdistill.losses import multi_teacher as teachers
 from jdistill.losses import logit
 from tests.reference import numpy_teachers as ref
 from tests.loss_testing import (
@@ -80,9 +80,13 @@ def test_stack_teacher_outputs():
 
 
 def test_exports():
-  assert set(teachers.__all__) == set(teachers.combine.__all__)
+  """The former package `jdistill.teachers` (and its ``combine``) re-export
+  every public name of this module."""
+  from jdistill import teachers as former
+  assert set(former.__all__) == set(teachers.__all__)
   for name in teachers.__all__:
-    assert getattr(teachers, name) is getattr(teachers.combine, name)
+    assert getattr(former, name) is getattr(teachers, name)
+  assert former.combine is teachers
 
 
 # ---------------------------------------------------------------------------

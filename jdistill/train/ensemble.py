@@ -6,7 +6,7 @@ compiles one program for the group instead of one per teacher. Teachers of
 different architectures form separate groups, each with its own forward,
 inside the same jitted step. `TeacherEnsemble.apply` returns the teachers'
 logits stacked as ``[num_teachers, batch, classes]`` in the order the
-teachers were given, the layout of the combiners in `jdistill.teachers`.
+teachers were given, the layout of the combiners in `jdistill.losses.multi_teacher`.
 
 The stacked variables can be sharded over a mesh axis (`shard_teachers`):
 each device then holds only its slice of the teachers, so a set of teachers

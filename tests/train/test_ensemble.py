@@ -12,7 +12,7 @@ from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
 
 from jdistill.models import create_model
 from jdistill.train import FunctionalModel
-from jdistill.train.teachers import TeacherEnsemble, shard_teachers
+from jdistill.train.ensemble import TeacherEnsemble, shard_teachers
 
 
 def _teacher(name, seed, classes=10, **kw):

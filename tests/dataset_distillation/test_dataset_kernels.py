@@ -1,4 +1,4 @@
-"""Tests for jdistill.dataset.kernels against independent references.
+"""Tests for jdistill.dataset_distillation.kernels against independent references.
 
 References: the neural-tangents 0.6.5 fixture (``tests/fixtures/
 nt_kernels.npz``, float64, computed in a separate environment), plain
@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 from jax.flatten_util import ravel_pytree
 
-from jdistill.dataset import kernels
+from jdistill.dataset_distillation import kernels
 from tests.kernel_testing import assert_rel, normal, rel
 from tests.loss_testing import finite_diff
 from tests.reference import numpy_kernels as ref

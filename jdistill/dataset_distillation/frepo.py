@@ -35,8 +35,8 @@ import jax.numpy as jnp
 import optax
 from jax.sharding import PartitionSpec as P
 
-from jdistill.dataset.kip import apply_support_gradients
-from jdistill.dataset.krr import krr_predict
+from jdistill.dataset_distillation.kip import apply_support_gradients
+from jdistill.dataset_distillation.krr import krr_predict
 
 InitFn = Callable[[jax.Array], Any]
 ApplyFn = Callable[[Any, jax.Array], tuple[jax.Array, jax.Array]]

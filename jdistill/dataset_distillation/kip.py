@@ -18,7 +18,7 @@ Support sets start from real examples of each class (`init_support`) with
 centred one-hot labels; target batches are class-balanced
 (`class_balanced_indices`); inputs may be ZCA-whitened first (`fit_zca`).
 Targets need not be labels: any ``[batch, d]`` regression target works,
-which is how the self-supervised variant (`jdistill.dataset.frepo`) regresses
+which is how the self-supervised variant (`jdistill.dataset_distillation.frepo`) regresses
 a model's representations.
 """
 
@@ -33,8 +33,8 @@ import numpy as np
 import optax
 from jax.sharding import PartitionSpec as P
 
-from jdistill.dataset import kernels as kernels_lib
-from jdistill.dataset.krr import centered_one_hot, krr_predict
+from jdistill.dataset_distillation import kernels as kernels_lib
+from jdistill.dataset_distillation.krr import centered_one_hot, krr_predict
 
 # kernel(key, x1, x2) -> [n1, n2] (x2=None: x1's own kernel); closed-form
 # kernels ignore the key.
