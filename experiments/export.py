@@ -88,6 +88,22 @@ def define_flags(flag_values: flags.FlagValues) -> None:
                        "online_distill hold several peers: export peer k "
                        "(0: the online teacher, 1: its student).",
                        lower_bound=0, flag_values=flag_values)
+  flags.DEFINE_enum("format", "jdistill", ["jdistill", "hf"],
+                    "jdistill: model.json + orbax variables; hf: a Hugging "
+                    "Face checkpoint directory (config.json, safetensors, "
+                    "tokenizer) of a decoder student, which transformers "
+                    "loads with from_pretrained (LoRA adapters merged).",
+                    flag_values=flag_values)
+  flags.DEFINE_string("tokenizer", None, "--format=hf: the directory whose "
+                      "tokenizer files are copied along (default: the run's "
+                      "--tokenizer / --teacher_hf from run_config.json).",
+                      flag_values=flag_values)
+  flags.DEFINE_enum("hf_lora", "merge", ["merge", "peft"],
+                    "--format=hf of a LoRA student: merge the adapters into "
+                    "the weights (a plain checkpoint), or write only the "
+                    "adapters in PEFT's format (adapter_config.json + "
+                    "adapter_model.safetensors) for the base model.",
+                    flag_values=flag_values)
   flags.DEFINE_boolean("debug", False, "Show full tracebacks for errors.",
                        flag_values=flag_values)
 
@@ -343,8 +359,11 @@ def _move_into_place(tmp: str, out: str) -> None:
 
 
 def export_run(workdir: str, out: str, *, step: int | None = None,
-               overwrite: bool = False, peer: int | None = None) -> dict:
-  """Exports the student of run ``workdir`` to ``out``.
+               overwrite: bool = False, peer: int | None = None,
+               export_format: str = "jdistill",
+               tokenizer: str | None = None, hf_lora: str = "merge") -> dict:
+  """Exports the student of run ``workdir`` to ``out`` (``export_format``
+  ``"hf"``: a Hugging Face checkpoint directory, `_export_hf`).
 
   Args:
     workdir: the run's ``--workdir``.
@@ -384,6 +403,10 @@ def export_run(workdir: str, out: str, *, step: int | None = None,
     raise ValueError(f"--step={step}: --workdir={workdir} has no checkpoint "
                      f"at step {step}; expected one of: {_steps_text(steps)}")
   variables = restore_model_variables(workdir, spec, step, steps)
+  if export_format == "hf":
+    return _export_hf(workdir, out, spec, variables, step,
+                      tokenizer=tokenizer, overwrite=overwrite,
+                      hf_lora=hf_lora)
   if peers is not None:  # One peer, as the model it is on its own.
     from jdistill.models import peer_variables
     variables = peer_variables(variables, peer)
@@ -421,6 +444,67 @@ def export_run(workdir: str, out: str, *, step: int | None = None,
 # The program.
 
 
+def _run_flag(workdir: str, name: str):
+  """A flag of the run's run_config.json (or its parent's), else None."""
+  for path in (os.path.join(workdir, "run_config.json"),
+               os.path.join(os.path.dirname(os.path.abspath(workdir)),
+                            "run_config.json")):
+    try:
+      with open(path) as f:
+        config = json.load(f)
+    except (OSError, ValueError):
+      continue
+    config = config.get("config", config)
+    if config.get(name):
+      return config[name]
+  return None
+
+
+def _run_tokenizer(workdir: str) -> str | None:
+  """The tokenizer directory a run's corpus was made with (its
+  --tokenizer, else --teacher_hf / --student_hf)."""
+  return (_run_flag(workdir, "tokenizer") or _run_flag(workdir, "teacher_hf")
+          or _run_flag(workdir, "student_hf"))
+
+
+def _export_hf(workdir: str, out: str, spec: dict, variables: dict,
+               step: int, *, tokenizer: str | None, overwrite: bool,
+               hf_lora: str = "merge") -> dict:
+  """``--format=hf``: the decoder student as a Hugging Face directory."""
+  from jdistill import hf
+  from jdistill.models.decoder import DecoderConfig
+  if spec["name"] != "decoder":
+    raise ValueError(f"--format=hf: --workdir={workdir} trained "
+                     f"{spec['name']!r}; only decoder students (the "
+                     f"--teacher_hf LM job) export as Hugging Face "
+                     f"checkpoints")
+  config = DecoderConfig.from_hf(spec["kwargs"]["hf_config"],
+                                 source=f"{workdir}/model.json")
+  tokenizer = tokenizer or _run_tokenizer(workdir)
+  if tokenizer and os.path.isfile(tokenizer):
+    tokenizer = os.path.dirname(tokenizer)
+  if os.path.exists(out) and os.listdir(out) and not (
+      overwrite and os.path.exists(os.path.join(out, hf.CONFIG_FILE))):
+    raise ValueError(f"--out={out}: exists and is not empty; expected a new "
+                     "directory (or --overwrite of an earlier HF export)")
+  if hf_lora == "peft":
+    from jdistill.train import lora
+    if not lora.has_lora(variables["params"]):
+      raise ValueError(f"--hf_lora=peft: --workdir={workdir} trained no LoRA "
+                       f"adapters (--lora_rank=0); use --hf_lora=merge")
+    lora.save_peft_adapter(
+        out, variables["params"],
+        base_model_name_or_path=_run_flag(workdir, "student_hf") or "")
+  else:
+    hf.save_model(out, None, variables, config=config,
+                  tokenizer_dir=tokenizer)
+  return {"name": "decoder", "format": "hf", "step": int(step),
+          "source_workdir": os.path.abspath(workdir),
+          "tokenizer": tokenizer,
+          "param_count": int(sum(math.prod(x.shape) for x in _flatten(
+              hf.merge_lora(variables["params"])).values()))}
+
+
 def run_export(argv: list[str],
                flag_values: flags.FlagValues | None = None) -> int:
   """The whole program for command line ``argv`` (program name first);
@@ -449,7 +533,9 @@ def run_export(argv: list[str],
                             else "the directory to write the export to"))
     result["spec"] = export_run(
         flag_values.workdir, flag_values.out, step=flag_values.step,
-        overwrite=flag_values.overwrite, peer=flag_values.peer)
+        overwrite=flag_values.overwrite, peer=flag_values.peer,
+        export_format=flag_values.format, tokenizer=flag_values.tokenizer,
+        hf_lora=flag_values.hf_lora)
 
   status = cli.report_errors(body, debug=debug, input_errors=INPUT_ERRORS)
   if status:

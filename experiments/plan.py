@@ -44,7 +44,9 @@ def _abstract_batch(cfg: Config, dataset, mesh, *, lm: bool) -> dict:
   b = cfg.batch_size
   x = dataset.train.get_batch(np.arange(1))
   batch = {}
-  for key in ("x", "y"):
+  keys = ("x", "y") + tuple(k for k in ("segment_ids", "positions",
+                                         "token_mask") if lm and k in x)
+  for key in keys:
     value = np.asarray(x[key])
     batch[key] = jax.ShapeDtypeStruct((b, *value.shape[1:]), value.dtype,
                                       sharding=sharding)
@@ -59,7 +61,11 @@ def run_plan(cfg: Config, log=print) -> dict[str, Any]:
   lm = cfg.mode == "distill_lm"
   if lm:
     from experiments.programs import lm as lm_program
-    dataset, _ = lm_program.load_lm_data(cfg)
+    from experiments.programs import lm_hf
+    if lm_hf.hf_mode(cfg):
+      dataset = lm_hf.plan_dataset(cfg, lm_hf.check_setup(cfg, plan=True))
+    else:
+      dataset, _ = lm_program.load_lm_data(cfg)
   else:
     dataset = setup.load_data(cfg)
   mesh = setup.make_mesh(cfg)

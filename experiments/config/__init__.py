@@ -243,17 +243,32 @@ def check_across(cfg) -> None:
           "--teacher_checkpoint", cfg.teacher_checkpoint,
           "the workdir of a --mode=train run whose penultimate "
           "representations --kip_method=krr_st distills")
+  if not lm_mode:
+    for name in ("teacher_hf", "student_hf", "student_config",
+                 "student_init", "tokenizer"):
+      check(not getattr(cfg, name), f"--{name}", getattr(cfg, name),
+            "only with --mode=distill_lm or cache_lm")
+    check(not cfg.lora_rank, "--lora_rank", cfg.lora_rank,
+          "0 outside --mode=distill_lm")
   if lm_mode:
-    check(not (cfg.lm_fused_kd and cfg.ce_weight), "--lm_fused_kd",
-          cfg.lm_fused_kd, "only with --ce_weight=0 (the fused loss is the "
-          "KD term alone; a CE term would materialise the student's "
-          "logits)")
-    check(cfg.model == "causal_lm", "--model", cfg.model,
-          "causal_lm for --mode=distill_lm/cache_lm")
-    check(cfg.teacher_model == "causal_lm", "--teacher_model",
-          cfg.teacher_model, "causal_lm for --mode=distill_lm/cache_lm")
+    if cfg.teacher_hf or cfg.student_hf or cfg.student_config:
+      check(not cfg.teacher_checkpoint, "--teacher_checkpoint",
+            cfg.teacher_checkpoint, "unset with --teacher_hf")
+      check(bool(cfg.student_hf or cfg.student_config or cfg.student_init)
+            or cfg.mode == "cache_lm", "--student_hf", cfg.student_hf,
+            "the student: --student_hf=DIR, --student_config=FILE or "
+            "--student_init=teacher_layers:... with --teacher_hf")
+    else:
+      check(cfg.model == "causal_lm", "--model", cfg.model,
+            "causal_lm for --mode=distill_lm/cache_lm (a Hugging Face "
+            "decoder comes with --teacher_hf)")
+      check(cfg.teacher_model == "causal_lm", "--teacher_model",
+            cfg.teacher_model, "causal_lm for --mode=distill_lm/cache_lm")
+      check(not cfg.lora_rank, "--lora_rank", cfg.lora_rank,
+            "0 without --teacher_hf (LoRA adapts decoder students)")
   if cfg.mode == "cache_lm":
-    check(bool(cfg.teacher_checkpoint), "--teacher_checkpoint",
+    check(bool(cfg.teacher_checkpoint or cfg.teacher_hf),
+          "--teacher_checkpoint",
           cfg.teacher_checkpoint, "the teacher workdir whose outputs "
           "--mode=cache_lm writes")
     check(bool(cfg.lm_cache_dir), "--lm_cache_dir", cfg.lm_cache_dir,
@@ -443,6 +458,8 @@ def check_paths(cfg: Config) -> None:
   code that reads it."""
   dirs = [("--workdir", cfg.workdir),
           ("--teacher_checkpoint", cfg.teacher_checkpoint),
+          ("--teacher_hf", cfg.teacher_hf),
+          ("--student_hf", cfg.student_hf),
           ("--data_dir", cfg.data_dir),
           ("--tune_output_dir", cfg.tune_output_dir),
           ("--lm_cache_dir", cfg.lm_cache_dir)]

@@ -154,6 +154,54 @@ class LmSection(Section):
       4, "int",
       "Shards (files) of "
       "a teacher cache.")
+  teacher_hf: str | None = option(
+      None, "str",
+      "distill_lm/cache_lm: a Hugging Face checkpoint directory "
+      "(config.json + safetensors; Llama, Mistral, Qwen2/3, Gemma 2/3) as "
+      "the teacher, instead of the byte-level causal_lm; the data is then "
+      "--corpus tokenized with its tokenizer.")
+  student_hf: str | None = option(
+      None, "str",
+      "distill_lm with --teacher_hf: the student as a Hugging Face "
+      "checkpoint directory (a pretrained or pruned student).")
+  student_config: str | None = option(
+      None, "str",
+      "distill_lm with --teacher_hf: a config.json for a randomly "
+      "initialised student.")
+  student_init: str | None = option(
+      None, "str",
+      "distill_lm with --teacher_hf: teacher_layers:0,2,4,... makes the "
+      "student of these teacher layers (the teacher's config with fewer "
+      "layers, its embeddings, norms and head).")
+  corpus: tuple[str, ...] = option(
+      ("stdlib",), "strs",
+      "distill_lm with --teacher_hf: text files (.txt, .jsonl, .parquet) "
+      "or 'stdlib' (the embedded Python standard library), tokenized once "
+      "with the teacher's tokenizer and packed into --seq_len windows "
+      "under <workdir>/corpus.")
+  text_field: str = option(
+      "text", "str",
+      "The text field of --corpus .jsonl/.parquet records (chat records "
+      "with 'messages' or 'prompt'/'response' need none).")
+  corpus_max_documents: int = option(
+      0, "int",
+      "--corpus=stdlib: at most this many files (0: all).")
+  tokenizer: str | None = option(
+      None, "str",
+      "The tokenizer.json (or its directory) of --corpus; default: "
+      "--teacher_hf's.")
+  lora_rank: int = option(
+      0, "int",
+      "distill_lm with --teacher_hf: LoRA adapters of this rank on the "
+      "student's --lora_targets; only they train (0: full fine-tuning).")
+  lora_targets: tuple[str, ...] = option(
+      ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj",
+       "down_proj"), "strs",
+      "The student projections that get LoRA adapters.")
+  lora_alpha: float = option(
+      0.0, "float",
+      "LoRA scale numerator: adapters add (x A B) * alpha / rank "
+      "(0: alpha = rank).")
 
 
   def validate(self) -> None:
@@ -171,3 +219,30 @@ class LmSection(Section):
     one_of(self, "lm_cache_form", LM_CACHE_FORMS)
     check(self.lm_proposal_temperature > 0, "--lm_proposal_temperature",
           self.lm_proposal_temperature, "a positive number")
+    given = [n for n in ("student_hf", "student_config", "student_init")
+             if getattr(self, n)]
+    check(len(given) <= 1, f"--{given[-1] if given else 'student_hf'}",
+          getattr(self, given[-1]) if given else None,
+          "one of --student_hf, --student_config, --student_init")
+    if self.student_init:
+      check(bool(self.teacher_hf), "--student_init", self.student_init,
+            "only with --teacher_hf (the layers are the teacher's)")
+    if self.student_init:
+      ok = self.student_init.startswith("teacher_layers:")
+      layers = self.student_init.split(":", 1)[-1].split(",")
+      check(ok and all(x.strip().lstrip("-").isdigit() for x in layers),
+            "--student_init", self.student_init,
+            "teacher_layers:I,J,... (teacher layer indices)")
+    from jdistill.models.decoder import LORA_TARGETS
+    check(len(self.lora_targets) > 0
+          and set(self.lora_targets) <= set(LORA_TARGETS),
+          "--lora_targets", ",".join(self.lora_targets),
+          f"some of {', '.join(LORA_TARGETS)}")
+    check(self.lora_rank >= 0, "--lora_rank", self.lora_rank,
+          "a non-negative integer (0: no LoRA)")
+    check(self.lora_alpha >= 0, "--lora_alpha", self.lora_alpha,
+          "a non-negative number (0: alpha = rank)")
+    check(self.corpus_max_documents >= 0, "--corpus_max_documents",
+          self.corpus_max_documents, "a non-negative integer (0: all)")
+    check(len(self.corpus) > 0, "--corpus", self.corpus,
+          "text files or stdlib")

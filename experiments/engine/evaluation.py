@@ -28,6 +28,7 @@ from experiments.engine import setup, teachers
 from jdistill import data as jdata
 from jdistill import metrics as jmetrics
 from jdistill import train as jtrain
+from jdistill.train import lm as lm_lib
 
 NUM_BINS = 15
 METRICS = ("agreement", "kl", "ece")
@@ -129,11 +130,12 @@ def lm_versus_teacher(cfg: Config, dataset: jdata.Dataset, mesh, teacher,
 
   @jax.jit
   def sums(mv, tv, batch):
+    inputs = lm_lib.model_inputs(batch)
     s = model.apply(mv["params"], mv["model_state"], batch["x"],
-                    train=False)[0].astype(jnp.float32)
+                    train=False, **inputs)[0].astype(jnp.float32)
     t = teacher.apply(tv["params"], tv["model_state"], batch["x"],
-                      train=False)[0].astype(jnp.float32)
-    where = jnp.broadcast_to(batch["mask"][:, None], s.shape[:-1])
+                      train=False, **inputs)[0].astype(jnp.float32)
+    where = lm_lib.token_mask(batch)
     return {"agreement": jmetrics.top1_agreement(s, t, where=where).sum(),
             "kl": jmetrics.kl_teacher_student(s, t, where=where).sum(),
             "topk_mass": jmetrics.topk_mass_covered(

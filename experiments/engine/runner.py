@@ -12,6 +12,8 @@ every program.
 from __future__ import annotations
 
 import dataclasses
+import json
+import os
 import time
 from typing import Any, Callable
 
@@ -28,6 +30,7 @@ from jdistill import train as jtrain
 from jdistill.train import mutual as jmutual
 from jdistill.train import precision as precision_lib
 from jdistill.train import sharding as jsharding
+from jdistill.train.checkpoint import MODEL_SPEC_FILE
 
 
 @dataclasses.dataclass(frozen=True)
@@ -62,6 +65,12 @@ class Job:
     dataset: the data to train on when it differs from the program's (the
       training split zipped with cached teacher logits).
     summary: entries added to the run's summary (e.g. the teacher's name).
+    initial_params: ``abstract_params -> params``: weights the student
+      starts from instead of its initialisation (a Hugging Face student,
+      teacher layers), a sub-tree of the params (entries it lacks, such as
+      LoRA adapters, keep their initial values); arrays in the shardings
+      of ``abstract_params`` (sharded `jax.ShapeDtypeStruct`s).
+    optimizer: ``tx -> tx``, e.g. LoRA's (only the adapters train).
   """
 
   name: str
@@ -73,6 +82,8 @@ class Job:
   ema: bool = False
   dataset: jdata.Dataset | None = None
   summary: dict = dataclasses.field(default_factory=dict)
+  initial_params: Callable[[Any], Any] | None = None
+  optimizer: Callable[[Any], Any] | None = None
 
 
 def prepare(cfg: Config, job: Job, tx, mesh):
@@ -89,10 +100,13 @@ def prepare(cfg: Config, job: Job, tx, mesh):
   student = setup.student_precision(cfg, student)
   extras = (job.init_extras(student, params, model_state)
             if job.init_extras else Extras())
+  if job.optimizer is not None:
+    tx = job.optimizer(tx)
   init = StateInit.create(cfg, job.spec, tx, mesh,
                           loss_state=extras.loss_state,
                           projector_params=extras.projector_params,
-                          combiner_params=extras.combiner_params, ema=job.ema)
+                          combiner_params=extras.combiner_params, ema=job.ema,
+                          initial_params=job.initial_params)
   return student, tx, extras, init
 
 
@@ -105,6 +119,7 @@ def run_job(cfg: Config, dataset: jdata.Dataset, mesh, job: Job
   spec, name = job.spec, job.name
   student, tx, extras, init = prepare(cfg, job, tx, mesh)
   record_settings = check_workdir(cfg)
+  _check_same_model(cfg.workdir, spec)
   if cfg.mesh:
     log(f"[{name}] " + init.describe())
   jtrain.write_model_spec(cfg.workdir, spec)
@@ -199,11 +214,12 @@ class StateInit:
   specs: Any
   report: list
   mesh: Any
+  initial_params: Callable[[Any], Any] | None = None
 
   @classmethod
   def create(cls, cfg: Config, spec: dict, tx, mesh, *, loss_state=None,
              projector_params=None, combiner_params=None,
-             ema: bool = False) -> "StateInit":
+             ema: bool = False, initial_params=None) -> "StateInit":
     create_model = setup.model_constructor(spec, cfg.seed, remat=cfg.remat)
     extras = {"loss_state": loss_state if loss_state is not None else {},
               "projector_params": projector_params or {},
@@ -212,8 +228,10 @@ class StateInit:
     precision_state = precision_lib.get_policy(
         cfg.precision).init_precision_state()
 
-    def make_state(extras):
+    def make_state(extras, initial=None):
       _, params, model_state = jtrain.FunctionalModel.split(create_model())
+      if initial is not None:
+        params = _overlay(params, initial)
       return jtrain.TrainState.create(params, model_state, tx, cfg.seed,
                                       precision_state=precision_state,
                                       ema=ema, **extras)
@@ -231,10 +249,13 @@ class StateInit:
     shardings = jsharding.named(mesh, specs)
     return cls(jax.jit(make_state, out_shardings=shardings), extras,
                jsharding.abstract_with_shardings(abstract, shardings),
-               shardings, specs, report, mesh)
+               shardings, specs, report, mesh, initial_params)
 
   def __call__(self):
-    return self.jitted(jtrain.replicate(self.extras, self.mesh))
+    extras = jtrain.replicate(self.extras, self.mesh)
+    if self.initial_params is None:
+      return self.jitted(extras)
+    return self.jitted(extras, self.initial_params(self.abstract.params))
 
   def describe(self) -> str:
     whole = jsharding.bytes_per_device(
@@ -247,6 +268,38 @@ class StateInit:
     return (f"mesh {jtrain.format_mesh(self.mesh)}: student {n:,} parameters"
             f"; train state {mine / 2**20:.2f} MiB per device of "
             f"{whole / 2**20:.2f} MiB" + (f" ({note})" if note else ""))
+
+
+def _check_same_model(workdir: str, spec: dict) -> None:
+  """Refuses to resume a workdir whose checkpoints are of another model
+  (e.g. the same --student_config path with other contents)."""
+  path = os.path.join(workdir, MODEL_SPEC_FILE)
+  if not os.path.exists(path):
+    return
+  with open(path) as f:
+    old = json.load(f)
+  new = json.loads(json.dumps(spec, sort_keys=True, default=str))
+  if old != new:
+    keys = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
+    raise ValueError(f"--workdir={workdir} holds a run of another model "
+                     f"({MODEL_SPEC_FILE} differs in "
+                     f"{', '.join(keys)}); use a new --workdir")
+
+
+def _overlay(params, initial):
+  """``params`` with the entries of the sub-tree ``initial`` replaced (cast
+  to their dtype; a shape mismatch is an error naming the entry)."""
+  if not isinstance(initial, dict):
+    if tuple(initial.shape) != tuple(params.shape):
+      raise ValueError(f"initial weights of shape {tuple(initial.shape)} for "
+                       f"a parameter of shape {tuple(params.shape)}")
+    return initial.astype(params.dtype)
+  unknown = sorted(set(initial) - set(params))
+  if unknown:
+    raise ValueError(f"initial weights have entries {unknown} that the "
+                     f"student does not")
+  return {k: _overlay(v, initial[k]) if k in initial else v
+          for k, v in params.items()}
 
 
 def format_timing(timing: dict) -> str:

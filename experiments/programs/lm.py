@@ -40,6 +40,7 @@ from experiments import machine
 from experiments.engine import evaluation, runner, setup, teachers
 from experiments.engine.workdir import write_atomic
 from experiments.config import Config
+from experiments.programs import lm_hf
 from jdistill import data as jdata
 from jdistill import train as jtrain
 from jdistill.data import teacher_cache as cache_lib
@@ -146,22 +147,44 @@ def write_cache(cfg: Config, dataset: jdata.Dataset, mesh, teacher,
   """Runs the teacher once over the training set and writes its ``form``
   targets to ``directory`` (atomically: a crash leaves no cache).
 
+  In a multi-process job every process runs the teacher on its own
+  contiguous share of the sequences and writes its own shards; process 0
+  commits one index after a barrier (`jdistill.data.teacher_cache`), so no
+  host handles the whole cache. This needs each process to feed its own
+  slice of the batch (``data`` / ``fsdp`` across hosts). The sampled
+  cache's draws are keyed by ``(--seed, process, batch)``, so they differ
+  between process counts (each is unbiased).
+
   Returns:
     the cache's metadata plus ``build_s`` (wall seconds).
   """
-  if jax.process_count() > 1:
-    raise ValueError("--mode=cache_lm/distill_lm write teacher caches from a "
-                     "single process; run it with --num_processes=1")
+  processes = jax.process_count()
+  index, count = jtrain.local_batch_slice(mesh)
+  if processes > 1 and count != processes:
+    raise ValueError(
+        f"--mesh={cfg.mesh}: teacher caches are written by each process for "
+        f"its own slice of the batch, but this mesh makes {processes} "
+        f"processes feed {count} slices; put data or fsdp across the hosts")
+  if cfg.eval_batch_size % count:
+    raise ValueError(f"--eval_batch_size={cfg.eval_batch_size}: expected a "
+                     f"multiple of the {count} processes")
   outputs = lm_lib.make_lm_teacher_outputs(teacher)
   targets = _cache_targets(cfg, form)
+  spec = jtrain.batch_spec(mesh)
 
   @jax.jit
-  def compute(variables, tokens, key):
-    return targets(outputs(variables, tokens), key)
+  def compute(variables, batch, key):
+    return targets(outputs(variables, batch["x"],
+                           **lm_lib.model_inputs(batch)), key)
 
   base_key = jax.random.key(cfg.seed + 7919)
   start = time.perf_counter()
   n = len(dataset.train)
+  barrier = None
+  if processes > 1:
+    from jax.experimental import multihost_utils
+    barrier = lambda: multihost_utils.sync_global_devices(  # noqa: E731
+        f"teacher cache {directory}")
   writer = cache_lib.TeacherCacheWriter(
       directory, form=form, vocab_size=dataset.num_classes,
       seq_len=cfg.seq_len, num_sequences=n, num_shards=cfg.lm_cache_shards,
@@ -170,23 +193,36 @@ def write_cache(cfg: Config, dataset: jdata.Dataset, mesh, teacher,
       temperature=cfg.temperature if form != "dense" else 1.0,
       proposal_temperature=(cfg.lm_proposal_temperature
                             if form == "sampled" else 1.0),
-      source=source_info)
+      source=source_info, process_index=index, process_count=processes,
+      barrier=barrier)
+  mine = writer.sequence_range or range(n)
+  local = cfg.eval_batch_size // count
+  # Every process runs the same number of steps (the shares differ by one).
+  num_batches = -(-(-(-n // processes)) // local)
   with writer:
     pending = []
 
     def drain():
-      for first, valid, out in pending:
+      for ids, out in pending:
+        if processes > 1:
+          from jax.experimental import multihost_utils
+          out = multihost_utils.global_array_to_host_local_array(
+              out, mesh, spec)
         out = jax.device_get(out)
-        for j in range(valid):
-          writer.add(first + j, {k: v[j] for k, v in out.items()})
+        for j, i in enumerate(ids):
+          writer.add(int(i), {k: v[j] for k, v in out.items()})
       pending.clear()
 
-    for b, batch in enumerate(jdata.eval_batches(dataset.train,
-                                                 cfg.eval_batch_size)):
-      valid = int(np.sum(batch["mask"]))
-      out = compute(variables, jtrain.put_batch({"x": batch["x"]}, mesh)["x"],
-                    jax.random.fold_in(base_key, b))
-      pending.append((b * cfg.eval_batch_size, valid, out))
+    for b in range(num_batches):
+      ids = np.asarray(mine[b * local:(b + 1) * local])
+      rows = np.concatenate([ids, np.full(local - len(ids), 0)]).astype(int)
+      batch = dataset.train.get_batch(rows)
+      inputs = {k: batch[k] for k in ("x",) + lm_lib.MODEL_INPUTS
+                if k in batch}
+      key = jax.random.fold_in(base_key, b if processes == 1
+                               else b * processes + index)
+      pending.append((ids, compute(variables, jtrain.put_batch(inputs, mesh),
+                                   key)))
       if len(pending) >= MAX_SYNC_EVERY:
         drain()
     drain()
@@ -249,12 +285,25 @@ def _cache_expectations(cfg: Config, form: str, source_info: dict) -> dict:
   return expected
 
 
+def _student_spec_and_init(cfg: Config, sub: Config, dataset, facts,
+                           teacher_variables) -> dict:
+  """The student's `runner.Job` fields: its spec and, for Hugging Face
+  decoders (``facts``), its initial weights and LoRA optimizer."""
+  if facts is None:
+    return {"spec": setup.model_spec(sub.model, sub.model_kwargs, dataset)}
+  return {"spec": lm_hf.student_spec(cfg, facts, dataset),
+          "initial_params": lm_hf.initial_params(cfg, facts,
+                                                 teacher_variables),
+          "optimizer": lm_hf.lora_optimizer(cfg)}
+
+
 def student_job(cfg: Config, sub: Config, dataset: jdata.Dataset, mesh,
-                run: str, teacher, variables, cache_dir: str | None
-                ) -> runner.Job:
+                run: str, teacher, variables, cache_dir: str | None,
+                facts: "lm_hf.HFSetup | None" = None) -> runner.Job:
   """The `runner.Job` of one student: ``run`` is ``online`` (the teacher
   runs in the step) or a cache form (read from ``cache_dir``); ``sub``
-  holds its loss settings."""
+  holds its loss settings; ``facts``: the Hugging Face setup
+  (`lm_hf.check_setup`) of a ``--teacher_hf`` job."""
   source = "online" if run == "online" else run
   objective = lm_lib.LMDistillObjective(
       loss=sub.loss, temperature=sub.temperature, kd_weight=sub.kd_weight,
@@ -275,12 +324,11 @@ def student_job(cfg: Config, sub: Config, dataset: jdata.Dataset, mesh,
         model, tx, objective, step_teacher, **setup.step_options(cfg)),
         mesh, state_sharding, step_variables)
 
-  return runner.Job(name=f"{run} student",
-                    spec=setup.model_spec(sub.model, sub.model_kwargs,
-                                          dataset),
-                    make_step=make_step,
+  return runner.Job(name=f"{run} student", make_step=make_step,
                     make_eval_step=lm_lib.make_lm_eval_step,
-                    dataset=train_data)
+                    dataset=train_data,
+                    **_student_spec_and_init(cfg, sub, dataset, facts,
+                                             variables))
 
 
 def build(cfg: Config, dataset: jdata.Dataset, mesh, *,
@@ -289,6 +337,16 @@ def build(cfg: Config, dataset: jdata.Dataset, mesh, *,
   ``--teacher_checkpoint`` (the table's ``online`` row; what ``--plan``
   plans). ``abstract``: the teacher's variables are shapes only, and
   without a checkpoint ``--teacher_model`` describes it."""
+  if lm_hf.hf_mode(cfg):
+    facts = lm_hf.check_setup(cfg, plan=abstract)
+    teacher, variables, tspec = lm_hf.load_teacher(cfg, facts, dataset, mesh,
+                                                   abstract=abstract)
+    job = student_job(cfg, cfg, dataset, mesh, "online", teacher, variables,
+                      None, facts)
+    if abstract:  # Planned on shapes: no weights to read.
+      job = dataclasses.replace(job, initial_params=None)
+    return dataclasses.replace(job, name=f"distill decoder<-"
+                                         f"{facts.teacher_config.model_type}")
   rules = cfg.sharding_rules_of("teacher")
   precision = setup.teacher_precision(cfg)
   if cfg.teacher_checkpoint:
@@ -312,7 +370,8 @@ def build(cfg: Config, dataset: jdata.Dataset, mesh, *,
 
 
 def distill_student(cfg: Config, dataset: jdata.Dataset, mesh, run: str,
-                    teacher, variables, cache_dir: str | None) -> dict:
+                    teacher, variables, cache_dir: str | None,
+                    facts: "lm_hf.HFSetup | None" = None) -> dict:
   """One student run: ``run`` is ``online`` or a cache form."""
   keep = _DISTILL_FIELDS + (("lm_topk", "lm_topk_variant")
                             if run == "topk" else ()) + (
@@ -322,21 +381,40 @@ def distill_student(cfg: Config, dataset: jdata.Dataset, mesh, run: str,
   if run != "online":
     sub = dataclasses.replace(sub, lm_fused_kd=False)
   return runner.run_job(sub, dataset, mesh, student_job(
-      cfg, sub, dataset, mesh, run, teacher, variables, cache_dir))
+      cfg, sub, dataset, mesh, run, teacher, variables, cache_dir, facts))
 
 
 def _row(name: str, summary_or_eval: dict, *, params: int, source: str,
-         cache: dict | None = None, wall_s: float | None = None
+         cache: dict | None = None, wall_s: float | None = None,
+         corpus: dict | None = None, tokens_per_s: float | None = None
          ) -> dict[str, Any]:
+  """One table row. Bits per byte: the byte-level model's NLL / ln 2; for a
+  tokenized corpus, the NLL per token times the validation split's tokens
+  per UTF-8 byte (when the corpus records its bytes)."""
   ev = summary_or_eval
   nll = float(ev["loss"])
   cache = cache or {}
+  per_byte = 1.0
+  validation = ((corpus or {}).get("splits") or {}).get("validation")
+  if validation is not None:
+    text_bytes = validation.get("target_bytes")
+    per_byte = (validation["target_tokens"] / text_bytes
+                if text_bytes else float("nan"))
   return {"run": name, "source": source, "params": params,
-          "val_nll": nll, "bits_per_byte": nll / math.log(2),
+          "val_nll": nll, "bits_per_byte": nll * per_byte / math.log(2),
+          "bits_per_token": nll / math.log(2),
           "perplexity": math.exp(nll), "accuracy": float(ev["accuracy"]),
           "bytes_per_token": cache.get("bytes_per_token"),
           "payload_bytes_per_token": cache.get("payload_bytes_per_token"),
-          "wall_s": wall_s}
+          "wall_s": wall_s, "tokens_per_s": tokens_per_s}
+
+
+def _tokens_per_s(cfg: Config, summary: dict) -> float | None:
+  """Training tokens per second of the steps (compile excluded)."""
+  steps, step_s = summary.get("steps_run"), summary["timing"].get("step_s")
+  if not steps or not step_s:
+    return None
+  return steps * cfg.batch_size * cfg.seq_len / step_s
 
 
 def format_lm_table(rows: list[dict[str, Any]], topk: int | None = None
@@ -346,9 +424,16 @@ def format_lm_table(rows: list[dict[str, Any]], topk: int | None = None
   covered by the student's top-``topk`` and the ECE, per validation
   position."""
   extra = any("agreement" in r for r in rows)
+  tokens = any(r.get("bits_per_token") is not None
+               and r["bits_per_token"] != r["bits_per_byte"] for r in rows)
   head = ("| run | teacher signal | params | val bits/byte | val perplexity "
           "| next-byte acc | cache bytes/token (layout / on disk) | wall s |")
   rule = "|---|---|---|---|---|---|---|---|"
+  if tokens:  # A tokenized corpus: per-token figures and throughput.
+    head = head.replace("next-byte acc", "next-token acc").replace(
+        "val perplexity", "val bits/token | val perplexity (token)")
+    head += " train tokens/s |"
+    rule += "---|---|"
   if extra:
     head += f" agreement (%) | KL(t‖s) | top-{topk} mass (%) | ECE (%) |"
     rule += "---|---|---|---|"
@@ -357,9 +442,13 @@ def format_lm_table(rows: list[dict[str, Any]], topk: int | None = None
     bpt = ("" if r["bytes_per_token"] is None else
            f"{r['payload_bytes_per_token']:.1f} / {r['bytes_per_token']:.1f}")
     wall = "" if r["wall_s"] is None else f"{r['wall_s']:.0f}"
+    per_token = (f"{r['bits_per_token']:.3f} | " if tokens else "")
     line = (f"| {r['run']} | {r['source']} | {r['params']:,} | "
-            f"{r['bits_per_byte']:.3f} | {r['perplexity']:.3f} | "
+            f"{r['bits_per_byte']:.3f} | {per_token}{r['perplexity']:.3f} | "
             f"{100 * r['accuracy']:.2f} | {bpt} | {wall} |")
+    if tokens:
+      tps = r.get("tokens_per_s")
+      line += " — |" if tps is None else f" {tps:,.0f} |"
     if extra:
       for name, scale, digits in (("agreement", 100, 2), ("kl", 1, 4),
                                   ("topk_mass", 100, 2), ("ece", 100, 2)):
@@ -378,6 +467,14 @@ def _source_info(cfg: Config, corpus: text_lib.TextCorpus,
 
 def run_cache_lm(cfg: Config) -> dict:
   """``--mode=cache_lm``: one cache of ``--teacher_checkpoint``."""
+  if lm_hf.hf_mode(cfg):
+    facts = lm_hf.check_setup(cfg)
+    mesh = setup.make_mesh(cfg)
+    dataset, meta = lm_hf.load_data(cfg, facts)
+    teacher, variables, _ = lm_hf.load_teacher(cfg, facts, dataset, mesh)
+    return write_cache(cfg, dataset, mesh, teacher, variables,
+                       cfg.lm_cache_form, cfg.lm_cache_dir,
+                       _hf_source_info(cfg, meta))
   dataset, corpus = load_lm_data(cfg)
   mesh = setup.make_mesh(cfg)
   teacher, variables, _ = teachers.load_teacher(cfg, dataset, mesh)
@@ -386,43 +483,87 @@ def run_cache_lm(cfg: Config) -> dict:
                      cfg.lm_cache_form, cfg.lm_cache_dir, info)
 
 
-def run_distill_lm(cfg: Config) -> dict:
-  """``--mode=distill_lm``: the whole comparison (module docstring)."""
+def _byte_teacher(cfg: Config):
+  """The byte-level job's data and teacher (trained first when
+  ``--teacher_checkpoint`` is unset)."""
   dataset, corpus = load_lm_data(cfg)
   mesh = setup.make_mesh(cfg)
   _log(f"[distill_lm] corpus {corpus.root}: {len(corpus.train):,} train / "
        f"{len(corpus.validation):,} validation bytes ({corpus.num_files[0]} + "
        f"{corpus.num_files[1]} files, sha256 {corpus.fingerprint[:12]}); "
        f"{len(dataset.train)} x {cfg.seq_len}-byte sequences")
-  start = time.perf_counter()
   teacher_dir = cfg.teacher_checkpoint or train_teacher(cfg, dataset, mesh)
   teacher, variables, tspec = teachers.load_teacher_at(
       teacher_dir, dataset, mesh, dataset_flag="stdlib_text",
       rules=cfg.sharding_rules_of("teacher"),
       precision=setup.teacher_precision(cfg))
-  eval_step = jtrain.compile_step(lm_lib.make_lm_eval_step(teacher), mesh,
-                                  donate_state=False)
-  teacher_eval = jtrain.evaluate(eval_step, variables["params"],
-                                 variables["model_state"], dataset.test,
-                                 batch_size=cfg.eval_batch_size, mesh=mesh)
-  rows = [_row("teacher", teacher_eval, params=_num_params(
-      variables["params"]), source="labels")]
-  info = _source_info(cfg, corpus, teacher_dir)
+  corpus_info = {"root": corpus.root, "fingerprint": corpus.fingerprint,
+                 "train_bytes": int(len(corpus.train)),
+                 "validation_bytes": int(len(corpus.validation))}
+  return (dataset, mesh, teacher, variables, tspec,
+          _source_info(cfg, corpus, teacher_dir), corpus_info, None)
+
+
+def _hf_source_info(cfg: Config, meta: dict) -> dict:
+  """What a teacher cache of the HF job records of its teacher and data."""
+  return {"teacher": os.path.abspath(cfg.teacher_hf or ""),
+          "corpus_fingerprint": meta["files"]["fingerprint"],
+          "tokenizer_fingerprint": meta["tokenizer"]["fingerprint"]}
+
+
+def _hf_teacher(cfg: Config):
+  """The Hugging Face job's checks, packed corpus and ``--teacher_hf``
+  (`lm_hf`); every check runs before anything is written."""
+  facts = lm_hf.check_setup(cfg)
+  mesh = setup.make_mesh(cfg)
+  dataset, meta = lm_hf.load_data(cfg, facts)
+  splits = meta["splits"]
+  _log(f"[distill_lm] corpus {','.join(cfg.corpus)} tokenized with "
+       f"{facts.tokenizer}: {len(dataset.train)} train / "
+       f"{len(dataset.test)} validation windows of {cfg.seq_len} tokens "
+       f"({splits['train']['tokens']:,} / {splits['validation']['tokens']:,}"
+       f" tokens)")
+  teacher = variables = tspec = None
+  if cfg.teacher_hf:
+    teacher, variables, tspec = lm_hf.load_teacher(cfg, facts, dataset, mesh)
+  info = _hf_source_info(cfg, meta)
+  corpus_info = {"paths": list(cfg.corpus), "tokenizer": facts.tokenizer,
+                 "splits": splits,
+                 "fingerprint": meta["files"]["fingerprint"]}
+  return (dataset, mesh, teacher, variables, tspec, info, corpus_info, facts)
+
+
+def run_distill_lm(cfg: Config) -> dict:
+  """``--mode=distill_lm``: the whole comparison (module docstring)."""
+  start = time.perf_counter()
+  (dataset, mesh, teacher, variables, tspec, info, corpus_info,
+   facts) = (_hf_teacher if lm_hf.hf_mode(cfg) else _byte_teacher)(cfg)
+  rows = []
+  if teacher is not None:
+    eval_step = jtrain.compile_step(lm_lib.make_lm_eval_step(teacher), mesh,
+                                    donate_state=False)
+    teacher_eval = jtrain.evaluate(eval_step, variables["params"],
+                                   variables["model_state"], dataset.test,
+                                   batch_size=cfg.eval_batch_size, mesh=mesh)
+    rows.append(_row("teacher", teacher_eval, params=_num_params(
+        variables["params"]), source="labels", corpus=corpus_info))
   caches: dict[str, dict] = {}
   # Every student has the same architecture: count its parameters once.
-  student_params = _num_params(setup.build_model(
-      setup.model_spec(cfg.model, cfg.model_kwargs, dataset), 0)[1])
+  fields = _student_spec_and_init(cfg, cfg, dataset, facts, variables)
+  student_params = _num_params(setup.build_model(fields["spec"], 0,
+                                                 abstract=True)[1])
   for run in cfg.lm_runs:
     t0 = time.perf_counter()
     if run == "baseline":
       sub = _sub_config(cfg, "baseline")
-      spec = setup.model_spec(sub.model, sub.model_kwargs, dataset)
-      summary = _train_lm(
-          sub, dataset, mesh, spec, "baseline student",
-          lambda model, tx, state_sharding: setup.bind_step(
+      summary = runner.run_job(sub, dataset, mesh, runner.Job(
+          name="baseline student",
+          make_step=lambda model, tx, state_sharding, extras: setup.bind_step(
               cfg, lm_lib.make_lm_train_step(model, tx,
                                              **setup.step_options(cfg)),
-              mesh, state_sharding))
+              mesh, state_sharding),
+          make_eval_step=lm_lib.make_lm_eval_step,
+          **_student_spec_and_init(cfg, sub, dataset, facts, variables)))
       source = "labels only"
     else:
       cache_dir = None
@@ -434,7 +575,7 @@ def run_distill_lm(cfg: Config) -> dict:
                       info)
         caches[run] = cache_summary(cache_dir)
       summary = distill_student(cfg, dataset, mesh, run, teacher, variables,
-                                cache_dir)
+                                cache_dir, facts)
       source = {"online": "online teacher" + (
           " (fused)" if cfg.lm_fused_kd else ""),
                 "dense": "dense cache",
@@ -442,16 +583,16 @@ def run_distill_lm(cfg: Config) -> dict:
                 "sampled": f"sampled cache (n={cfg.lm_num_samples})"}[run]
     rows.append(_row(run, summary["test"], params=student_params,
                      source=source, cache=caches.get(run),
-                     wall_s=time.perf_counter() - t0))
-    rows[-1].update(evaluation.lm_versus_teacher(
-        cfg, dataset, mesh, teacher, variables, summary["workdir"]))
-  rows[0].update(evaluation.lm_versus_teacher(cfg, dataset, mesh, teacher,
-                                              variables, None))
+                     wall_s=time.perf_counter() - t0, corpus=corpus_info,
+                     tokens_per_s=_tokens_per_s(cfg, summary)))
+    if teacher is not None:
+      rows[-1].update(evaluation.lm_versus_teacher(
+          cfg, dataset, mesh, teacher, variables, summary["workdir"]))
+  if teacher is not None:
+    rows[0].update(evaluation.lm_versus_teacher(cfg, dataset, mesh, teacher,
+                                                variables, None))
   table = format_lm_table(rows, topk=min(cfg.lm_topk, dataset.num_classes))
-  results = {"rows": rows, "corpus": {
-      "root": corpus.root, "fingerprint": corpus.fingerprint,
-      "train_bytes": int(len(corpus.train)),
-      "validation_bytes": int(len(corpus.validation))},
+  results = {"rows": rows, "corpus": corpus_info,
              "teacher": tspec, "caches": caches,
              "wall_s": time.perf_counter() - start,
              "config": cfg.to_json()}

@@ -65,6 +65,49 @@ Example::
       w.add_batch(i, {"log_probs": lp, "ids": ids})
   cache = TeacherCache("/data/cache", form="topk")
   batch = cache.get_batch([17, 3, 9])   # {"ids": [3, 2048, 32] int32, ...}
+
+Multi-process writes (every host of a job writes its own part; no host sees
+the whole cache): give each process's writer ``process_index``,
+``process_count`` (``P``), ``num_sequences`` (``N``) and a ``barrier`` that
+returns once every process has called it, e.g.
+``lambda: jax.experimental.multihost_utils.sync_global_devices("cache")``.
+``directory`` must be on a filesystem every process sees. Process ``p`` owns
+the contiguous sequences ``process_sequence_range(N, p, P)`` =
+``[p * N // P, (p + 1) * N // P)`` and the shards ``process_shard_range(S,
+p, P)`` = ``[p * S // P, (p + 1) * S // P)`` (``S = max(num_shards, P)``),
+its sequences going round robin over its shards in the order they are
+added. The shard files keep the global ``cache-XXXXX-of-YYYYY`` names and the
+finished directory has the same files and format as a single-process cache
+(``meta.json`` adds ``process_count`` and describes the layout in
+``shard_of_index``; ``index.npy`` still maps every sequence to its shard and
+position). Every process runs the same calls::
+
+  w = TeacherCacheWriter("/shared/cache", form="topk", ..., num_sequences=N,
+                         num_shards=8, process_index=jax.process_index(),
+                         process_count=jax.process_count(), barrier=sync)
+  # constructor: process 0 empties <directory>.staging; barrier()
+  with w:
+    for i in w.sequence_range:       # only this process's sequences
+      w.add(i, targets(i))
+  # close(): this process's part file; barrier(); process 0 commits
+  # (commit_teacher_cache); barrier(); every process returns the path, or
+  # raises the same one-line error when the commit failed.
+
+Everything goes to ``<directory>.staging`` (``job.json`` from process 0,
+then per process its shards and ``part-PPPPP-of-QQQQQ.{npy,json}``); the
+commit checks that every part is there, from this run and with the same
+settings, that every sequence ``0 .. N - 1`` was written exactly once and
+every shard holds what its part says, then writes ``index.npy`` and
+``meta.json``, removes the bookkeeping files and renames the staging
+directory to ``directory``. A crash of any process before that leaves no
+``directory`` (the staging directory stays; the next run's process 0 removes
+it, or refuses in one line if it holds files no writer makes, and
+``commit_teacher_cache`` can finish it if every part was written). A process
+that raises inside its ``with`` deletes only its own files and calls no
+barrier: the others wait in ``close()`` until the job's runtime stops them
+(JAX's coordination service does when a process exits). The meta.json
+version stays 1: a multi-process cache only adds ``process_count``, so every
+reader of version 1 reads it.
 """
 
 from __future__ import annotations
@@ -76,7 +119,9 @@ import math
 import os
 import re
 import shutil
-from typing import Any, Iterable, Mapping, Optional, Sequence, Union
+import uuid
+from typing import (Any, Callable, Iterable, Mapping, Optional, Sequence,
+                    Union)
 
 import ml_dtypes
 import numpy as np
@@ -88,8 +133,12 @@ __all__ = [
     "TeacherCache",
     "TeacherCacheWriter",
     "cache_layout",
+    "commit_teacher_cache",
     "id_dtype_for",
     "layout_bytes_per_token",
+    "process_sequence_range",
+    "process_shard_range",
+    "staging_directory",
 ]
 
 FORMS = ("dense", "topk", "sampled")
@@ -99,6 +148,15 @@ META_FILE = "meta.json"
 INDEX_FILE = "index.npy"
 HEADER_BYTES = 8
 _SHARD_RE = re.compile(r"^cache-(\d{5})-of-(\d{5})\.array_record$")
+# Multi-process writes: the staging directory and its bookkeeping files.
+STAGING_SUFFIX = ".staging"
+JOB_FILE = "job.json"
+FAILED_FILE = "failed.json"
+_PART_RE = re.compile(r"^part-(\d{5})-of-(\d{5})\.(json|npy)$")
+_STAGING_FILE_RE = re.compile(
+    r"^(job\.json|failed\.json|meta\.json|index\.npy"
+    r"|part-\d{5}-of-\d{5}\.(json|npy)"
+    r"|cache-\d{5}-of-\d{5}\.array_record)(\.tmp)?$")
 _READER_OPTIONS = "readahead_buffer_size:0"
 
 _FLOAT_DTYPES = {
@@ -115,6 +173,81 @@ PathLike = Union[str, os.PathLike]
 
 def _shard_name(shard: int, num_shards: int) -> str:
   return f"cache-{shard:05d}-of-{num_shards:05d}.array_record"
+
+
+def _part_name(process_index: int, process_count: int, ext: str) -> str:
+  return f"part-{process_index:05d}-of-{process_count:05d}.{ext}"
+
+
+def _check_process(process_index: Any, process_count: Any) -> None:
+  for name, value in (("process_index", process_index),
+                      ("process_count", process_count)):
+    if not isinstance(value, (int, np.integer)) or isinstance(
+        value, (bool, np.bool_)):
+      raise ValueError(f"{name} must be an int, got {value!r}")
+  if process_count < 1 or not 0 <= process_index < process_count:
+    raise ValueError(f"need 0 <= process_index < process_count, got "
+                     f"process_index={process_index}, "
+                     f"process_count={process_count}")
+
+
+def process_sequence_range(num_sequences: int, process_index: int,
+                           process_count: int) -> range:
+  """The sequences process ``p`` of ``P`` writes: ``[p*N//P, (p+1)*N//P)``.
+
+  Contiguous, in process order, covering ``0 .. N - 1`` once; sizes differ
+  by at most one (a process may own none when ``N < P``).
+  """
+  _check_process(process_index, process_count)
+  n, p, num = int(num_sequences), int(process_index), int(process_count)
+  return range(p * n // num, (p + 1) * n // num)
+
+
+def process_shard_range(num_shards: int, process_index: int,
+                        process_count: int) -> range:
+  """The shard files process ``p`` of ``P`` writes: ``[p*S//P, (p+1)*S//P)``
+  (``num_shards >= process_count``, so each process has at least one)."""
+  _check_process(process_index, process_count)
+  if num_shards < process_count:
+    raise ValueError(f"num_shards={num_shards} < process_count="
+                     f"{process_count}: every process needs its own shard")
+  s, p, num = int(num_shards), int(process_index), int(process_count)
+  return range(p * s // num, (p + 1) * s // num)
+
+
+def staging_directory(directory: PathLike) -> str:
+  """Where a multi-process write of ``directory`` is staged until commit."""
+  return os.path.abspath(os.fspath(directory)) + STAGING_SUFFIX
+
+
+def _format_ranges(indices: np.ndarray, limit: int = 4) -> str:
+  """``[3, 5), 9, [12, 20)``: sorted ints as half-open runs (``limit``
+  runs, then ``...``)."""
+  idx = np.unique(np.asarray(indices, np.int64))
+  if not idx.size:
+    return "none"
+  breaks = np.nonzero(np.diff(idx) != 1)[0] + 1
+  runs = [(int(r[0]), int(r[-1]) + 1) for r in np.split(idx, breaks)]
+  text = [str(a) if b == a + 1 else f"[{a}, {b})" for a, b in runs[:limit]]
+  return ", ".join(text) + (", ..." if len(runs) > limit else "")
+
+
+def _write_atomic(path: str, write: Callable[[Any], None],
+                  mode: str = "w") -> None:
+  """Writes ``path`` through ``path.tmp`` and a rename, fsynced."""
+  tmp = path + ".tmp"
+  with open(tmp, mode) as f:
+    write(f)
+    f.flush()
+    os.fsync(f.fileno())
+  os.rename(tmp, path)
+
+
+def _dump_json(obj: Any) -> Callable[[Any], None]:
+  def write(f):
+    json.dump(obj, f, indent=2, sort_keys=True)
+    f.write("\n")
+  return write
 
 
 def id_dtype_for(vocab_size: int) -> str:
@@ -335,6 +468,84 @@ def _is_cache_dir(path: str) -> bool:
   return os.path.isfile(os.path.join(path, META_FILE))
 
 
+def _check_destination(d: str, overwrite: bool) -> None:
+  if not os.path.exists(d):
+    return
+  if not os.path.isdir(d):
+    raise FileExistsError(f"{d} exists and is not a directory")
+  if _is_cache_dir(d):
+    if not overwrite:
+      raise FileExistsError(f"teacher cache {d} already exists; pass "
+                            "overwrite=True to replace it")
+  elif os.listdir(d):
+    raise FileExistsError(f"{d} exists, is not empty and is not a teacher "
+                          "cache (no meta.json); refusing to replace it")
+
+
+def _move_into_place(src: str, d: str, overwrite: bool) -> None:
+  """Renames the finished cache ``src`` to ``d`` (replacing a complete cache
+  there when ``overwrite``)."""
+  old = None
+  if os.path.exists(d):
+    try:
+      _check_destination(d, overwrite)
+    except FileExistsError as e:
+      raise FileExistsError(f"{e}; the finished cache is left at "
+                            f"{src}") from None
+    if _is_cache_dir(d):
+      old = f"{d}.old-{os.getpid()}"
+      os.rename(d, old)
+    else:
+      os.rmdir(d)  # empty
+  os.rename(src, d)
+  fsync_path(os.path.dirname(d) or ".")
+  if old is not None:
+    shutil.rmtree(old)
+
+
+def _cache_meta(settings: Mapping[str, Any], *, num_sequences: int,
+                shards: list[dict[str, Any]], shard_of_index: str,
+                disk_bytes: int) -> dict[str, Any]:
+  """meta.json of a finished cache; ``settings`` as the writer records
+  them (:meth:`TeacherCacheWriter._settings`)."""
+  fields = [Field(f["name"], f["dtype"], tuple(f["shape"]))
+            for f in settings["fields"]]
+  seq_len = int(settings["meta"]["seq_len"])
+  meta = dict(settings["meta"])
+  meta.update({
+      "fields": [f.to_json() for f in fields],
+      "record_header": "uint64 little-endian global sequence index",
+      "record_bytes": settings["record_bytes"],
+      "num_sequences": num_sequences,
+      "num_shards": len(shards),
+      "shards": shards,
+      "shard_of_index": shard_of_index,
+      "index_file": INDEX_FILE,
+      "compression": settings["compression"],
+      "payload_bytes_per_token": sum(f.nbytes for f in fields) / seq_len,
+      "disk_bytes_per_token": disk_bytes / (num_sequences * seq_len),
+      "created": datetime.datetime.now(datetime.timezone.utc).isoformat(
+          timespec="seconds"),
+      "source": settings["source"],
+  })
+  return meta
+
+
+def _write_finished(directory: str, index: np.ndarray, meta_of_disk:
+                    Callable[[int], dict[str, Any]]) -> None:
+  """Writes ``index.npy`` and ``meta.json`` (from the bytes on disk of the
+  shards and the index) into ``directory`` and fsyncs everything."""
+  np.save(os.path.join(directory, INDEX_FILE), index)
+  disk = sum(os.path.getsize(os.path.join(directory, f))
+             for f in os.listdir(directory)
+             if f == INDEX_FILE or _SHARD_RE.match(f))
+  with open(os.path.join(directory, META_FILE), "w") as f:
+    _dump_json(meta_of_disk(disk))(f)
+  for name in os.listdir(directory):
+    fsync_path(os.path.join(directory, name))
+  fsync_path(directory)
+
+
 # ---------------------------------------------------------------------------
 # Writer.
 # ---------------------------------------------------------------------------
@@ -344,10 +555,12 @@ class TeacherCacheWriter:
   """Writes a teacher cache atomically (see the module docstring).
 
   Use as a context manager; a normal exit finalises the cache (:meth:`close`),
-  an exception deletes the temporary directory and propagates.
+  an exception deletes the temporary directory (with ``process_count > 1``:
+  this process's files in it) and propagates.
 
   Args:
-    directory: final cache directory (local filesystem). Refused if it
+    directory: final cache directory (local filesystem; with
+      ``process_count > 1`` one that every process sees). Refused if it
       exists, unless ``overwrite=True`` and it is a complete teacher cache
       (an existing non-cache directory is never replaced, an empty one is).
     form: ``"dense"``, ``"topk"`` or ``"sampled"``.
@@ -359,10 +572,12 @@ class TeacherCacheWriter:
     temperature: the distillation temperature the targets were computed at
       (recorded; pass it to the loss).
     proposal_temperature: of sampled targets (recorded; 1 stores counts).
-    num_shards: number of array_record files.
+    num_shards: number of array_record files (of the whole cache; with
+      ``process_count > 1`` raised to ``process_count`` if smaller).
     num_sequences: expected number of sequences; if given, indices outside
       ``[0, num_sequences)`` are refused at ``add`` time. Either way
       :meth:`close` requires every index ``0 .. N - 1`` exactly once.
+      Required with ``process_count > 1``.
     log_probs_dtype: ``"float16"`` (default), ``"bfloat16"`` or
       ``"float32"``.
     weights_dtype: see :func:`cache_layout`.
@@ -372,6 +587,15 @@ class TeacherCacheWriter:
     source: JSON-serialisable description of where the targets come from
       (teacher checkpoint, corpus fingerprint, ...), stored in meta.json.
     overwrite: replace an existing complete cache at ``directory``.
+    process_index: this process (``jax.process_index()``).
+    process_count: processes writing the cache together
+      (``jax.process_count()``). 1 (default) is the single-process writer;
+      more writes ``<directory>.staging`` as the module docstring says, each
+      process only :attr:`sequence_range`.
+    barrier: with ``process_count > 1``, a function that returns once every
+      process has called it (``multihost_utils.sync_global_devices``); the
+      constructor calls it once and :meth:`close` twice, so every process
+      must construct and close its writer. Unused with one process.
   """
 
   def __init__(
@@ -393,6 +617,9 @@ class TeacherCacheWriter:
       compression: str = "zstd:3",
       source: Optional[Mapping[str, Any]] = None,
       overwrite: bool = False,
+      process_index: int = 0,
+      process_count: int = 1,
+      barrier: Optional[Callable[[], None]] = None,
   ):
     self.directory = os.path.abspath(os.fspath(directory))
     self.fields = cache_layout(
@@ -413,6 +640,18 @@ class TeacherCacheWriter:
     except (TypeError, ValueError) as e:
       raise ValueError(f"source must be a JSON-serialisable dict: {e}"
                        ) from None
+    _check_process(process_index, process_count)
+    process_index, process_count = int(process_index), int(process_count)
+    if process_count > 1:
+      if num_sequences is None:
+        raise ValueError(f"process_count={process_count} needs num_sequences "
+                         "(each process writes its share of 0 .. N - 1)")
+      if not callable(barrier):
+        raise ValueError(
+            f"process_count={process_count} needs a barrier function (e.g. "
+            "lambda: multihost_utils.sync_global_devices('teacher_cache')), "
+            f"got {barrier!r}")
+      num_shards = max(num_shards, process_count)
     self._check_destination(overwrite)
     self.form = form
     self.vocab_size = vocab_size
@@ -420,6 +659,9 @@ class TeacherCacheWriter:
     self.num_shards = num_shards
     self.num_sequences = num_sequences
     self.overwrite = overwrite
+    self.process_index = process_index
+    self.process_count = process_count
+    self._barrier = barrier
     self._meta = {
         "format": FORMAT,
         "version": VERSION,
@@ -448,52 +690,121 @@ class TeacherCacheWriter:
     self._compression = compression
     self._source = dict(source or {})
     self._record_bytes = HEADER_BYTES + sum(f.nbytes for f in self.fields)
-    self._tmp = f"{self.directory}.tmp-{os.getpid()}"
-    if os.path.exists(self._tmp):
-      raise FileExistsError(
-          f"{self._tmp} exists: another writer of {self.directory} in this "
-          "process, or one that was killed; delete it to start again")
-    os.makedirs(self._tmp)
-    self._writers = []
-    try:
-      for s in range(num_shards):
-        path = os.path.join(self._tmp, _shard_name(s, num_shards))
-        self._writers.append(array_record_module.ArrayRecordWriter(
-            path, f"group_size:1,{compression}"))
-    except Exception:
-      self.abort()
-      raise
+    self._writers: dict[int, Any] = {}
     self._positions: dict[int, tuple[int, int]] = {}
     self._counts = [0] * num_shards
     self._closed = False
+    self._part_written = False
+    self._close_called = False
+    if process_count == 1:
+      self._sequences = (range(num_sequences) if num_sequences is not None
+                         else None)
+      self._shards = range(num_shards)
+      self._tmp = f"{self.directory}.tmp-{os.getpid()}"
+      if os.path.exists(self._tmp):
+        raise FileExistsError(
+            f"{self._tmp} exists: another writer of {self.directory} in this "
+            "process, or one that was killed; delete it to start again")
+      os.makedirs(self._tmp)
+    else:
+      self._sequences = process_sequence_range(num_sequences, process_index,
+                                               process_count)
+      self._shards = process_shard_range(num_shards, process_index,
+                                         process_count)
+      self._tmp = staging_directory(self.directory)
+      if process_index == 0:
+        self._run = uuid.uuid4().hex
+        self._prepare_staging()
+      barrier()
+      if process_index != 0:
+        self._run = self._staged_run()
+    try:
+      for s in self._shards:
+        path = os.path.join(self._tmp, _shard_name(s, num_shards))
+        self._writers[s] = array_record_module.ArrayRecordWriter(
+            path, f"group_size:1,{compression}")
+    except Exception:
+      self.abort()
+      raise
 
   def _field(self, name: str) -> Field:
     return next(f for f in self.fields if f.name == name)
 
   def _check_destination(self, overwrite: bool) -> None:
-    d = self.directory
-    if not os.path.exists(d):
-      return
-    if not os.path.isdir(d):
-      raise FileExistsError(f"{d} exists and is not a directory")
-    if _is_cache_dir(d):
-      if not overwrite:
-        raise FileExistsError(f"teacher cache {d} already exists; pass "
-                              "overwrite=True to replace it")
-    elif os.listdir(d):
-      raise FileExistsError(f"{d} exists, is not empty and is not a teacher "
-                            "cache (no meta.json); refusing to replace it")
+    _check_destination(self.directory, overwrite)
+
+  def _settings(self) -> dict[str, Any]:
+    """What every process of a multi-process write must agree on."""
+    return {
+        "meta": self._meta,
+        "fields": [f.to_json() for f in self.fields],
+        "record_bytes": self._record_bytes,
+        "compression": self._compression,
+        "source": self._source,
+        "num_sequences": self.num_sequences,
+        "num_shards": self.num_shards,
+        "process_count": self.process_count,
+    }
+
+  def _prepare_staging(self) -> None:
+    """Process 0: a fresh ``<directory>.staging`` holding ``job.json``.
+
+    A staging directory left by a crashed run is removed when it holds only
+    files a writer makes; anything else there is refused.
+    """
+    staging = self._tmp
+    if os.path.lexists(staging):
+      if not os.path.isdir(staging) or os.path.islink(staging):
+        raise FileExistsError(f"{staging} exists and is not a directory; "
+                              "delete it to write the teacher cache")
+      foreign = sorted(n for n in os.listdir(staging)
+                       if not _STAGING_FILE_RE.match(n))
+      if foreign:
+        raise FileExistsError(
+            f"{staging} holds files no teacher cache writer made "
+            f"({', '.join(foreign[:3])}); delete it to write the cache")
+      shutil.rmtree(staging)
+    os.makedirs(staging)
+    job = {"format": FORMAT + ".staging", "run": self._run,
+           "directory": self.directory, "overwrite": self.overwrite,
+           "settings": self._settings()}
+    _write_atomic(os.path.join(staging, JOB_FILE), _dump_json(job))
+    fsync_path(staging)
+    fsync_path(os.path.dirname(staging) or ".")
+
+  def _staged_run(self) -> Optional[str]:
+    """Processes other than 0, after the barrier: the run id of job.json.
+
+    Without one (the staging directory is not shared with process 0) this
+    process still writes its part locally: the commit then reports the part
+    missing, and :meth:`close` raises on every process.
+    """
+    try:
+      with open(os.path.join(self._tmp, JOB_FILE)) as f:
+        return json.load(f).get("run")
+    except (OSError, ValueError):
+      os.makedirs(self._tmp, exist_ok=True)
+      return None
 
   @property
   def tmp_directory(self) -> str:
-    """Where the cache is written until :meth:`close` renames it."""
+    """Where the cache is written until :meth:`close` renames it (the shared
+    ``<directory>.staging`` with ``process_count > 1``)."""
     return self._tmp
+
+  @property
+  def sequence_range(self) -> Optional[range]:
+    """The sequence indices this writer takes: its process's contiguous share
+    with ``process_count > 1``, else ``range(num_sequences)`` (None when
+    ``num_sequences`` is None)."""
+    return self._sequences
 
   def add(self, index: int, arrays: Mapping[str, Any]) -> None:
     """Writes the targets of sequence ``index``.
 
     Args:
-      index: global sequence index (any order, each exactly once).
+      index: global sequence index (any order, each exactly once; with
+        ``process_count > 1`` one of :attr:`sequence_range`).
       arrays: one array per field name (``ids``, ``log_probs``, ``weights``,
         ``entropy`` as the form requires), with the field's shape, e.g.
         ``[seq_len, k]``; numpy or jax arrays.
@@ -508,6 +819,12 @@ class TeacherCacheWriter:
                      and index >= self.num_sequences):
       raise ValueError(f"sequence index {index} is out of range [0, "
                        f"{self.num_sequences or 'inf'})")
+    if self.process_count > 1 and index not in self._sequences:
+      r = self._sequences
+      raise ValueError(
+          f"sequence index {index} is not process {self.process_index}'s "
+          f"(it writes [{r.start}, {r.stop}) of {self.num_sequences}, "
+          f"process_count={self.process_count})")
     if index in self._positions:
       raise ValueError(f"sequence index {index} was already written")
     names = {f.name for f in self.fields}
@@ -522,7 +839,11 @@ class TeacherCacheWriter:
       parts.append(field.encode(x))
     record = b"".join(parts)
     assert len(record) == self._record_bytes
-    shard = index % self.num_shards
+    if self.process_count == 1:
+      shard = index % self.num_shards
+    else:
+      shard = self._shards.start + (
+          (index - self._sequences.start) % len(self._shards))
     self._writers[shard].write(record)
     self._positions[index] = (shard, self._counts[shard])
     self._counts[shard] += 1
@@ -543,24 +864,85 @@ class TeacherCacheWriter:
       self.add(i, {name: x[b] for name, x in arrays.items()})
 
   def abort(self) -> None:
-    """Stops writing and deletes the temporary directory."""
+    """Stops writing and deletes the temporary directory (with
+    ``process_count > 1``: only this process's shards and part, never the
+    shared staging directory; no barrier is called)."""
     self._closed = True
-    for w in getattr(self, "_writers", []):
+    for w in getattr(self, "_writers", {}).values():
       try:
         w.close()
       except Exception:  # pylint: disable=broad-except
         pass
-    shutil.rmtree(self._tmp, ignore_errors=True)
+    if self.process_count == 1:
+      shutil.rmtree(self._tmp, ignore_errors=True)
+      return
+    mine = [_shard_name(s, self.num_shards) for s in self._shards] + [
+        _part_name(self.process_index, self.process_count, ext)
+        for ext in ("npy", "json")]
+    for name in mine:
+      for path in (os.path.join(self._tmp, name),
+                   os.path.join(self._tmp, name + ".tmp")):
+        try:
+          os.remove(path)
+        except OSError:
+          pass
+
+  def write_part(self) -> None:
+    """``process_count > 1``: closes this process's shards and writes its
+    part (``part-PPPPP-of-QQQQQ.npy``: ``(shard, position)`` per sequence of
+    :attr:`sequence_range`, ``-1`` for one never added; ``.json``: run,
+    settings, records per shard), without a barrier.
+
+    :meth:`close` calls it first; call it directly (then
+    :func:`commit_teacher_cache` on process 0 once every process has) to
+    run the steps of :meth:`close` under your own synchronisation.
+    """
+    if self.process_count == 1:
+      raise ValueError("write_part is for process_count > 1; close() "
+                       "finishes a single-process cache")
+    if self._closed:
+      raise ValueError(f"writer for {self.directory} is closed")
+    self._closed = True
+    for w in self._writers.values():
+      w.close()
+    seqs = self._sequences
+    positions = np.full((len(seqs), 2), -1, np.int64)
+    for i, where in self._positions.items():
+      positions[i - seqs.start] = where
+    p, num = self.process_index, self.process_count
+    _write_atomic(os.path.join(self._tmp, _part_name(p, num, "npy")),
+                  lambda f: np.save(f, positions), mode="wb")
+    part = {"run": self._run, "process_index": p,
+            "sequences": [seqs.start, seqs.stop],
+            "shards": [self._shards.start, self._shards.stop],
+            "num_records": [self._counts[s] for s in self._shards],
+            "settings": self._settings()}
+    _write_atomic(os.path.join(self._tmp, _part_name(p, num, "json")),
+                  _dump_json(part))
+    fsync_path(self._tmp)
+    self._part_written = True
 
   def close(self) -> str:
     """Finalises the cache and renames it into place; returns its path.
 
+    With ``process_count > 1`` every process must call it: it writes this
+    process's part (:meth:`write_part`), calls ``barrier()``, process 0
+    commits (:func:`commit_teacher_cache`), ``barrier()`` again, and then
+    every process returns the path or raises the commit's error (processes
+    other than 0 prefix it with ``process 0 could not commit:``).
+
     Raises:
       ValueError: if some index in ``0 .. N - 1`` was never written (the
-        temporary directory is kept, named in the message).
+        temporary directory is kept, named in the message); with
+        ``process_count > 1`` also a part missing or not matching
+        (:func:`commit_teacher_cache`).
       FileExistsError: if ``directory`` appeared meanwhile and may not be
         replaced (the finished cache is left in the temporary directory).
+      FileNotFoundError: ``process_count > 1``, a process other than 0 that
+        does not see the committed cache (``directory`` is not shared).
     """
+    if self.process_count > 1:
+      return self._close_multiprocess()
     if self._closed:
       raise ValueError(f"writer for {self.directory} is closed")
     n = (self.num_sequences if self.num_sequences is not None
@@ -574,61 +956,55 @@ class TeacherCacheWriter:
           + (f" (missing {absent}...)" if absent else "")
           + f"; add them and close again, or abort() (data in {self._tmp})")
     self._closed = True
-    for w in self._writers:
+    for w in self._writers.values():
       w.close()
     index = np.array([self._positions[i] for i in range(n)], np.int64)
-    np.save(os.path.join(self._tmp, INDEX_FILE), index)
     shards = [{"file": _shard_name(s, self.num_shards),
                "num_records": self._counts[s]}
               for s in range(self.num_shards)]
-    disk = sum(os.path.getsize(os.path.join(self._tmp, f))
-               for f in os.listdir(self._tmp))
-    tokens = n * self.seq_len
-    meta = dict(self._meta)
-    meta.update({
-        "fields": [f.to_json() for f in self.fields],
-        "record_header": "uint64 little-endian global sequence index",
-        "record_bytes": self._record_bytes,
-        "num_sequences": n,
-        "num_shards": self.num_shards,
-        "shards": shards,
-        "shard_of_index": "index % num_shards",
-        "index_file": INDEX_FILE,
-        "compression": self._compression,
-        "payload_bytes_per_token": sum(f.nbytes for f in self.fields)
-                                   / self.seq_len,
-        "disk_bytes_per_token": disk / tokens,
-        "created": datetime.datetime.now(datetime.timezone.utc).isoformat(
-            timespec="seconds"),
-        "source": self._source,
-    })
-    with open(os.path.join(self._tmp, META_FILE), "w") as f:
-      json.dump(meta, f, indent=2, sort_keys=True)
-      f.write("\n")
-    for name in os.listdir(self._tmp):
-      fsync_path(os.path.join(self._tmp, name))
-    fsync_path(self._tmp)
-    self._move_into_place()
+    settings = self._settings()
+    _write_finished(self._tmp, index, lambda disk: _cache_meta(
+        settings, num_sequences=n, shards=shards,
+        shard_of_index="index % num_shards", disk_bytes=disk))
+    _move_into_place(self._tmp, self.directory, self.overwrite)
     return self.directory
 
-  def _move_into_place(self) -> None:
-    d = self.directory
-    old = None
-    if os.path.exists(d):
+  def _close_multiprocess(self) -> str:
+    if self._close_called:
+      raise ValueError(f"writer for {self.directory} is closed")
+    self._close_called = True
+    if not self._part_written:
+      self.write_part()
+    self._barrier()
+    error: Optional[BaseException] = None
+    failed = os.path.join(self._tmp, FAILED_FILE)
+    if self.process_index == 0:
       try:
-        self._check_destination(self.overwrite)
-      except FileExistsError as e:
-        raise FileExistsError(f"{e}; the finished cache is left at "
-                              f"{self._tmp}") from None
-      if _is_cache_dir(d):
-        old = f"{d}.old-{os.getpid()}"
-        os.rename(d, old)
-      else:
-        os.rmdir(d)  # empty
-    os.rename(self._tmp, d)
-    fsync_path(os.path.dirname(d) or ".")
-    if old is not None:
-      shutil.rmtree(old)
+        commit_teacher_cache(self.directory)
+      except Exception as e:  # pylint: disable=broad-except
+        error = e
+        try:
+          _write_atomic(failed, _dump_json(
+              {"type": type(e).__name__, "message": str(e)}))
+        except OSError:
+          pass
+    self._barrier()
+    if error is not None:
+      raise error
+    if self.process_index != 0:
+      if os.path.exists(failed):
+        with open(failed) as f:
+          report = json.load(f)
+        kind = {"ValueError": ValueError, "FileExistsError": FileExistsError,
+                "FileNotFoundError": FileNotFoundError}.get(
+                    report.get("type"), RuntimeError)
+        raise kind(f"process 0 could not commit: {report.get('message')}")
+      if not _is_cache_dir(self.directory):
+        raise FileNotFoundError(
+            f"process {self.process_index}: process 0 finished its commit but "
+            f"teacher cache {self.directory} is not visible here; is it on a "
+            "filesystem every process shares?")
+    return self.directory
 
   def __enter__(self) -> "TeacherCacheWriter":
     return self
@@ -638,6 +1014,10 @@ class TeacherCacheWriter:
       if not self._closed:
         self.abort()
       return False
+    if self.process_count > 1:
+      if not self._closed:  # else aborted, closed or write_part() called.
+        self.close()
+      return False
     if not self._closed:
       try:
         self.close()
@@ -645,6 +1025,134 @@ class TeacherCacheWriter:
         self.abort()
         raise
     return False
+
+
+def commit_teacher_cache(directory: PathLike) -> str:
+  """Process 0's commit of a multi-process write; returns ``directory``.
+
+  Reads ``<directory>.staging``: ``job.json`` and the part of every process
+  (:meth:`TeacherCacheWriter.write_part`), checks them, writes ``index.npy``
+  and ``meta.json``, removes the bookkeeping files and renames the staging
+  directory to ``directory``. :meth:`TeacherCacheWriter.close` calls it
+  between its two barriers; call it alone to finish a write whose
+  processes all wrote their parts but whose commit did not run.
+
+  Raises:
+    FileNotFoundError: no staging directory or ``job.json``.
+    ValueError: one line listing every problem: a process without a part
+      (with the sequences it owns), a part of another run or with other
+      settings, sequences never written, a shard that does not hold what
+      its part says. Nothing is written at ``directory``; the staging
+      directory is kept (the next write removes it).
+    FileExistsError: ``directory`` appeared meanwhile and may not be
+      replaced (the finished cache is left in the staging directory).
+  """
+  d = os.path.abspath(os.fspath(directory))
+  staging = staging_directory(d)
+  job_path = os.path.join(staging, JOB_FILE)
+  try:
+    with open(job_path) as f:
+      job = json.load(f)
+    run = job["run"]
+    settings = job["settings"]
+    n = int(settings["num_sequences"])
+    num_shards = int(settings["num_shards"])
+    num = int(settings["process_count"])
+    overwrite = bool(job["overwrite"])
+  except FileNotFoundError:
+    raise FileNotFoundError(
+        f"no multi-process write of teacher cache {d} to commit: {job_path} "
+        "does not exist") from None
+  except (OSError, ValueError, KeyError, TypeError) as e:
+    raise ValueError(f"{job_path} is not a staging job file: {e!r}") from None
+  problems = []
+  index = np.full((n, 2), -1, np.int64)
+  counts = [0] * num_shards
+  for p in range(num):
+    seqs = process_sequence_range(n, p, num)
+    shards = process_shard_range(num_shards, p, num)
+    who = f"process {p} (sequences [{seqs.start}, {seqs.stop}))"
+    json_path = os.path.join(staging, _part_name(p, num, "json"))
+    if not os.path.exists(json_path):
+      problems.append(
+          f"{who} wrote no part (it failed before close, or {staging} is "
+          "not on a filesystem every process shares)")
+      continue
+    try:
+      with open(json_path) as f:
+        part = json.load(f)
+      positions = np.load(os.path.join(staging, _part_name(p, num, "npy")))
+      part_counts = [int(c) for c in part["num_records"]]
+    except (OSError, ValueError, KeyError, TypeError) as e:
+      problems.append(f"{who}: unreadable part: {e!r}")
+      continue
+    if part.get("run") != run:
+      problems.append(f"{who}: its part is from another run (run "
+                      f"{part.get('run')}, expected {run}); did every process "
+                      "construct its writer between the same barriers?")
+      continue
+    if part.get("settings") != settings:
+      theirs = part.get("settings") or {}
+      keys = sorted(k for k in set(settings) | set(theirs)
+                    if settings.get(k) != theirs.get(k))
+      problems.append(f"{who} wrote with other settings than process 0 "
+                      f"(differing: {', '.join(keys)})")
+      continue
+    if (positions.shape != (len(seqs), 2) or len(part_counts) != len(shards)
+        or part.get("sequences") != [seqs.start, seqs.stop]):
+      problems.append(f"{who}: its part does not match the layout")
+      continue
+    absent = np.nonzero(positions[:, 0] < 0)[0]
+    if absent.size:
+      problems.append(f"{who} never wrote {absent.size} of them: "
+                      + _format_ranges(absent + seqs.start))
+      continue
+    bad = []
+    for s, count in zip(shards, part_counts):
+      pos = np.sort(positions[positions[:, 0] == s, 1])
+      if not np.array_equal(pos, np.arange(count)):
+        bad.append(s)
+      counts[s] = count
+    if bad or not np.isin(positions[:, 0], np.asarray(shards)).all():
+      problems.append(f"{who}: its index does not match its shards {bad}")
+      continue
+    index[seqs.start:seqs.stop] = positions
+  if not problems:
+    for s in range(num_shards):
+      path = os.path.join(staging, _shard_name(s, num_shards))
+      try:
+        reader = array_record_module.ArrayRecordReader(path, _READER_OPTIONS)
+        ok = reader.ok()
+        records = reader.num_records() if ok else None
+        reader.close()
+      except Exception:  # pylint: disable=broad-except
+        ok, records = False, None
+      if not ok or records != counts[s]:
+        problems.append(f"shard {path} " + (
+            f"holds {records} records, its part says {counts[s]}" if ok else
+            "is missing or not a complete array_record file"))
+  if problems:
+    raise ValueError(
+        f"teacher cache {d} cannot be committed: " + "; ".join(problems)
+        + f"; nothing was written at {d} (the staging directory {staging} is "
+        "kept; the next write removes it)")
+  shards_meta = [{"file": _shard_name(s, num_shards), "num_records": counts[s]}
+                 for s in range(num_shards)]
+  layout = (f"process p of P={num} wrote sequences [p*N//P, (p+1)*N//P) to "
+            f"shards [p*S//P, (p+1)*S//P) (N={n}, S={num_shards}), "
+            "round robin in the order added; index.npy says where")
+  _write_finished(staging, index, lambda disk: dict(
+      _cache_meta(settings, num_sequences=n, shards=shards_meta,
+                  shard_of_index=layout, disk_bytes=disk),
+      process_count=num))
+  # Last, so that a commit that dies here can be run again.
+  for name in os.listdir(staging):
+    if _PART_RE.match(name) or name in (JOB_FILE, FAILED_FILE) or (
+        name.endswith(".tmp")):
+      os.remove(os.path.join(staging, name))
+  fsync_path(staging)
+  _move_into_place(staging, d, overwrite)
+  return d
 
 
 # ---------------------------------------------------------------------------

@@ -45,6 +45,22 @@ class TextCorpus:
   root: str
 
 
+STDLIB_SKIP_DIRS = ("test", "tests", "site-packages", "__pycache__",
+                    "idle_test")
+
+
+def stdlib_files(root: str) -> list[str]:
+  """The ``.py`` files under ``root`` (the standard library), the
+  directories of `STDLIB_SKIP_DIRS` left out, sorted by relative path."""
+  paths = []
+  for dirpath, dirnames, filenames in os.walk(root):
+    dirnames[:] = sorted(d for d in dirnames if d not in STDLIB_SKIP_DIRS)
+    paths.extend(os.path.join(dirpath, f) for f in filenames
+                 if f.endswith(".py"))
+  paths.sort(key=lambda p: os.path.relpath(p, root))
+  return paths
+
+
 def _is_validation(relpath: str, validation_percent: int) -> bool:
   digest = hashlib.sha256(relpath.encode()).digest()
   return int.from_bytes(digest[:4], "little") % 100 < validation_percent
@@ -78,14 +94,7 @@ def stdlib_corpus(*, max_train_bytes: int = 2_000_000,
   root = os.path.realpath(root or sysconfig.get_paths()["stdlib"])
   if not os.path.isdir(root):
     raise ValueError(f"corpus directory {root} does not exist")
-  paths = []
-  for dirpath, dirnames, filenames in os.walk(root):
-    dirnames[:] = sorted(d for d in dirnames
-                         if d not in ("test", "tests", "site-packages",
-                                      "__pycache__", "idle_test"))
-    paths.extend(os.path.join(dirpath, f) for f in filenames
-                 if f.endswith(".py"))
-  paths.sort(key=lambda p: os.path.relpath(p, root))
+  paths = stdlib_files(root)
   limits = {False: max_train_bytes, True: max_validation_bytes}
   chunks: dict[bool, list[bytes]] = {False: [], True: []}
   sizes = {False: 0, True: 0}

@@ -1,4 +1,5 @@
-"""Chunked fused linear-KD: distillation losses that never hold [N, V] logits.
+"""Chunked fused linear-KD (+ CE): distillation losses that never hold [N, V]
+logits.
 
 For LLM distillation the logits of the student and of the teacher are
 ``[num_tokens, vocab]``; at 8k tokens and a 128k vocabulary one float32 copy
@@ -13,7 +14,9 @@ log-space math (bfloat16 inputs are multiplied in bfloat16 with float32
 accumulation), ``ValueError`` at trace time for bad arguments. Unlike the
 per-example losses of :mod:`jdistill.losses.logit`, :func:`fused_linear_kd`
 returns a scalar: the reduction over tokens is part of the fusion (per-token
-weights, ``token_weights``, let a caller choose any linear reduction).
+weights, ``token_weights``, let a caller choose any linear reduction). The
+label cross-entropy of the student (``labels``, ``ce_weight``) and a final
+logit soft-cap (``logit_softcap``) are fused into the same chunk loop.
 """
 
 from __future__ import annotations
@@ -31,6 +34,7 @@ from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
 from jdistill.losses.bdkd import bdkd as _bdkd
 from jdistill.losses._common import (
     ArrayLike,
+    _check_labels,
     _check_positive,
     _check_unit_interval,
     _is_concrete_number,
@@ -200,6 +204,8 @@ class _Config:
   token_axis: Optional[str] = None
   # dtypes of (student_hidden, student_unembed, student_bias or None).
   grad_dtypes: tuple[Any, ...] = ()
+  ce: bool = False         # labels given: add the cross-entropy term.
+  softcap: Optional[float] = None  # final logit soft-cap c, or None.
 
 
 def _psum(x, axis):
@@ -258,113 +264,207 @@ def _per_token(cfg: _Config, z_s, z_t_scaled, log_pt, temp, hp):
   return div.combine(tuple(sums), hp, temp * temp, cfg.vocab_size)
 
 
+def _softcap(cfg: _Config, z: jax.Array
+             ) -> tuple[jax.Array, Optional[jax.Array]]:
+  """``(c * tanh(z / c), dz_capped / dz = 1 - tanh(z / c)**2)``, or
+  ``(z, None)`` without a cap (the expression of
+  ``jdistill.models.decoder.softcap``)."""
+  if cfg.softcap is None:
+    return z, None
+  t = jnp.tanh(z / cfg.softcap)
+  return t * cfg.softcap, 1.0 - t * t
+
+
 def _teacher(cfg, ht, wt, bt, temp):
-  z_t = _logits(ht, wt, bt)
+  z_t, _ = _softcap(cfg, _logits(ht, wt, bt))
   return z_t / temp, _log_softmax(z_t, temp, cfg.vocab_axis)
+
+
+def _cross_entropy(cfg: _Config, z: jax.Array, labels: jax.Array,
+                   with_grad: bool):
+  """Per-token ``logsumexp(z) - z[label]`` [chunk] of float32 logits ``z``
+  (this device's vocabulary shard), and with ``with_grad`` its gradient
+  ``softmax(z) - onehot(label)`` [chunk, local vocab] (else None).
+
+  Under vocab sharding the max and the normaliser are reduced across
+  shards, and ``z[label]`` is taken on the shard that holds the label
+  (psum of a masked sum). A label outside ``[0, V)`` selects no entry:
+  the token's CE is then ``logsumexp(z)``, finite, and must be masked.
+  """
+  local_vocab = z.shape[-1]
+  offset = 0
+  if cfg.vocab_axis is not None:
+    offset = lax.axis_index(cfg.vocab_axis) * local_vocab
+  m = lax.stop_gradient(jnp.max(z, axis=-1, keepdims=True))
+  if cfg.vocab_axis is not None:
+    m = lax.pmax(m, cfg.vocab_axis)
+  shifted = z - m
+  e = jnp.exp(shifted)
+  total = _psum(jnp.sum(e, axis=-1, keepdims=True), cfg.vocab_axis)
+  hit = (lax.broadcasted_iota(jnp.int32, z.shape, 1) + offset
+         == labels[:, None])
+  picked = _psum(jnp.sum(jnp.where(hit, shifted, 0.0), axis=-1),
+                 cfg.vocab_axis)
+  ce = jnp.log(total[:, 0]) - picked
+  if not with_grad:
+    return ce, None
+  return ce, e / total - hit.astype(_F32)
 
 
 def _chunks(x, cfg):
   return x.reshape((cfg.num_chunks, cfg.chunk) + x.shape[1:])
 
 
-def _local_loss(cfg, hs, ws, bs, ht, wt, bt, w, temp, hp):
-  """sum_i w_i loss_i over this device's tokens; no gradient work."""
+def _labels_chunks(labels, cfg):
+  return None if labels is None else _chunks(labels, cfg)
+
+
+def _local_loss(cfg, hs, ws, bs, ht, wt, bt, w, labels, temp, hp, kdw, cew):
+  """``(sum_i w_i D_i, sum_i w_i CE_i)`` over this device's tokens (the CE
+  sum 0 without labels); no gradient work."""
+  del kdw, cew
 
   def step(acc, xs):
-    hs_c, ht_c, w_c = xs
+    acc_kd, acc_ce = acc
+    hs_c, ht_c, w_c, y_c = xs
     z_t, log_pt = _teacher(cfg, ht_c, wt, bt, temp)
-    loss = _per_token(cfg, _logits(hs_c, ws, bs), z_t, log_pt, temp, hp)
-    return acc + jnp.sum(w_c * loss), None
+    z_s, _ = _softcap(cfg, _logits(hs_c, ws, bs))
+    loss = _per_token(cfg, z_s, z_t, log_pt, temp, hp)
+    acc_kd = acc_kd + jnp.sum(w_c * loss)
+    if cfg.ce:
+      ce, _ = _cross_entropy(cfg, z_s, y_c, with_grad=False)
+      acc_ce = acc_ce + jnp.sum(w_c * ce)
+    return (acc_kd, acc_ce), None
 
-  xs = (_chunks(hs, cfg), _chunks(ht, cfg), _chunks(w, cfg))
-  init = _varying(jnp.zeros((), _F32), cfg.token_axis)
-  total, _ = lax.scan(step, init, xs)
-  return _psum(total, cfg.token_axis)
+  xs = (_chunks(hs, cfg), _chunks(ht, cfg), _chunks(w, cfg),
+        _labels_chunks(labels, cfg))
+  zero = _varying(jnp.zeros((), _F32), cfg.token_axis)
+  (kd, ce), _ = lax.scan(step, (zero, zero), xs)
+  return _psum(kd, cfg.token_axis), _psum(ce, cfg.token_axis)
 
 
-def _local_loss_and_grads(cfg, hs, ws, bs, ht, wt, bt, w, temp, hp):
-  """The loss, its gradients w.r.t. (hs, ws, bs), and per-token losses.
+def _local_loss_and_grads(cfg, hs, ws, bs, ht, wt, bt, w, labels, temp, hp,
+                          kdw, cew):
+  """The two weighted sums of :func:`_local_loss`, the gradients of
+  ``kdw * kd + cew * ce`` w.r.t. (hs, ws, bs), and the per-token KD and CE
+  losses (CE None without labels).
 
-  Per chunk: both logits, ``g = d(sum w * loss) / d z_s`` by ``jax.vjp`` of
-  the chunk's loss, ``dH = g W_s^T`` (psum'd over vocab shards) and
-  ``dW_s += h_s^T g`` (local to the vocab shard).
+  Per chunk: both logits (soft-capped), ``g = kdw * d(sum w * D) / d z_s``
+  by ``jax.vjp`` of the chunk's KD loss, plus ``cew * w * (softmax(z_s) -
+  onehot(label))``, chained through the soft-cap (``g *= 1 - tanh**2``);
+  then ``dH = g W_s^T`` (psum'd over vocab shards) and ``dW_s += h_s^T g``
+  (local to the vocab shard).
   """
 
   def step(carry, xs):
-    acc, dws, dbs = carry
-    hs_c, ht_c, w_c = xs
+    acc_kd, acc_ce, dws, dbs = carry
+    hs_c, ht_c, w_c, y_c = xs
     z_t, log_pt = _teacher(cfg, ht_c, wt, bt, temp)
+    z_s, cap_grad = _softcap(cfg, _logits(hs_c, ws, bs))
 
     def weighted(z_s):
       loss = _per_token(cfg, z_s, z_t, log_pt, temp, hp)
       return jnp.sum(w_c * loss), loss
 
-    value, vjp, loss = jax.vjp(weighted, _logits(hs_c, ws, bs),
-                               has_aux=True)
-    (g,) = vjp(jnp.ones_like(value))  # [chunk, local vocab], float32.
+    value, vjp, loss = jax.vjp(weighted, z_s, has_aux=True)
+    # [chunk, local vocab], float32 (kdw == 1 leaves g bit for bit as is).
+    (g,) = vjp(jnp.ones_like(value) * kdw)
+    ce = None
+    if cfg.ce:
+      ce, g_ce = _cross_entropy(cfg, z_s, y_c, with_grad=True)
+      acc_ce = acc_ce + jnp.sum(w_c * ce)
+      g = g + (cew * w_c)[:, None] * g_ce
+    if cap_grad is not None:
+      g = g * cap_grad
     g_in = g.astype(ws.dtype)
     dh = _psum(_matmul(g_in, ws, (1, 1)), cfg.vocab_axis)
     dws = dws + _matmul(hs_c, g_in, (0, 0))
     if dbs is not None:
       dbs = dbs + jnp.sum(g, axis=0)
-    return (acc + value, dws, dbs), (dh, loss)
+    return (acc_kd + value, acc_ce, dws, dbs), (dh, loss, ce)
 
-  xs = (_chunks(hs, cfg), _chunks(ht, cfg), _chunks(w, cfg))
+  xs = (_chunks(hs, cfg), _chunks(ht, cfg), _chunks(w, cfg),
+        _labels_chunks(labels, cfg))
   both = (cfg.token_axis, cfg.vocab_axis)
-  init = (_varying(jnp.zeros((), _F32), cfg.token_axis),
+  zero = _varying(jnp.zeros((), _F32), cfg.token_axis)
+  init = (zero, zero,
           _varying(jnp.zeros(ws.shape, _F32), *both),
           None if bs is None else _varying(jnp.zeros(bs.shape, _F32), *both))
-  (total, dws, dbs), (dhs, losses) = lax.scan(step, init, xs)
+  (kd, ce, dws, dbs), (dhs, kd_tok, ce_tok) = lax.scan(step, init, xs)
   dhs = dhs.reshape(hs.shape)
-  losses = losses.reshape(w.shape)
-  total = _psum(total, cfg.token_axis)
+  kd_tok = kd_tok.reshape(w.shape)
+  ce_tok = None if ce_tok is None else ce_tok.reshape(w.shape)
+  kd = _psum(kd, cfg.token_axis)
+  ce = _psum(ce, cfg.token_axis)
   dws = _psum(dws, cfg.token_axis)
   dbs = None if dbs is None else _psum(dbs, cfg.token_axis)
-  return total, (dhs, dws, dbs, losses)
+  return (kd, ce), (dhs, dws, dbs, kd_tok, ce_tok)
 
 
-def _specs(cfg: _Config, bs, bt):
-  """shard_map in_specs of (hs, ws, bs, ht, wt, bt, w, temp, hp)."""
+def _specs(cfg: _Config, bs, bt, labels):
+  """shard_map in_specs of (hs, ws, bs, ht, wt, bt, w, labels, temp, hp,
+  kdw, cew)."""
   tok, voc = cfg.token_axis, cfg.vocab_axis
   bias = lambda b: None if b is None else P(voc)
   return (P(tok, None), P(None, voc), bias(bs), P(tok, None), P(None, voc),
-          bias(bt), P(tok), P(), P())
+          bias(bt), P(tok), None if labels is None else P(tok), P(), P(),
+          P(), P())
 
 
 def _run(cfg: _Config, local_fn, out_specs, args):
   """``local_fn(cfg, *args)`` on one device, or under shard_map."""
   if cfg.mesh is None:
     return local_fn(cfg, *args)
-  in_specs = _specs(cfg, args[2], args[5])
+  in_specs = _specs(cfg, args[2], args[5], args[7])
   return jax.shard_map(
       functools.partial(local_fn, cfg), mesh=cfg.mesh, in_specs=in_specs,
       out_specs=out_specs,
   )(*args)
 
 
+def _total(cfg: _Config, kd, ce, kdw, cew):
+  """``kdw * kd + cew * ce`` (``kdw * kd`` without labels)."""
+  total = kdw * kd
+  return total + cew * ce if cfg.ce else total
+
+
+# Arguments: (hs, ws, bs, ht, wt, bt, w, labels, temp, hp, kdw, cew), where
+# ``w`` are the float32 token weights, ``labels`` int32 or None, ``kdw`` and
+# ``cew`` float32 scalars. Returns ``(total, (kd, ce))``: the loss and its
+# two unscaled weighted sums; callers stop the gradient of the latter (the
+# backward pass uses only the cotangent of ``total``).
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
-def _fused(cfg, hs, ws, bs, ht, wt, bt, w, temp, hp):
-  return _run(cfg, _local_loss, P(), (hs, ws, bs, ht, wt, bt, w, temp, hp))
+def _fused(cfg, *args):
+  kd, ce = _run(cfg, _local_loss, (P(), P()), args)
+  return _total(cfg, kd, ce, args[-2], args[-1]), (kd, ce)
 
 
-def _fused_fwd(cfg, hs, ws, bs, ht, wt, bt, w, temp, hp):
+def _fused_fwd(cfg, *args):
   tok, voc = cfg.token_axis, cfg.vocab_axis
-  out_specs = (P(), (P(tok, None), P(None, voc),
-                     None if bs is None else P(voc), P(tok)))
-  total, (dhs, dws, dbs, losses) = _run(
-      cfg, _local_loss_and_grads, out_specs,
-      (hs, ws, bs, ht, wt, bt, w, temp, hp))
-  return total, (dhs, dws, dbs, losses)
+  bs, kdw, cew = args[2], args[-2], args[-1]
+  out_specs = ((P(), P()),
+               (P(tok, None), P(None, voc), None if bs is None else P(voc),
+                P(tok), P(tok) if cfg.ce else None))
+  (kd, ce), grads = _run(cfg, _local_loss_and_grads, out_specs, args)
+  return ((_total(cfg, kd, ce, kdw, cew), (kd, ce)),
+          (grads, kd, ce, kdw, cew))
 
 
 def _fused_bwd(cfg, res, ct):
-  dhs, dws, dbs, losses = res
+  (dhs, dws, dbs, kd_tok, ce_tok), kd, ce, kdw, cew = res
+  ct, _ = ct  # The parts' cotangents are zero (stop_gradient'ed).
   hs_dtype, ws_dtype, bs_dtype = cfg.grad_dtypes
   scale = lambda g, dtype: (ct * g).astype(dtype)
-  # Teacher arrays, temperature and hyperparameters: zero cotangents (None).
+  # d total / d w_i = kdw * D_i + cew * CE_i (kdw == 1: D_i bit for bit).
+  dw = kdw * kd_tok
+  if cfg.ce:
+    dw = dw + cew * ce_tok
+  # Teacher arrays, labels, temperature and hyperparameters: zero
+  # cotangents (None). The weights kdw and cew get their true gradients.
   return (scale(dhs, hs_dtype), scale(dws, ws_dtype),
           None if dbs is None else scale(dbs, bs_dtype),
-          None, None, None, ct * losses, None, None)
+          None, None, None, ct * dw, None, None, None, ct * kd,
+          ct * ce if cfg.ce else None)
 
 
 _fused.defvjp(_fused_fwd, _fused_bwd)
@@ -383,6 +483,19 @@ def _float_array(x: ArrayLike, name: str, ndim: int, what: str) -> jax.Array:
   if x.ndim != ndim:
     raise ValueError(f"{name} must be {what}, got shape {tuple(x.shape)}")
   return x
+
+
+def _concrete_float(x: Any) -> Optional[float]:
+  """``float(x)`` of a concrete real scalar (Python, numpy or a committed
+  JAX array), None for a tracer or anything else."""
+  if isinstance(x, jax.core.Tracer):
+    return None
+  if _is_concrete_number(x) or (isinstance(x, jax.Array) and x.ndim == 0):
+    try:
+      return float(x)
+    except (TypeError, ValueError):
+      return None
+  return None
 
 
 def _check_bias(b, name, vocab, unembed_name):
@@ -482,39 +595,59 @@ def fused_linear_kd(
     mesh: Optional[jax.sharding.Mesh] = None,
     vocab_axis: Optional[str] = None,
     token_axis: Optional[str] = None,
+    labels: Optional[ArrayLike] = None,
+    ce_weight: float = 0.0,
+    kd_weight: float = 1.0,
+    logit_softcap: Optional[float] = None,
+    return_parts: bool = False,
     **loss_hyperparameters: Any,
-) -> jax.Array:
-  r"""Token-weighted KD loss of two linear heads, without [N, V] logits.
+) -> jax.Array | tuple[jax.Array, dict[str, jax.Array]]:
+  r"""Token-weighted KD (+ label CE) loss of two linear heads, without
+  [N, V] logits.
 
   With student logits ``z_s = h_s W_s + b_s``, teacher logits
-  ``z_t = h_t W_t + b_t`` and the per-token divergence ``D`` named by
+  ``z_t = h_t W_t + b_t`` (both soft-capped to ``c tanh(z / c)`` first
+  when ``logit_softcap=c``), the per-token divergence ``D`` named by
   ``loss`` (exactly ``FUSED_KD_LOSSES[loss]``, i.e. ``LOGIT_LOSSES[loss]``,
-  with its ``T**2`` factor and hyperparameters):
+  with its temperature ``T``, ``T**2`` factor and hyperparameters) and,
+  when ``labels`` ``y`` are given, the student's cross-entropy at
+  temperature 1, ``CE_i = logsumexp(z_{s,i}) - z_{s,i}[y_i]``:
 
   .. math::
-    \mathcal{L} = \sum_{i=1}^{N} w_i\, D\big(\mathrm{softmax}(z_{s,i} / T),
-      \mathrm{softmax}(z_{t,i} / T)\big), \qquad
+    \mathcal{L} = \sum_{i=1}^{N} w_i \Big(\lambda_{kd}\, D\big(
+      \mathrm{softmax}(z_{s,i} / T), \mathrm{softmax}(z_{t,i} / T)\big)
+      + \lambda_{ce}\, \mathrm{CE}_i\Big), \qquad
     w_i = \frac{\mathrm{where}_i}{\max(1, \sum_j \mathrm{where}_j)}
-    \text{ by default.}
+    \text{ by default,}
+
+  with ``lambda_kd = kd_weight`` (1) and ``lambda_ce = ce_weight`` (0).
+  The defaults give the plain KD loss (bit for bit the result without the
+  CE arguments); ``kd_weight=0, ce_weight=1`` gives the mean next-token
+  cross-entropy (the KD term is still computed, and reported by
+  ``return_parts``).
 
   The tokens are processed ``chunk_size`` at a time with ``lax.scan``, so
   only ``[chunk_size, V]`` logits (a few of them) are live. A
   ``jax.custom_vjp`` computes the gradients with respect to the student's
   ``student_hidden``, ``student_unembed`` and ``student_bias`` during the
-  forward pass, chunk by chunk (per chunk: both logits, ``g = dL/dz_s`` by
-  ``jax.vjp``, ``dH = g W_s^T``, ``dW_s += h_s^T g``, ``db_s += sum g``),
-  and the backward pass only scales them by the incoming cotangent: four
-  matmuls per chunk, as many as the naive forward and backward. Without
+  forward pass, chunk by chunk (per chunk: both logits; ``g = dL/dz_s``,
+  the KD part by ``jax.vjp`` plus ``ce_weight * w_i * (softmax(z_s) -
+  onehot(y))`` for the CE, times ``1 - tanh(.)**2`` under a soft-cap;
+  ``dH = g W_s^T``, ``dW_s += h_s^T g``, ``db_s += sum g``), and the
+  backward pass only scales them by the incoming cotangent: four matmuls
+  per chunk, as many as the naive forward and backward. Without
   differentiation only the loss is computed. (Liger-Kernel's fused linear
   cross-entropy / JSD, in JAX.)
 
   Gradients: the teacher (``teacher_hidden``, ``teacher_unembed``,
   ``teacher_bias``) is frozen and gets zero cotangents, as under
-  ``lax.stop_gradient``; so do ``temperature`` and the hyperparameters.
-  ``token_weights`` gets its true gradient (the per-token losses). Tokens
-  with weight 0 (masked by ``where``, or padding added to fill the last
-  chunk) contribute exactly 0 to the value and get exactly 0 gradient,
-  provided their hidden states are finite.
+  ``lax.stop_gradient``; so do ``labels``, ``temperature`` and the
+  hyperparameters. ``token_weights`` gets its true gradient (the per-token
+  losses ``kd_weight * D_i + ce_weight * CE_i``), and so do ``kd_weight``
+  and ``ce_weight`` (the two parts). Tokens with weight 0 (masked by
+  ``where``, or padding added to fill the last chunk) contribute exactly 0
+  to the value and get exactly 0 gradient, provided their hidden states are
+  finite, whatever their labels.
 
   Precision: the matmuls run in the inputs' dtype (bfloat16 stays bfloat16)
   with float32 accumulation (``preferred_element_type``); the softmax and
@@ -528,12 +661,13 @@ def fused_linear_kd(
   normaliser and each per-token sum over the vocabulary are
   ``lax.pmax`` / ``lax.psum``-reduced over ``vocab_axis``; ``dH`` is
   psum'd, and ``dW`` / ``db`` stay local to the shard (they come out
-  sharded like the unembedding). ``V`` must be divisible by the size of
-  ``vocab_axis``. With ``token_axis`` the tokens are split over that mesh
-  axis too (data parallelism; each device pads its share to whole chunks),
-  and the scalar, ``dW`` and ``db`` are psum'd over it. Axes of an Explicit
-  mesh (``jax.make_mesh``'s default) are resharded as needed; arrays already
-  placed with these specs move nowhere.
+  sharded like the unembedding). The CE's target logit ``z_s[y]`` is read
+  on the shard that holds ``y`` and psum'd. ``V`` must be divisible by the
+  size of ``vocab_axis``. With ``token_axis`` the tokens are split over
+  that mesh axis too (data parallelism; each device pads its share to whole
+  chunks), and the scalars, ``dW`` and ``db`` are psum'd over it. Axes of
+  an Explicit mesh (``jax.make_mesh``'s default) are resharded as needed;
+  arrays already placed with these specs move nowhere.
 
   Args:
     student_hidden: ``[N, H_s]`` final hidden states of the student (N
@@ -567,17 +701,41 @@ def fused_linear_kd(
     mesh: optional ``jax.sharding.Mesh`` for vocab / token sharding.
     vocab_axis: mesh axis over which the vocabulary is split.
     token_axis: mesh axis over which the tokens are split.
+    labels: optional ``[N]`` integer next-token targets of the student
+      (``labels[i]`` is the target of ``student_hidden[i]``), adding the
+      cross-entropy term. They must lie in ``[0, V)`` wherever the token
+      weight is nonzero: there is no ignore index; mask ignored or padded
+      tokens with ``where`` / ``token_weights`` (their labels, e.g. -100,
+      are then irrelevant). An out-of-range label of a weighted token is not
+      detected: it selects no logit (its CE is ``logsumexp(z_s)``). Sharded
+      like the tokens (``P(token_axis)``).
+    ce_weight: ``lambda_ce >= 0``, weight of the CE term; nonzero needs
+      ``labels``. May be traced (no recompilation when it changes).
+    kd_weight: ``lambda_kd >= 0``, weight of the KD term. May be traced.
+    logit_softcap: optional final logit soft-cap ``c > 0`` (Gemma 2's
+      ``final_logit_softcapping``; ``jdistill.models.decoder.softcap``):
+      both heads' logits become ``c * tanh((h W + b) / c)`` before the
+      temperature, the divergence and the CE. A concrete number (static:
+      each value compiles its own program). None (default) for none.
+    return_parts: also return the two terms, for logging.
     **loss_hyperparameters: keyword hyperparameters of the loss, with the
       same names and defaults as in ``FUSED_KD_LOSSES[loss]``: ``beta`` of
       ``jsd``, ``alpha`` of ``skew_kl`` / ``skew_reverse_kl``, ``weight`` of
       ``bdkd``.
 
   Returns:
-    A float32 scalar, ``sum_i w_i * loss_i``.
+    A float32 scalar, ``sum_i w_i * (kd_weight * D_i + ce_weight * CE_i)``;
+    with ``return_parts=True`` the pair ``(total, {"kd": sum_i w_i D_i,
+    "ce": sum_i w_i CE_i})``, the parts float32 scalars not scaled by
+    ``kd_weight`` / ``ce_weight`` (``"ce"`` is 0 without labels) and under
+    ``lax.stop_gradient``: differentiate ``total``.
 
   Raises:
     ValueError: for arrays of the wrong rank, dtype or shape (the message
-      names the array), an unknown loss or hyperparameter, or bad mesh axes.
+      names the array), an unknown loss or hyperparameter, bad mesh axes,
+      non-integer or mis-shaped ``labels``, a negative or non-finite
+      ``kd_weight`` / ``ce_weight``, a nonzero ``ce_weight`` without
+      ``labels``, or a ``logit_softcap`` that is not a concrete number > 0.
 
   Example:
     >>> import jax, jax.numpy as jnp
@@ -593,16 +751,31 @@ def fused_linear_kd(
     >>> loss.shape, grads[0].shape, grads[1].shape
     ((), (50, 16), (16, 97))
 
+    With the next-token cross-entropy (``labels``) and both parts for
+    logging:
+
+    >>> labels = jax.random.randint(k1, (50,), 0, 97)
+    >>> total, parts = fused_linear_kd(
+    ...     h_s, w_s, h_t, w_t, where=mask, chunk_size=16, labels=labels,
+    ...     kd_weight=0.5, ce_weight=0.5, return_parts=True)
+    >>> bool(jnp.allclose(total, 0.5 * parts["kd"] + 0.5 * parts["ce"]))
+    True
+
   References:
     Hinton, Vinyals and Dean, `Distilling the Knowledge in a Neural Network
     <https://arxiv.org/abs/1503.02531>`_, 2015. Hsu et al., `Liger Kernel:
     Efficient Triton Kernels for LLM Training
     <https://arxiv.org/abs/2410.10989>`_, 2024: the fused linear
-    cross-entropy and fused linear JSD
-    (``linkedin/Liger-Kernel`` ``src/liger_kernel/ops/fused_linear_jsd.py``),
-    whose chunking and in-forward gradients this follows. Tests check values
-    and gradients against ``LOGIT_LOSSES[loss]`` on materialised logits and a
-    float64 numpy reference of KD.
+    cross-entropy and fused linear JSD (``linkedin/Liger-Kernel``
+    ``src/liger_kernel/ops/fused_linear_cross_entropy.py`` and
+    ``src/liger_kernel/ops/fused_linear_jsd.py``), whose chunking,
+    in-forward gradients and CE gradient ``softmax - onehot`` added to the
+    chunk's logit gradient this follows. Gemma Team, `Gemma 2: Improving
+    Open Language Models at a Practical Size
+    <https://arxiv.org/abs/2408.00118>`_, 2024 (logit soft-capping). Tests
+    check values and gradients against ``LOGIT_LOSSES[loss]`` on
+    materialised logits, float64 numpy references of KD and of KD + CE,
+    and autodiff of the naive soft-capped KD + CE.
   """
   if loss not in _DIVERGENCES:
     raise ValueError(f"unknown fused KD loss {loss!r}; expected one of: "
@@ -642,6 +815,29 @@ def fused_linear_kd(
   bt = _check_bias(teacher_bias, "teacher_bias", vocab, "teacher_unembed")
   w = _token_weights(where, token_weights, n)
   _, token_shards = _mesh_sizes(mesh, vocab_axis, token_axis, vocab)
+  if labels is not None:
+    labels = _check_labels(labels, (n,), "one next-token target per token "
+                           "of student_hidden").astype(jnp.int32)
+  for name, value in (("kd_weight", kd_weight), ("ce_weight", ce_weight)):
+    if jnp.ndim(value) != 0:
+      raise ValueError(f"{name} must be a scalar, got shape "
+                       f"{jnp.shape(value)}")
+    v = _concrete_float(value)
+    if v is not None and not 0 <= v < float("inf"):
+      raise ValueError(f"{name} must be finite and >= 0, got {value}")
+  if labels is None and _concrete_float(ce_weight) != 0:
+    shown = ("a traced value" if _concrete_float(ce_weight) is None
+             else repr(ce_weight))
+    raise ValueError(f"ce_weight (got {shown}) must be 0 when labels=None: "
+                     f"the CE term needs labels (the next-token targets)")
+  if logit_softcap is not None:
+    cap = _concrete_float(logit_softcap)
+    if cap is None or not 0 < cap < float("inf"):
+      raise ValueError(f"logit_softcap must be None or a concrete finite "
+                       f"number > 0, got {logit_softcap!r}")
+    logit_softcap = cap
+  if not isinstance(return_parts, bool):
+    raise ValueError(f"return_parts must be a bool, got {return_parts!r}")
 
   # Balanced chunks: ceil(n_local / chunk_size) chunks of equal size.
   n_local = max(1, -(-n // token_shards))
@@ -653,17 +849,26 @@ def fused_linear_kd(
     hs = jnp.pad(hs, ((0, pad), (0, 0)))
     ht = jnp.pad(ht, ((0, pad), (0, 0)))
     w = jnp.pad(w, (0, pad))
+    if labels is not None:
+      labels = jnp.pad(labels, (0, pad))
 
   cfg = _Config(loss=loss, num_chunks=num_chunks, chunk=chunk,
                 vocab_size=vocab, mesh=mesh, vocab_axis=vocab_axis,
                 token_axis=token_axis,
                 grad_dtypes=(hs.dtype, ws.dtype,
-                             None if bs is None else bs.dtype))
+                             None if bs is None else bs.dtype),
+                ce=labels is not None, softcap=logit_softcap)
   temp = jnp.asarray(temperature, _F32)
   hp = {k: jnp.asarray(v, _F32) for k, v in hp.items()}
+  kdw = jnp.asarray(kd_weight, _F32)
+  cew = jnp.asarray(ce_weight, _F32)
   if mesh is not None:
-    specs = _specs(cfg, bs, bt)
-    hs, ws, bs, ht, wt, bt, w = (
-        _place(x, mesh, s) for x, s in zip((hs, ws, bs, ht, wt, bt, w),
-                                           specs))
-  return _fused(cfg, hs, ws, bs, ht, wt, bt, w, temp, hp)
+    specs = _specs(cfg, bs, bt, labels)
+    hs, ws, bs, ht, wt, bt, w, labels = (
+        _place(x, mesh, s) for x, s in zip(
+            (hs, ws, bs, ht, wt, bt, w, labels), specs))
+  total, (kd, ce) = _fused(cfg, hs, ws, bs, ht, wt, bt, w, labels, temp, hp,
+                           kdw, cew)
+  if not return_parts:
+    return total
+  return total, {"kd": lax.stop_gradient(kd), "ce": lax.stop_gradient(ce)}

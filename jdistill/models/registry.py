@@ -21,7 +21,8 @@ RESNET_NAMES = (
     "resnet44", "resnet56", "resnet110",
 )
 MODEL_NAMES: tuple[str, ...] = (
-    ("mlp", "cnn1d", "convnet") + RESNET_NAMES + ("vit", "causal_lm"))
+    ("mlp", "cnn1d", "convnet") + RESNET_NAMES + ("vit", "causal_lm",
+                                                  "decoder"))
 # Models made of other models, built from per-member specs rather than from
 # constructor defaults (``peers``: `jdistill.models.peers.PeerGroup`). They
 # are kept out of ``MODEL_NAMES``, which lists the single models that can be
@@ -62,7 +63,9 @@ def create_model(
       ``mlp``, ``width=64, depth=4, norm='batch'`` for ``convnet``,
       ``channels=(25, 25, 25)`` for ``cnn1d``, ``widths=...`` for resnets,
       ``dim=32, depth=2, num_heads=4, patch_size=5`` for ``vit``,
-      ``dim=128, depth=2, num_heads=4`` for ``causal_lm``. Every model takes
+      ``dim=128, depth=2, num_heads=4`` for ``causal_lm``,
+      ``hf_config={...}`` (a Hugging Face ``config.json`` dict) for
+      ``decoder`` (`jdistill.models.decoder.Decoder`). Every model takes
       ``remat=`` one of `jdistill.models.remat.REMAT_NAMES` (``"none"``
       default, ``"full"``, ``"dots"``, ``"dots_saveable"``): activation
       checkpointing of its blocks (``causal_lm`` / ``vit`` blocks, resnet
@@ -113,6 +116,8 @@ def create_model(
     cfg = dict(max_len=input_shape[0])
     cfg.update(kwargs)
     return CausalLM(vocab_size=num_classes, rngs=rngs, dtype=dtype, **cfg)
+  if name == "decoder":
+    return _create_decoder(input_shape, num_classes, rngs, dtype, kwargs)
   _need_hwc(name, input_shape)
   if name == "convnet":
     cfg = dict(in_shape=input_shape)
@@ -122,6 +127,35 @@ def create_model(
   cfg = dict(depth=depth, widths=widths, in_channels=input_shape[2])
   cfg.update(kwargs)
   return CifarResNet(**cfg, **common)
+
+
+def _create_decoder(input_shape, num_classes, rngs, dtype, kwargs):
+  from jdistill.models.decoder import Decoder, DecoderConfig
+
+  kwargs = dict(kwargs)
+  if len(input_shape) != 1:
+    raise ValueError(f"model 'decoder' expects input_shape (T,) of token ids "
+                     f"but got {input_shape}")
+  if "hf_config" not in kwargs:
+    raise ValueError("model 'decoder' needs hf_config={...} (a Hugging Face "
+                     "config.json as a dict; --student_config=FILE gives it)")
+  config = DecoderConfig.from_hf(kwargs.pop("hf_config"),
+                                 source="--model_kwargs hf_config")
+  if config.vocab_size != num_classes:
+    raise ValueError(f"model 'decoder': hf_config has vocab_size "
+                     f"{config.vocab_size} but the data's tokenizer has "
+                     f"{num_classes} ids")
+  param_dtype = kwargs.pop("param_dtype", "float32")
+  remat = kwargs.pop("remat", "none")
+  lora = dict(lora_rank=int(kwargs.pop("lora_rank", 0)),
+              lora_targets=tuple(kwargs.pop("lora_targets", ())),
+              lora_alpha=kwargs.pop("lora_alpha", None))
+  if kwargs:
+    raise ValueError(f"model 'decoder': unknown options {sorted(kwargs)}; "
+                     f"expected hf_config=, param_dtype=, remat=, "
+                     f"lora_rank=, lora_targets=, lora_alpha=")
+  return Decoder(config, rngs=rngs, dtype=dtype,
+                 param_dtype=jnp.dtype(param_dtype), remat=remat, **lora)
 
 
 def _create_peers(input_shape: tuple[int, ...], common: dict[str, Any],

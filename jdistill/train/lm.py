@@ -65,6 +65,16 @@ def token_mask(batch: Batch) -> jax.Array:
   return mask
 
 
+# Batch fields passed to the model call as keywords (packed sequences of
+# the decoder LM, `jdistill.data.corpus`).
+MODEL_INPUTS = ("segment_ids", "positions")
+
+
+def model_inputs(batch: Batch) -> dict[str, jax.Array]:
+  """The batch's `MODEL_INPUTS` present (``segment_ids``, ``positions``)."""
+  return {k: batch[k] for k in MODEL_INPUTS if batch.get(k) is not None}
+
+
 def token_count(batch: Batch) -> jax.Array:
   """float32 number of valid tokens (`token_mask`)."""
   return jnp.sum(token_mask(batch), dtype=jnp.float32)
@@ -108,8 +118,8 @@ class LMDistillObjective:
     source: where the teacher's targets come from (`TEACHER_SOURCES`).
     fused: compute the online KD term with the chunked fused linear loss
       (`jdistill.losses.fused.fused_linear_kd`): neither model's ``[B*T, V]``
-      logits are materialised. Only for ``source="online"`` and
-      ``ce_weight == 0``.
+      logits are materialised; the CE term (``ce_weight``) is fused into the
+      same chunks. Only for ``source="online"``.
     chunk_size: tokens per chunk of the fused loss.
     topk_variant: the top-k estimator (`jdistill.losses.sparse.topk_kd`).
     loss_kwargs: extra hyperparameters of ``loss`` as ``((name, value),)``.
@@ -137,10 +147,6 @@ class LMDistillObjective:
     if self.fused and self.source != "online":
       raise ValueError("--lm_fused_kd needs --lm_teacher_source=online (a "
                        "cache already holds the teacher's targets)")
-    if self.fused and self.ce_weight:
-      raise ValueError("--lm_fused_kd computes only the KD term; set "
-                       "--ce_weight=0 (a CE term would materialise the "
-                       "student's logits)")
     if not self.temperature > 0:
       raise ValueError(f"--temperature must be > 0, got {self.temperature}")
 
@@ -169,7 +175,8 @@ def make_lm_train_step(model: FunctionalModel,
 
   def loss_fn(params, state: TrainState, batch: Batch):
     logits, _, new_model_state = model.apply(params, state.model_state,
-                                             batch["x"], train=True)
+                                             batch["x"], train=True,
+                                             **model_inputs(batch))
     mask = token_mask(batch)
     loss = reduce_tokens(next_token_nll(logits, batch["y"]), mask, "batch")
     return loss, (logits, mask, new_model_state)
@@ -194,18 +201,21 @@ def make_lm_train_step(model: FunctionalModel,
 
 
 def _hidden_and_unembedding(model: FunctionalModel, params, model_state,
-                            tokens):
-  """``(hidden [B*T, dim], W, b)`` for the fused loss, in the model's
-  ``compute_dtype`` when it has one (parameters cast as in
+                            batch: Batch):
+  """``(hidden [B*T, dim], W, b, softcap)`` for the fused loss, in the
+  model's ``compute_dtype`` when it has one (parameters cast as in
   `FunctionalModel.apply`; the fused loss multiplies in that dtype with
-  float32 accumulation and runs its softmaxes in float32)."""
+  float32 accumulation and runs its softmaxes in float32). ``softcap`` is
+  the model's final logit soft-cap (Gemma 2), else ``None``."""
   module = model.merge(params, model_state)
   if not hasattr(module, "hidden_states"):
     raise ValueError(f"--lm_fused_kd needs a model with hidden_states() and "
-                     f"unembedding() (causal_lm), got {type(module).__name__}")
-  hidden = module.hidden_states(tokens)
+                     f"unembedding() (causal_lm, decoder), got "
+                     f"{type(module).__name__}")
+  hidden = module.hidden_states(batch["x"], **model_inputs(batch))
   w, b = module.unembedding()
-  return hidden.reshape(-1, hidden.shape[-1]), w, b
+  return (hidden.reshape(-1, hidden.shape[-1]), w, b,
+          getattr(module, "final_softcap", None))
 
 
 def make_lm_distill_step(student: FunctionalModel,
@@ -262,17 +272,27 @@ def make_lm_distill_step(student: FunctionalModel,
   def loss_fn(params, state: TrainState, batch: Batch, teacher_out):
     mask = token_mask(batch)
     if objective.fused:
-      h_s, w_s, b_s = _hidden_and_unembedding(student, params,
-                                              state.model_state, batch["x"])
-      h_t, w_t, b_t = teacher_out
+      h_s, w_s, b_s, cap_s = _hidden_and_unembedding(student, params,
+                                                     state.model_state, batch)
+      h_t, w_t, b_t, cap_t = teacher_out
+      if cap_s != cap_t:
+        raise ValueError(f"--lm_fused_kd: the student's final logit "
+                         f"soft-cap ({cap_s}) differs from the teacher's "
+                         f"({cap_t}); the fused loss applies one to both")
       weights = reduction_weights(mask, objective.reduction).reshape(-1)
-      kd = fused_losses.fused_linear_kd(
+      total, parts = fused_losses.fused_linear_kd(
           h_s, w_s, h_t, w_t, student_bias=b_s, teacher_bias=b_t,
           loss=objective.loss, temperature=temp, token_weights=weights,
-          chunk_size=objective.chunk_size, **hp)
-      return objective.kd_weight * kd, ({"kd": kd}, None, state.model_state)
+          chunk_size=objective.chunk_size,
+          labels=batch["y"].reshape(-1) if objective.ce_weight else None,
+          kd_weight=objective.kd_weight, ce_weight=objective.ce_weight,
+          logit_softcap=cap_s or None, return_parts=True, **hp)
+      if not objective.ce_weight:
+        parts = {"kd": parts["kd"]}
+      return total, (parts, None, state.model_state)
     logits, _, new_model_state = student.apply(params, state.model_state,
-                                               batch["x"], train=True)
+                                               batch["x"], train=True,
+                                               **model_inputs(batch))
     kd = reduce_tokens(per_token_kd(logits, batch, teacher_out), mask,
                        objective.reduction)
     ce = reduce_tokens(next_token_nll(logits, batch["y"]), mask,
@@ -284,12 +304,13 @@ def make_lm_distill_step(student: FunctionalModel,
     if objective.source != "online":
       return None
     if objective.fused:
-      return jax.lax.stop_gradient(_hidden_and_unembedding(
+      *arrays, cap = _hidden_and_unembedding(
           teacher, teacher_variables["params"],
-          teacher_variables["model_state"], batch["x"]))
+          teacher_variables["model_state"], batch)
+      return (*jax.lax.stop_gradient(tuple(arrays)), cap)
     teacher_out, _, _ = teacher.apply(
         teacher_variables["params"], teacher_variables["model_state"],
-        batch["x"], train=False)
+        batch["x"], train=False, **model_inputs(batch))
     return jax.lax.stop_gradient(teacher_out)
 
   def step(state: TrainState, teacher_variables, batch: Batch):
@@ -329,7 +350,8 @@ def make_lm_eval_step(model: FunctionalModel
   """
 
   def eval_step(params, model_state, batch: Batch) -> Metrics:
-    logits, _, _ = model.apply(params, model_state, batch["x"], train=False)
+    logits, _, _ = model.apply(params, model_state, batch["x"], train=False,
+                               **model_inputs(batch))
     mask = token_mask(batch)
     nll = next_token_nll(logits, batch["y"])
     correct = jnp.argmax(logits, -1) == batch["y"]
@@ -342,13 +364,13 @@ def make_lm_eval_step(model: FunctionalModel
 
 def make_lm_teacher_outputs(teacher: FunctionalModel
                             ) -> Callable[[Any, jax.Array], jax.Array]:
-  """``fn(teacher_variables, tokens) -> [B, T, V]`` float32 teacher
-  log-probabilities (temperature 1), for writing offline caches."""
+  """``fn(teacher_variables, tokens, **model_inputs) -> [B, T, V]`` float32
+  teacher log-probabilities (temperature 1), for writing offline caches."""
 
-  def fn(teacher_variables, tokens):
+  def fn(teacher_variables, tokens, **inputs):
     logits, _, _ = teacher.apply(teacher_variables["params"],
                                  teacher_variables["model_state"], tokens,
-                                 train=False)
+                                 train=False, **inputs)
     return jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
 
   return fn

@@ -62,13 +62,19 @@ PRESETS = ("auto", "replicated", "fsdp", "tensor")
 TENSOR_RULES: tuple[tuple[str, tuple], ...] = (
     # Row-parallel: the layer after a column-parallel one takes its input
     # features split, so the pair needs one all-reduce.
-    (r"(attn/out|mlp_out|fc2)/kernel$", (..., TENSOR_AXIS, None)),
+    (r"(attn/out|mlp_out|fc2|o_proj|down_proj)/kernel$",
+     (..., TENSOR_AXIS, None)),
     # Vocabulary-parallel embedding tables.
     (r"embed\w*/embedding$", (TENSOR_AXIS, None)),
     # Column-parallel: output features (a conv's output channels).
     (r"kernel$", (..., TENSOR_AXIS)),
     (r"(attn/(query|key|value|qkv)|mlp_in|fc1|lm_head|hidden/\d+)/bias$",
      (TENSOR_AXIS,)),
+    # The decoder family (jdistill.models.decoder): layers stacked on a
+    # leading axis, so the rules say ``...`` for it.
+    (r"(q_proj|k_proj|v_proj|gate_proj|up_proj)/bias$", (..., TENSOR_AXIS)),
+    (r"(q_proj|k_proj|v_proj|gate_proj|up_proj)/lora_b$",
+     (..., TENSOR_AXIS)),
 )
 
 
@@ -80,6 +86,9 @@ def parse_mesh(text: str | None, *, flag: str = "--mesh") -> dict[str, int]:
   devices on ``data``).
   """
   axes: dict[str, int] = {}
+  if text and not text.strip():
+    raise ValueError(f"{flag}={text!r}: expected comma-separated axis:size "
+                     f"pairs such as data:2,fsdp:4 (or nothing)")
   for part in (text or "").split(","):
     part = part.strip()
     if not part:

@@ -85,11 +85,25 @@ class FunctionalModel:
     the parameters constrained to ``param_sharding``)."""
     if self.compute_dtype is not None:
       params = cast_floating(params, self.compute_dtype)
+    per_layer = None
     if self.param_sharding is not None:
-      params = jax.lax.with_sharding_constraint(params, self.param_sharding)
-    if self.compute_dtype is None:
-      return nnx.merge(self.graphdef, params, model_state)
+      sharding = self.param_sharding
+      if _gathers_per_layer(self.graphdef, params, sharding):
+        # A decoder with stacked layers gathers one layer's weights at a
+        # time, inside its scan (`jdistill.models.decoder`): the stacked
+        # "layers" are left sharded here.
+        per_layer = _layer_slices(sharding["layers"])
+        rest = {k: v for k, v in params.items() if k != "layers"}
+        rest = jax.lax.with_sharding_constraint(
+            rest, {k: v for k, v in sharding.items() if k != "layers"})
+        params = {**rest, "layers": params["layers"]}
+      else:
+        params = jax.lax.with_sharding_constraint(params, sharding)
     model = nnx.merge(self.graphdef, params, model_state)
+    if per_layer is not None:
+      model.layer_sharding = per_layer
+    if self.compute_dtype is None:
+      return model
     for _, module in nnx.iter_modules(model):
       dtype = getattr(module, "dtype", None)
       if dtype is not None and jnp.issubdtype(dtype, jnp.floating):
@@ -97,8 +111,13 @@ class FunctionalModel:
     return model
 
   def apply(self, params: PyTree, model_state: PyTree, x: jax.Array, *,
-            train: bool) -> tuple[jax.Array, dict[str, jax.Array], PyTree]:
+            train: bool, **inputs: jax.Array
+            ) -> tuple[jax.Array, dict[str, jax.Array], PyTree]:
     """Runs the model.
+
+    ``inputs`` are passed to the model call as keywords (the decoder LM's
+    ``segment_ids`` and ``positions`` of packed sequences); they are never
+    cast.
 
     Returns:
       ``(logits, features, new_model_state)``; ``new_model_state`` carries the
@@ -108,7 +127,7 @@ class FunctionalModel:
     if self.compute_dtype is not None:
       x = cast_floating(x, self.compute_dtype)
     model = self.merge(params, model_state)
-    logits, features = model(x, train=train)
+    logits, features = model(x, train=train, **inputs)
     if self.compute_dtype is not None:
       logits, features = cast_floating((logits, features), jnp.float32)
     if not train:
@@ -118,6 +137,38 @@ class FunctionalModel:
     if self.compute_dtype is not None:
       new_state = cast_like(new_state, model_state)
     return logits, features, new_state
+
+
+def _gathers_per_layer(graphdef, params, sharding) -> bool:
+  return (isinstance(params, dict) and "layers" in params
+          and isinstance(sharding, dict) and "layers" in sharding
+          and any(isinstance(a, tuple) and a[0] == "layer_sharding"
+                  for a in getattr(graphdef, "attributes", ())))
+
+
+class _LayerSharding:
+  """The per-layer compute shardings of stacked layers (a static value:
+  hashable by identity of its leaves' specs)."""
+
+  def __init__(self, tree):
+    self.tree = tree
+    leaves, self._treedef = jax.tree.flatten(tree)
+    self._key = (self._treedef, tuple(leaves))
+
+  def __hash__(self):
+    return hash(self._key)
+
+  def __eq__(self, other):
+    return isinstance(other, _LayerSharding) and self._key == other._key
+
+
+def _layer_slices(shardings) -> _LayerSharding:
+  """``shardings`` of ``[L, ...]`` stacked arrays -> those of one layer."""
+  from jax.sharding import NamedSharding, PartitionSpec
+
+  return _LayerSharding(jax.tree.map(
+      lambda s: NamedSharding(s.mesh, PartitionSpec(*tuple(s.spec)[1:])),
+      shardings))
 
 
 @struct.dataclass

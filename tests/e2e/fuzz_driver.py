@@ -72,7 +72,8 @@ BY_HAND = {"workdir", "dataset", "data_dir", "tfds_train_split",
            "tfds_test_split", "tfds_input_key", "tfds_label_key",
            "teacher_checkpoint", "teacher_checkpoints", "tune_grid",
            "tune_output_dir", "lm_cache_dir", "coordinator_address",
-           "methods", "feature_pairs"}
+           "methods", "feature_pairs", "teacher_hf", "student_hf",
+           "student_config", "tokenizer", "corpus", "text_field"}
 # Where a flag takes effect, when that is not a plain training run: its
 # wrong values are tried with the base flags of that context.
 CONTEXT = {
@@ -568,7 +569,14 @@ def make_cases(fx: dict, rng: random.Random, sample: int | None,
       (["--mode=tune", "--validation_fraction=0.2"], "--methods"),
       (["--methods=x.txt"], "--methods"),
       (["--lm_fused_kd", "--mode=distill_lm", "--model=causal_lm",
-        "--teacher_model=causal_lm"], "--lm_fused_kd"),
+        "--teacher_model=causal_lm", "--lm_chunk_size=0"],
+       "--lm_chunk_size"),
+      (["--mode=distill_lm", "--student_init=teacher_layers:0"],
+       "--student_init"),
+      (["--mode=distill_lm", "--teacher_hf=/nonexistent",
+        "--student_init=teacher_layers:0"], "--teacher_hf"),
+      (["--mode=distill_lm", "--lora_rank=2", "--model=causal_lm",
+        "--teacher_model=causal_lm"], "--lora_rank"),
       (["--mode=distill_lm"], "--model"),
       (["--mode=cache_lm", "--model=causal_lm", "--teacher_model=causal_lm"],
        "--teacher_checkpoint"),

@@ -220,3 +220,40 @@ def test_a_dead_process_stops_the_other_with_one_line(tmp_path):
   lines = [l for l in err.splitlines() if l.startswith("jdistill:")]
   assert len(lines) == 1 and "Traceback" not in err, err[-3000:]
   assert "process 1 has sent no sign of life" in lines[0]
+
+
+@pytest.mark.float16  # Teacher caches store float16.
+def test_teacher_cache_written_by_two_processes_equals_one(tmp_path):
+  # Each process runs the Hugging Face teacher on its own share of the
+  # sequences and writes its own shards; process 0 commits one index.
+  from flax import nnx
+
+  from jdistill import hf
+  from jdistill.data.teacher_cache import TeacherCache
+  from jdistill.models.decoder import Decoder, DecoderConfig
+  from jdistill.train import FunctionalModel
+  tokenizer = ROOT / "tests" / "fixtures" / "hf" / "tokenizer"
+  config = DecoderConfig(model_type="llama", vocab_size=300, hidden_size=16,
+                         intermediate_size=32, num_layers=2, num_heads=2,
+                         num_kv_heads=1, head_dim=8)
+  model, params, _ = FunctionalModel.split(Decoder(config,
+                                                   rngs=nnx.Rngs(0)))
+  hf.save_model(str(tmp_path / "teacher"), model, {"params": params},
+                tokenizer_dir=str(tokenizer))
+  args = ["--mode=cache_lm", f"--teacher_hf={tmp_path / 'teacher'}",
+          "--corpus=stdlib", "--corpus_max_documents=4", "--seq_len=32",
+          "--lm_cache_form=topk", "--lm_topk=4", "--lm_cache_shards=4",
+          "--eval_batch_size=16", "--temperature=1.0"]
+  _run_two_processes(args + [f"--lm_cache_dir={tmp_path / 'c2'}"],
+                     tmp_path / "w2")
+  _run_one_process(args + [f"--lm_cache_dir={tmp_path / 'c1'}"],
+                   tmp_path / "w1")
+  two, one = TeacherCache(str(tmp_path / "c2")), TeacherCache(
+      str(tmp_path / "c1"))
+  assert len(two) == len(one) > 16
+  assert two.meta["process_count"] == 2
+  every = np.arange(len(one))
+  a, b = two.get_batch(every), one.get_batch(every)
+  np.testing.assert_array_equal(a["ids"], b["ids"])
+  np.testing.assert_allclose(a["log_probs"].astype(np.float32),
+                             b["log_probs"].astype(np.float32), atol=2e-3)

@@ -403,7 +403,7 @@ def test_cnn1d_rejects_images():
 def test_model_names_tuple():
   assert isinstance(MODEL_NAMES, tuple)
   assert MODEL_NAMES[:3] == ("mlp", "cnn1d", "convnet")
-  assert len(set(MODEL_NAMES)) == len(MODEL_NAMES) == 14
+  assert len(set(MODEL_NAMES)) == len(MODEL_NAMES) == 15
 
 
 # --------------------------------------------------------------------------

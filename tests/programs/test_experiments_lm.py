@@ -112,7 +112,8 @@ def test_bad_lm_settings_are_refused(changes, pattern):
 
 @pytest.mark.parametrize("args,pattern", [
     (["--model=mlp"], "--model=mlp: expected causal_lm"),
-    (["--lm_fused_kd", "--ce_weight=1"], "only with --ce_weight=0"),
+    (["--lora_rank=2"], "--lora_rank=2: expected 0 without --teacher_hf"),
+    (["--student_init=teacher_layers:0"], "only with --teacher_hf"),
 ])
 def test_bad_lm_flags_are_one_line_errors_that_write_nothing(
     tmp_path, args, pattern):

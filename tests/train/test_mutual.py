@@ -122,7 +122,7 @@ def test_group_passes_remat_and_dtype_to_every_peer():
 
 def test_group_model_name_is_registered_apart_from_model_names():
   assert "peers" in GROUP_MODEL_NAMES and "peers" not in MODEL_NAMES
-  with pytest.raises(ValueError, match="causal_lm, peers"):
+  with pytest.raises(ValueError, match="causal_lm, decoder, peers"):
     create_model("foo", num_classes=3, input_shape=IN_SHAPE,
                  rngs=nnx.Rngs(0))
 

@@ -197,8 +197,10 @@ def test_causal_lm_tokens_stay_int_and_fused_path_casts():
   def run(params, model_state, tokens):
     z16, _, _ = bf16.apply(params, model_state, tokens, train=False)
     z32, _, _ = model.apply(params, model_state, tokens, train=False)
-    return z16, z32, lm._hidden_and_unembedding(bf16, params, model_state,
-                                                tokens)
+    h, w, b, cap = lm._hidden_and_unembedding(bf16, params, model_state,
+                                              {"x": tokens})
+    assert cap is None
+    return z16, z32, (h, w, b)
 
   z16, z32, (h, w, b) = run(params, model_state, tokens)
   assert z16.dtype == jnp.float32 and _rel_err(z16, z32) < 3e-2
