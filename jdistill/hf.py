@@ -431,10 +431,8 @@ def save_model(path: str, model: Any, variables: Mapping[str, Any], *,
   dtype_name = {np.dtype(np.float32): "float32",
                 np.dtype(np.float16): "float16",
                 np.dtype(ml_dtypes.bfloat16): "bfloat16"}[np.dtype(stored)]
-  parent = os.path.dirname(os.path.abspath(path))
-  os.makedirs(parent, exist_ok=True)
-  tmp = tempfile.mkdtemp(prefix=".tmp-hf-", dir=parent)
-  try:
+
+  def write(tmp: str) -> None:
     with open(os.path.join(tmp, CONFIG_FILE), "w") as f:
       json.dump(config.to_hf(dtype=dtype_name), f, indent=2)
     gen = {k: v for k, v in (("bos_token_id", config.bos_token_id),
@@ -450,8 +448,22 @@ def save_model(path: str, model: Any, variables: Mapping[str, Any], *,
         src = os.path.join(tokenizer_dir, name)
         if os.path.exists(src):
           shutil.copy(src, os.path.join(tmp, name))
+
+  write_directory(path, write)
+
+
+def write_directory(path: str, write) -> None:
+  """Calls ``write(tmp)`` on a new sibling directory of ``path`` and then
+  puts it in place of ``path`` (an existing ``path`` is replaced whole, or
+  left as it was when ``write`` fails)."""
+  parent = os.path.dirname(os.path.abspath(path))
+  os.makedirs(parent, exist_ok=True)
+  tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(path)}.tmp-", dir=parent)
+  try:
+    write(tmp)
     if os.path.exists(path):
-      old = tempfile.mkdtemp(prefix=".old-hf-", dir=parent)
+      old = tempfile.mkdtemp(prefix=f".{os.path.basename(path)}.old-",
+                             dir=parent)
       os.rename(path, os.path.join(old, "x"))
       os.rename(tmp, path)
       shutil.rmtree(old)

@@ -118,7 +118,8 @@ from array_record.python import array_record_data_source
 from array_record.python import array_record_module
 
 from jdistill.data.sources import Dataset
-from jdistill.data.teacher_cache import Field, fsync_path, id_dtype_for
+from jdistill.data.teacher_cache import (Field, fsync_path, id_dtype_for,
+                                         normalize_indices)
 from jdistill.data import text as text_lib
 from jdistill.data.text import _is_validation
 
@@ -1140,18 +1141,9 @@ class PackedCorpus:
 
   def get_batch(self, indices: Any) -> dict[str, np.ndarray]:
     """The examples at ``indices`` (1-D ints, negative from the end)."""
-    idx = np.asarray(indices)
-    if idx.ndim != 1 or not (np.issubdtype(idx.dtype, np.integer)
-                             or idx.size == 0):
-      raise ValueError(f"indices must be a 1-D array of ints, got shape "
-                       f"{idx.shape} and dtype {idx.dtype}")
-    idx = idx.astype(np.int64)
-    n = len(self)
-    if idx.size and (idx.min() < -n or idx.max() >= n):
-      raise IndexError(f"window index out of range for the {n} windows of "
-                       f"{self.directory} {self.split}: [{idx.min()}, "
-                       f"{idx.max()}]")
-    idx = np.where(idx < 0, idx + n, idx)
+    idx = normalize_indices(indices, len(self),
+                            f"the {len(self)} windows of {self.directory} "
+                            f"{self.split}")
     width = self.seq_len + 1
     arrays = [np.zeros((len(idx), width), np.int64) for _ in self.fields]
     if idx.size:

@@ -551,6 +551,21 @@ def _write_finished(directory: str, index: np.ndarray, meta_of_disk:
 # ---------------------------------------------------------------------------
 
 
+def normalize_indices(indices: Any, n: int, what: str) -> np.ndarray:
+  """1-D int ``indices`` into ``n`` records (negative from the end) as
+  non-negative int64; ``what`` names the records in the IndexError."""
+  idx = np.asarray(indices)
+  if idx.ndim != 1 or not (np.issubdtype(idx.dtype, np.integer)
+                           or idx.size == 0):
+    raise ValueError(f"indices must be a 1-D array of ints, got shape "
+                     f"{idx.shape} and dtype {idx.dtype}")
+  idx = idx.astype(np.int64)
+  if idx.size and (idx.min() < -n or idx.max() >= n):
+    raise IndexError(f"index out of range for {what}: [{idx.min()}, "
+                     f"{idx.max()}]")
+  return np.where(idx < 0, idx + n, idx)
+
+
 class TeacherCacheWriter:
   """Writes a teacher cache atomically (see the module docstring).
 
@@ -1338,17 +1353,8 @@ class TeacherCache:
     return reader
 
   def _normalize(self, indices: Any) -> np.ndarray:
-    idx = np.asarray(indices)
-    if idx.ndim != 1 or not (np.issubdtype(idx.dtype, np.integer)
-                             or idx.size == 0):
-      raise ValueError(f"indices must be a 1-D array of ints, got shape "
-                       f"{idx.shape} and dtype {idx.dtype}")
-    idx = idx.astype(np.int64)
-    n = len(self)
-    if idx.size and (idx.min() < -n or idx.max() >= n):
-      raise IndexError(f"sequence index out of range for a cache of {n} "
-                       f"sequences: [{idx.min()}, {idx.max()}]")
-    return np.where(idx < 0, idx + n, idx)
+    return normalize_indices(indices, len(self),
+                             f"a cache of {len(self)} sequences")
 
   def _records(self, indices: np.ndarray) -> list[bytes]:
     out: list[Optional[bytes]] = [None] * len(indices)

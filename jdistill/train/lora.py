@@ -53,8 +53,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import shutil
-import tempfile
 from typing import Any, Iterable, Mapping
 
 import jax
@@ -489,21 +487,12 @@ def save_peft_adapter(path: str, params: PyTree, *, rank: int | None = None,
       "rank_pattern": {},
       "alpha_pattern": {},
   }
-  parent = os.path.dirname(os.path.abspath(path))
-  os.makedirs(parent, exist_ok=True)
-  tmp = tempfile.mkdtemp(prefix=".tmp-peft-", dir=parent)
-  try:
+  from jdistill.hf import write_directory
+
+  def write(tmp: str) -> None:
     with open(os.path.join(tmp, ADAPTER_CONFIG), "w") as f:
       json.dump(config, f, indent=2)
     save_file(tensors, os.path.join(tmp, ADAPTER_WEIGHTS),
               metadata={"format": "pt"})
-    if os.path.exists(path):
-      old = tempfile.mkdtemp(prefix=".old-peft-", dir=parent)
-      os.rename(path, os.path.join(old, "x"))
-      os.rename(tmp, path)
-      shutil.rmtree(old)
-    else:
-      os.rename(tmp, path)
-  except BaseException:
-    shutil.rmtree(tmp, ignore_errors=True)
-    raise
+
+  write_directory(path, write)

@@ -248,3 +248,18 @@ def test_cache_lm_writes_a_cache_of_the_hf_teacher(tmp_path, teacher_dir):
   batch = cache.get_batch(np.arange(2))
   assert batch["ids"].shape == (2, 32, 4)
   assert np.all(batch["ids"] < 300)
+
+
+def test_bfloat16_remat_and_gradient_accumulation_compose(tmp_path,
+                                                          teacher_dir):
+  # Packed batches split into micro-batches (segment ids and positions
+  # with them); bf16 compute, per-layer remat, a bf16 teacher.
+  cfg = Config(workdir=str(tmp_path / "w"), teacher_hf=teacher_dir,
+               student_init="teacher_layers:0,2", lm_runs=("online",),
+               precision="bfloat16", remat="full", grad_accum_steps=2,
+               **{**TINY, "batch_size": 16})
+  results = run_lib.run(cfg)
+  row = results["rows"][-1]
+  assert np.isfinite(row["val_nll"]) and row["run"] == "online"
+  # Still close to the float32 teacher it was cut from (layers 0 and 2).
+  assert row["val_nll"] < results["rows"][0]["val_nll"] + 1.0
