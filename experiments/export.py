@@ -391,7 +391,10 @@ def export_run(workdir: str, out: str, *, step: int | None = None,
     raise ValueError(f"--peer={peer}: --workdir={workdir} trained one model "
                      f"({spec['name']}), not a group of peers; leave --peer "
                      "unset")
-  check_out(out, workdir, overwrite=overwrite)
+  if export_format == "hf":
+    _check_hf_out(out, overwrite=overwrite)
+  else:
+    check_out(out, workdir, overwrite=overwrite)
   steps = checkpoint_steps(workdir)
   if not steps:
     raise ValueError(f"--workdir={workdir} holds no finished checkpoint in "
@@ -467,6 +470,20 @@ def _run_tokenizer(workdir: str) -> str | None:
           or _run_flag(workdir, "student_hf"))
 
 
+def _check_hf_out(out: str, *, overwrite: bool) -> None:
+  """``--out`` of ``--format=hf``: new or empty, or (with ``--overwrite``)
+  an earlier HF export or PEFT adapter, which is replaced whole."""
+  if os.path.isfile(out):
+    raise ValueError(f"--out={out} is a file; expected a directory")
+  if not os.path.isdir(out) or not os.listdir(out):
+    return
+  earlier = any(os.path.exists(os.path.join(out, name))
+                for name in ("config.json", "adapter_config.json"))
+  if not (overwrite and earlier):
+    raise ValueError(f"--out={out}: exists and is not empty; expected a new "
+                     "directory (or --overwrite of an earlier HF export)")
+
+
 def _export_hf(workdir: str, out: str, spec: dict, variables: dict,
                step: int, *, tokenizer: str | None, overwrite: bool,
                hf_lora: str = "merge") -> dict:
@@ -483,10 +500,7 @@ def _export_hf(workdir: str, out: str, spec: dict, variables: dict,
   tokenizer = tokenizer or _run_tokenizer(workdir)
   if tokenizer and os.path.isfile(tokenizer):
     tokenizer = os.path.dirname(tokenizer)
-  if os.path.exists(out) and os.listdir(out) and not (
-      overwrite and os.path.exists(os.path.join(out, hf.CONFIG_FILE))):
-    raise ValueError(f"--out={out}: exists and is not empty; expected a new "
-                     "directory (or --overwrite of an earlier HF export)")
+  _check_hf_out(out, overwrite=overwrite)
   if hf_lora == "peft":
     from jdistill.train import lora
     if not lora.has_lora(variables["params"]):

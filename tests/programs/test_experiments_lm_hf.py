@@ -82,6 +82,12 @@ def test_teacher_layers_student_distils_and_exports_to_hf(
   export_lib.export_run(os.path.join(cfg.workdir, "online"), str(out),
                         export_format="hf")
   assert os.path.exists(out / "tokenizer.json")
+  # A second export over the first: refused, then replaced with --overwrite.
+  with pytest.raises(ValueError, match="exists and is not empty"):
+    export_lib.export_run(os.path.join(cfg.workdir, "online"), str(out),
+                          export_format="hf")
+  export_lib.export_run(os.path.join(cfg.workdir, "online"), str(out),
+                        export_format="hf", overwrite=True)
   student, variables = hf.load_model(str(out))
   config = hf.model_config(student)
   assert config.num_layers == 2 and config.vocab_size == 300
