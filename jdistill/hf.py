@@ -281,8 +281,8 @@ def _flatten(tree: Mapping[str, Any]) -> dict[str, Any]:
           for kp, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]}
 
 
-def read_params(path: str, like: Any, *, config: DecoderConfig | None = None
-                ) -> dict[str, Any]:
+def read_params(path: str, like: Any, *, config: DecoderConfig | None = None,
+                checkpoint: "Checkpoint | None" = None) -> dict[str, Any]:
   """The weights of checkpoint ``path`` as arrays like ``like`` (a pytree of
   `jax.ShapeDtypeStruct`s, e.g. a Decoder's abstract params): each in its
   dtype and, where it has a ``sharding``, made by
@@ -296,9 +296,11 @@ def read_params(path: str, like: Any, *, config: DecoderConfig | None = None
   """
   if config is None:
     config, _ = read_config(path)
-  ckpt = Checkpoint(path)
   paths = _param_paths(config)
-  _check_shapes(ckpt, config, paths)
+  ckpt = checkpoint
+  if ckpt is None:  # (load_model has opened and checked it already.)
+    ckpt = Checkpoint(path)
+    _check_shapes(ckpt, config, paths)
   flat = {}
   for p, leaf in _flatten(like).items():
     if p.rsplit("/", 1)[-1].startswith("lora_"):
@@ -356,7 +358,8 @@ def load_model(path: str, dtype: Any = None, mesh=None, rules=None
     shardings = _flatten(named(mesh, rules.specs(abstract, mesh, who=path)))
     like = {p: jax.ShapeDtypeStruct(s.shape, dtype, sharding=shardings[p])
             for p, s in like.items()}
-  params = read_params(path, _unflatten(like), config=config)
+  params = read_params(path, _unflatten(like), config=config,
+                       checkpoint=ckpt)
   return _functional(config, dtype), {"params": params, "model_state": {}}
 
 
@@ -444,10 +447,9 @@ def save_model(path: str, model: Any, variables: Mapping[str, Any], *,
                  for k, v in gen.items()}, f, indent=2)
     _write_weights(tmp, tensors, max_shard_bytes, save_file)
     if tokenizer_dir is not None:
-      for name in TOKENIZER_FILES[:3]:
-        src = os.path.join(tokenizer_dir, name)
-        if os.path.exists(src):
-          shutil.copy(src, os.path.join(tmp, name))
+      for name in tokenizer_files(tokenizer_dir):
+        shutil.copy(os.path.join(tokenizer_dir, name),
+                    os.path.join(tmp, name))
 
   write_directory(path, write)
 

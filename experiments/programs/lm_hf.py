@@ -86,11 +86,6 @@ class HFSetup:
   vocab_size: int
 
 
-def _tokenizer_file(path: str) -> str:
-  return path if os.path.isfile(path) else os.path.join(path,
-                                                        "tokenizer.json")
-
-
 def _named(flag: str, value: str, fn, *args):
   """``fn(*args)`` with its ValueError prefixed by ``flag=value``."""
   try:
@@ -155,12 +150,10 @@ def check_setup(cfg: Config, *, plan: bool = False) -> HFSetup:
     return HFSetup(tconfig, traw, sconfig, sraw, layers, "",
                    sconfig.vocab_size)
   tok = tokenizer_path(cfg)
-  tok_file = _tokenizer_file(tok)
-  if not os.path.exists(tok_file):
-    raise ValueError(f"--tokenizer={tok}: no tokenizer.json there")
+  tok_file = _named("--tokenizer", tok, corpus_lib.tokenizer_file, tok)
   tokenizer = _named("--tokenizer", tok, hf.load_tokenizer, tok)
   if cfg.teacher_hf and cfg.student_hf:
-    mine = _tokenizer_file(cfg.student_hf)
+    mine = os.path.join(cfg.student_hf, corpus_lib.TOKENIZER_FILE)
     if os.path.exists(mine) and (corpus_lib.tokenizer_fingerprint(mine)
                                  != corpus_lib.tokenizer_fingerprint(
                                      tok_file)):

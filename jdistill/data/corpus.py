@@ -408,7 +408,8 @@ def read_documents(paths: Union[PathLike, Sequence[PathLike]], *,
 # ---------------------------------------------------------------------------
 
 
-def _tokenizer_file(tokenizer_path: PathLike) -> str:
+def tokenizer_file(tokenizer_path: PathLike) -> str:
+  """The real path of ``tokenizer.json`` given it or its directory."""
   path = os.fspath(tokenizer_path)
   if os.path.isdir(path):
     path = os.path.join(path, TOKENIZER_FILE)
@@ -429,7 +430,7 @@ def _file_sha256(path: str) -> str:
 def tokenizer_fingerprint(tokenizer_path: PathLike) -> str:
   """SHA-256 hex digest of the bytes of ``tokenizer.json`` (a file, or a
   directory holding one)."""
-  return _file_sha256(_tokenizer_file(tokenizer_path))
+  return _file_sha256(tokenizer_file(tokenizer_path))
 
 
 def files_fingerprint(paths: Union[PathLike, Sequence[PathLike]], *,
@@ -886,10 +887,10 @@ def prepare_corpus(
     raise ValueError(f"validation_percent must be an int in [0, 99], got "
                      f"{validation_percent!r}")
   out_dir = os.path.abspath(os.fspath(out_dir))
-  tokenizer_file = _tokenizer_file(tokenizer_path)
-  tokenizer = _load_tokenizer(tokenizer_file)
+  tok_file = tokenizer_file(tokenizer_path)
+  tokenizer = _load_tokenizer(tok_file)
   vocab_size = tokenizer.get_vocab_size(with_added_tokens=True)
-  found = special_ids(os.path.dirname(tokenizer_file))
+  found = special_ids(os.path.dirname(tok_file))
   if not add_bos:
     if bos_id is not None:
       raise ValueError(f"bos_id={bos_id} with add_bos=False; pass one of them")
@@ -897,7 +898,7 @@ def prepare_corpus(
     bos_id = found["bos"] if bos_id is None else bos_id
   eos_id = found["eos"] if eos_id is None else eos_id
   if eos_id is None:
-    raise ValueError(f"{os.path.dirname(tokenizer_file)}: no EOS id in "
+    raise ValueError(f"{os.path.dirname(tok_file)}: no EOS id in "
                      "tokenizer_config.json, special_tokens_map.json or "
                      "config.json; pass eos_id")
   if pad_id is None:
@@ -907,11 +908,11 @@ def prepare_corpus(
     if value is not None and (not isinstance(value, int) or isinstance(
         value, bool) or not 0 <= value < vocab_size):
       raise ValueError(f"{name} must be an int in [0, {vocab_size}) (the "
-                       f"vocabulary of {tokenizer_file}), got {value!r}")
+                       f"vocabulary of {tok_file}), got {value!r}")
 
   files = sorted(_resolve_paths(paths))
   expected = {
-      "tokenizer": tokenizer_fingerprint(tokenizer_file),
+      "tokenizer": tokenizer_fingerprint(tok_file),
       "files": files_fingerprint(files, max_documents=max_documents),
       "seq_len": seq_len,
       "text_field": text_field,
@@ -968,7 +969,7 @@ def prepare_corpus(
         "window": seq_len + 1,
         "vocab_size": vocab_size,
         "tokenizer": {"fingerprint": expected["tokenizer"],
-                      "file": tokenizer_file},
+                      "file": tok_file},
         "files": {"fingerprint": expected["files"], "paths": files},
         "options": {k: v for k, v in expected.items()
                     if k not in ("tokenizer", "files")},
