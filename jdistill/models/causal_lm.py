@@ -43,6 +43,11 @@ class CausalSelfAttention(nnx.Module):
                           param_dtype=param_dtype, rngs=rngs)
 
   def __call__(self, x: jax.Array) -> jax.Array:
+    return self.prefill(x)[0]
+
+  def prefill(self, x: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """``(y, k, v)``: the attention output and its keys and values
+    ``[B, T, H, Dh]`` (what a KV cache stores)."""
     b, t, d = x.shape
     qkv = self.qkv(x).reshape(b, t, 3, self.num_heads, self.head_dim)
     q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]  # [B, T, H, Dh]
@@ -53,7 +58,27 @@ class CausalSelfAttention(nnx.Module):
     probs = jax.nn.softmax(scores, axis=-1, where=causal[None, None])
     probs = jnp.where(causal[None, None], probs, 0.0).astype(v.dtype)
     y = jnp.einsum("bhqk,bkhd->bqhd", probs, v).reshape(b, t, d)
-    return self.out(y)
+    return self.out(y), k, v
+
+  def decode(self, x: jax.Array, k_cache: jax.Array, v_cache: jax.Array,
+             valid: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """One token per row, ``x [B, dim]``, against ``k_cache, v_cache
+    [B, S, H, Dh]`` where ``valid [B, S]``: ``(y [B, dim], k, v [B, H, Dh])``
+    (the token's own key and value, to be written to the cache)."""
+    b, d = x.shape
+    qkv = self.qkv(x).reshape(b, 3, self.num_heads, self.head_dim)
+    q, k, v = qkv[:, 0], qkv[:, 1], qkv[:, 2]  # [B, H, Dh]
+    scale = jnp.sqrt(jnp.float32(self.head_dim))
+    scores = jnp.einsum("bhd,bshd->bhs", q, k_cache,
+                        preferred_element_type=jnp.float32) / scale
+    own = jnp.einsum("bhd,bhd->bh", q, k,
+                     preferred_element_type=jnp.float32)[..., None] / scale
+    scores = jnp.where(valid[:, None, :], scores, jnp.finfo(jnp.float32).min)
+    probs = jax.nn.softmax(jnp.concatenate([scores, own], axis=-1), axis=-1)
+    y = jnp.einsum("bhs,bshd->bhd", probs[..., :-1].astype(v_cache.dtype),
+                   v_cache)
+    y = y + probs[..., -1:].astype(v.dtype) * v
+    return self.out(y.reshape(b, d)), k, v
 
 
 class DecoderBlock(nnx.Module):
@@ -70,7 +95,21 @@ class DecoderBlock(nnx.Module):
 
   def __call__(self, x: jax.Array) -> jax.Array:
     x = x + self.attn(self.ln1(x))
+    return self._mlp(x)
+
+  def _mlp(self, x: jax.Array) -> jax.Array:
     return x + self.fc2(jax.nn.gelu(self.fc1(self.ln2(x))))
+
+  def prefill(self, x: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """``(x, k, v)``: the block's output and its attention keys and values."""
+    a, k, v = self.attn.prefill(self.ln1(x))
+    return self._mlp(x + a), k, v
+
+  def decode(self, x: jax.Array, k_cache: jax.Array, v_cache: jax.Array,
+             valid: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """One token per row (``x [B, dim]``; see `CausalSelfAttention.decode`)."""
+    a, k, v = self.attn.decode(self.ln1(x), k_cache, v_cache, valid)
+    return self._mlp(x + a), k, v
 
 
 class CausalLM(nnx.Module):
@@ -141,3 +180,52 @@ class CausalLM(nnx.Module):
     del train  # No dropout or batch statistics.
     h = self.hidden_states(tokens)
     return self.lm_head(h), {"hidden": h}
+
+  # --- KV-cache generation (`jdistill.generate`) --------------------------
+  def init_cache(self, batch: int, cache_len: int) -> dict[str, tuple]:
+    """A zero KV cache ``{"k": (...), "v": (...)}``, one ``[B, cache_len,
+    heads, head_dim]`` array per block, in the compute dtype."""
+    attn = self.blocks[0].attn
+    zeros = tuple(jnp.zeros((batch, cache_len, attn.num_heads, attn.head_dim),
+                            self.dtype) for _ in self.blocks)
+    return {"k": zeros, "v": zeros}
+
+  def prefill(self, tokens: jax.Array, lengths: jax.Array, cache_len: int
+              ) -> tuple[jax.Array, dict[str, tuple]]:
+    """Right-padded prompts ``tokens [B, P]`` (row ``b`` is
+    ``tokens[b, :lengths[b]]``) in one pass: ``(logits [B, V], cache)``, the
+    next-token logits after each prompt and a cache of ``cache_len``
+    positions (position ``p`` at slot ``p``)."""
+    b, t = tokens.shape
+    if not t <= cache_len <= self.max_len:
+      raise ValueError(f"prefill: cache_len={cache_len} must be in "
+                       f"[{t}, max_len={self.max_len}]")
+    x = self.token_embed(tokens.astype(jnp.int32))
+    x = x + self.pos_embed[...][:t].astype(x.dtype)
+    ks, vs = [], []
+    pad = ((0, 0), (0, cache_len - t), (0, 0), (0, 0))
+    for block in self.blocks:
+      x, k, v = block.prefill(x)
+      ks.append(jnp.pad(k, pad))
+      vs.append(jnp.pad(v, pad))
+    last = jnp.take_along_axis(
+        x, (lengths.astype(jnp.int32) - 1)[:, None, None], axis=1)[:, 0]
+    return self.lm_head(self.ln_f(last)), {"k": tuple(ks), "v": tuple(vs)}
+
+  def decode_step(self, tokens: jax.Array, positions: jax.Array,
+                  cache: dict[str, tuple]
+                  ) -> tuple[jax.Array, dict[str, tuple]]:
+    """One token per row, ``tokens [B]`` at ``positions [B]``:
+    ``(logits [B, V], cache)`` with their keys and values written."""
+    positions = positions.astype(jnp.int32)
+    x = self.token_embed(tokens.astype(jnp.int32))
+    x = x + jnp.take(self.pos_embed[...], positions, axis=0).astype(x.dtype)
+    size = cache["k"][0].shape[1]
+    valid = jnp.arange(size)[None, :] < positions[:, None]
+    rows = jnp.arange(tokens.shape[0])
+    ks, vs = [], []
+    for block, kc, vc in zip(self.blocks, cache["k"], cache["v"]):
+      x, k, v = block.decode(x, kc, vc, valid)
+      ks.append(kc.at[rows, positions].set(k.astype(kc.dtype)))
+      vs.append(vc.at[rows, positions].set(v.astype(vc.dtype)))
+    return self.lm_head(self.ln_f(x)), {"k": tuple(ks), "v": tuple(vs)}

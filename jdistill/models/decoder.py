@@ -532,10 +532,10 @@ def _attend(cfg: DecoderConfig, q, k, v, mask):
   return out.reshape(b, t, n, d)
 
 
-def decoder_layer(cfg: DecoderConfig, p: Mapping[str, Any], x: jax.Array,
-                  cos: jax.Array, sin: jax.Array, mask: jax.Array
-                  ) -> jax.Array:
-  """One decoder layer on ``x [B, T, hidden]`` with this layer's params."""
+def _layer_qkv(cfg: DecoderConfig, p: Mapping[str, Any], x: jax.Array,
+               cos: jax.Array, sin: jax.Array
+               ) -> tuple[jax.Array, jax.Array, jax.Array]:
+  """``q [B,T,N,D]`` and ``k, v [B,T,K,D]`` of a layer (q and k rotated)."""
   eps, plus = cfg.rms_norm_eps, cfg.norm_plus_one
   b, t, _ = x.shape
   h = rms_norm(x, p["input_norm"]["scale"], eps=eps, plus_one=plus)
@@ -545,8 +545,14 @@ def decoder_layer(cfg: DecoderConfig, p: Mapping[str, Any], x: jax.Array,
   if cfg.qk_norm:
     q = rms_norm(q, p["q_norm"]["scale"], eps=eps, plus_one=plus)
     k = rms_norm(k, p["k_norm"]["scale"], eps=eps, plus_one=plus)
-  q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-  a = _attend(cfg, q, k, v, mask).reshape(b, t, cfg.num_heads * cfg.head_dim)
+  return apply_rope(q, cos, sin), apply_rope(k, cos, sin), v
+
+
+def _layer_out(cfg: DecoderConfig, p: Mapping[str, Any], x: jax.Array,
+               a: jax.Array) -> jax.Array:
+  """The rest of a layer after attention: ``a [B, T, heads * head_dim]``
+  through o_proj, the residual and the MLP."""
+  eps, plus = cfg.rms_norm_eps, cfg.norm_plus_one
   a = _dense(p["o_proj"], a)
   if cfg.sandwich_norms:
     a = rms_norm(a, p["post_attn_norm"]["scale"], eps=eps, plus_one=plus)
@@ -559,6 +565,119 @@ def decoder_layer(cfg: DecoderConfig, p: Mapping[str, Any], x: jax.Array,
   if cfg.sandwich_norms:
     m = rms_norm(m, p["post_mlp_norm"]["scale"], eps=eps, plus_one=plus)
   return x + m
+
+
+def decoder_layer(cfg: DecoderConfig, p: Mapping[str, Any], x: jax.Array,
+                  cos: jax.Array, sin: jax.Array, mask: jax.Array
+                  ) -> jax.Array:
+  """One decoder layer on ``x [B, T, hidden]`` with this layer's params."""
+  return decoder_layer_kv(cfg, p, x, cos, sin, mask)[0]
+
+
+def decoder_layer_kv(cfg: DecoderConfig, p: Mapping[str, Any], x: jax.Array,
+                     cos: jax.Array, sin: jax.Array, mask: jax.Array
+                     ) -> tuple[jax.Array, jax.Array, jax.Array]:
+  """`decoder_layer` that also returns the layer's rotated keys and values
+  ``[B, T, K, D]`` (what a KV cache stores): ``(x, k, v)``."""
+  b, t, _ = x.shape
+  q, k, v = _layer_qkv(cfg, p, x, cos, sin)
+  a = _attend(cfg, q, k, v, mask).reshape(b, t, cfg.num_heads * cfg.head_dim)
+  return _layer_out(cfg, p, x, a), k, v
+
+
+def cached_attention(q: jax.Array, k_new: jax.Array, v_new: jax.Array,
+                     k_cache: jax.Array, v_cache: jax.Array,
+                     valid: jax.Array, *, scale: float,
+                     attn_softcap: float | None = None) -> jax.Array:
+  """One query token per row against a KV cache plus its own key and value.
+
+  Args:
+    q: ``[B, N, D]`` the new token's (rotated) queries.
+    k_new, v_new: ``[B, K, D]`` its own key and value (``N`` a multiple of
+      ``K``: grouped-query attention).
+    k_cache, v_cache: ``[B, S, K, D]``.
+    valid: bool ``[B, S]``, the cache slots the token may attend to (the
+      slot it is about to be written to must be False).
+    scale: the logit scale; ``attn_softcap``: Gemma 2's ``c tanh(s / c)``.
+
+  Returns:
+    ``[B, N, D]``; scores and softmax in float32.
+  """
+  b, n, d = q.shape
+  kv = k_new.shape[1]
+  qg = q.reshape(b, kv, n // kv, d)
+  scores = jnp.einsum("bkgd,bskd->bkgs", qg, k_cache,
+                      preferred_element_type=jnp.float32) * scale
+  own = jnp.einsum("bkgd,bkd->bkg", qg, k_new,
+                   preferred_element_type=jnp.float32)[..., None] * scale
+  scores, own = softcap(scores, attn_softcap), softcap(own, attn_softcap)
+  scores = jnp.where(valid[:, None, None, :], scores,
+                     jnp.finfo(jnp.float32).min)
+  probs = jax.nn.softmax(jnp.concatenate([scores, own], axis=-1), axis=-1)
+  out = jnp.einsum("bkgs,bskd->bkgd", probs[..., :-1].astype(v_cache.dtype),
+                   v_cache)
+  out = out + probs[..., -1:].astype(v_new.dtype) * v_new[:, :, None, :]
+  return out.reshape(b, n, d)
+
+
+# --- KV cache layout (generation, `jdistill.generate`) --------------------
+@dataclasses.dataclass(frozen=True)
+class CacheGroup:
+  """Layers whose caches are stacked into one array ``[len(layers), B, size,
+  K, D]``. Every cache is a ring buffer: position ``p`` is stored at slot
+  ``p % size``. A global layer's ``size`` is the cache length (so slot =
+  position); a sliding layer's is its window when that is shorter, so the
+  ring holds exactly the positions the window lets a query see."""
+
+  layers: tuple[int, ...]
+  size: int
+
+
+def cache_plan(cfg: DecoderConfig, cache_len: int
+               ) -> tuple[int, tuple[CacheGroup, ...]]:
+  """``(period, groups)``: how a `Decoder`'s KV cache of ``cache_len``
+  positions is laid out.
+
+  A sliding layer whose window is shorter than ``cache_len`` keeps a ring
+  buffer of ``window`` slots; every other layer ``cache_len`` slots. Layers
+  with different cache sizes cannot share one stacked array under one
+  ``lax.scan``, so the layers are cut into repeats of the shortest
+  ``period`` of ``layer_windows`` (1 for uniform models, 2 for Gemma 2, 6
+  for Gemma 3): group ``j < period`` stacks layers ``j, j + period, ...``
+  of the ``L // period`` whole periods (scanned, one period per step, its
+  layers unrolled), and each of the ``L % period`` layers left over gets a
+  group of its own (unrolled after the scan).
+  """
+  windows = cfg.layer_windows
+  n_layers = cfg.num_layers
+  period = decode_period(cfg)
+  whole = n_layers // period
+
+  def size(w):
+    return w if 0 < w < cache_len else cache_len
+
+  groups = [CacheGroup(tuple(range(j, whole * period, period)),
+                       size(windows[j])) for j in range(period)]
+  groups += [CacheGroup((i,), size(windows[i]))
+             for i in range(whole * period, n_layers)]
+  return period, tuple(groups)
+
+
+def decode_period(cfg: DecoderConfig) -> int:
+  """The shortest period of ``cfg.layer_windows`` (see `cache_plan`)."""
+  w, n = cfg.layer_windows, cfg.num_layers
+  return next(p for p in range(1, n + 1)
+              if all(w[i] == w[i % p] for i in range(n)))
+
+
+def ring_valid(size: int, positions: jax.Array) -> jax.Array:
+  """bool ``[B, size]``: the slots of a ring cache that a query at
+  ``positions [B]`` attends to besides itself: those holding a position
+  ``0 <= p < position`` (its own slot, about to be overwritten, is not)."""
+  s = jnp.arange(size)[None, :]
+  pos = positions[:, None]
+  held = pos - jnp.mod(pos - s, size)  # The position slot s holds.
+  return (held >= 0) & (held < pos)
 
 
 # --- The NNX module -------------------------------------------------------
@@ -791,6 +910,178 @@ class Decoder(nnx.Module):
     w, _ = self.unembedding()
     logits = jnp.einsum("btd,dv->btv", h, w.astype(h.dtype))
     return softcap(logits, self.config.final_softcap), {"hidden": h}
+
+
+  # --- KV-cache generation (`jdistill.generate`) --------------------------
+  def _embed(self, params, tokens: jax.Array) -> jax.Array:
+    c = self.config
+    table = params["embed_tokens"]["embedding"]
+    x = jnp.take(table, tokens.astype(jnp.int32), axis=0).astype(self.dtype)
+    if c.embed_scale:
+      x = x * jnp.asarray(math.sqrt(c.hidden_size), self.dtype)
+    return x
+
+  def _rope(self, positions: jax.Array, seq_len: jax.Array):
+    """``(global, local)`` ``(cos, sin)`` pairs at ``positions``; ``local``
+    is None unless the sliding layers have their own RoPE base."""
+    c = self.config
+    kw = dict(max_position_embeddings=c.max_position_embeddings,
+              seq_len=seq_len)
+    rope = rope_cos_sin(
+        rope_inv_freq(c.head_dim, c.rope_theta, c.rope_scaling, **kw),
+        positions)
+    local = None
+    if c.local_rope_theta is not None and c.sliding:
+      local = rope_cos_sin(
+          rope_inv_freq(c.head_dim, c.local_rope_theta, c.local_rope_scaling,
+                        **kw), positions)
+    return rope, local
+
+  def _logits(self, params, h: jax.Array) -> jax.Array:
+    c = self.config
+    h = rms_norm(h, params["norm"]["scale"], eps=c.rms_norm_eps,
+                 plus_one=c.norm_plus_one)
+    w, _ = self.unembedding()
+    logits = jnp.einsum("...d,dv->...v", h, w.astype(h.dtype))
+    return softcap(logits, c.final_softcap)
+
+  def _layer_params(self, p):
+    if self.layer_sharding is not None:
+      p = jax.lax.with_sharding_constraint(p, self.layer_sharding.tree)
+    return p
+
+  def init_cache(self, batch: int, cache_len: int) -> dict[str, tuple]:
+    """A zero KV cache ``{"k": (...), "v": (...)}`` for ``batch`` rows of up
+    to ``cache_len`` positions, one ``[layers, B, size, K, D]`` array per
+    group of `cache_plan`, in the compute dtype."""
+    _, groups = cache_plan(self.config, cache_len)
+    c = self.config
+    zeros = tuple(jnp.zeros((len(g.layers), batch, g.size, c.num_kv_heads,
+                             c.head_dim), self.dtype) for g in groups)
+    return {"k": zeros, "v": zeros}
+
+  def prefill(self, tokens: jax.Array, lengths: jax.Array, cache_len: int
+              ) -> tuple[jax.Array, dict[str, tuple]]:
+    """Runs right-padded prompts ``tokens [B, P]`` (row ``b`` is
+    ``tokens[b, :lengths[b]]``) in one pass and builds their KV cache.
+
+    Returns:
+      ``(logits [B, V], cache)``: the next-token logits after each prompt's
+      last token (final soft-cap applied), and the cache (`init_cache`'s
+      layout) holding positions ``< lengths[b]`` of each row.
+    """
+    c = self.config
+    b, t = tokens.shape
+    if cache_len < t:
+      raise ValueError(f"prefill: cache_len={cache_len} is shorter than the "
+                       f"prompts ({t} tokens)")
+    params = self._params()
+    lengths = lengths.astype(jnp.int32)
+    x = self._embed(params, tokens)
+    positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
+    # transformers' dynamic NTK sees max(position) + 1 of the real tokens.
+    (cos, sin), local = self._rope(positions, jnp.max(lengths))
+    windows = jnp.asarray(c.layer_windows, jnp.int32)
+    segment_ids = jnp.ones((b, t), jnp.int32)
+
+    def body(x, xs):
+      p, window = xs
+      p = self._layer_params(p)
+      lcos, lsin = cos, sin
+      if local is not None:
+        is_local = window > 0
+        lcos = jnp.where(is_local, local[0], cos)
+        lsin = jnp.where(is_local, local[1], sin)
+      mask = attention_mask(segment_ids, window)
+      x, k, v = decoder_layer_kv(c, p, x, lcos, lsin, mask)
+      return x, (k, v)
+
+    x, (k_all, v_all) = jax.lax.scan(body, x, (params["layers"], windows))
+    last = jnp.take_along_axis(x, (lengths - 1)[:, None, None], axis=1)[:, 0]
+    logits = self._logits(params, last)
+
+    _, groups = cache_plan(c, cache_len)
+    ks, vs = [], []
+    for g in groups:
+      index = np.asarray(g.layers)
+      for src, out in ((k_all, ks), (v_all, vs)):
+        a = src[index]  # [n, B, P, K, D]
+        if g.size < t:
+          # Slot s holds the latest prompt position p = s (mod size).
+          s = jnp.arange(g.size)[None, :]
+          last_pos = lengths[:, None] - 1
+          held = jnp.maximum(last_pos - jnp.mod(last_pos - s, g.size), 0)
+          held = jnp.minimum(held, t - 1)
+          a = jnp.take_along_axis(a, held[None, :, :, None, None], axis=2)
+        else:  # Slot p holds position p.
+          a = jnp.pad(a, ((0, 0), (0, 0), (0, g.size - t), (0, 0), (0, 0)))
+        out.append(a)
+    return logits, {"k": tuple(ks), "v": tuple(vs)}
+
+  def decode_step(self, tokens: jax.Array, positions: jax.Array,
+                  cache: dict[str, tuple]
+                  ) -> tuple[jax.Array, dict[str, tuple]]:
+    """One token per row: ``tokens [B]`` at ``positions [B]`` (each row's
+    own), attending to the cache's earlier positions of that row.
+
+    Returns:
+      ``(logits [B, V], cache)`` with the tokens' keys and values written
+      at their positions' slots.
+    """
+    c = self.config
+    params = self._params()
+    positions = positions.astype(jnp.int32)
+    period = decode_period(c)
+    sizes = tuple(a.shape[2] for a in cache["k"])
+    x = self._embed(params, tokens[:, None])
+    (cos, sin), local = self._rope(positions[:, None], jnp.max(positions) + 1)
+    rows = jnp.arange(tokens.shape[0])
+    valid = [ring_valid(size, positions) for size in sizes]
+
+    def layer(p, x, window, group, kc, vc):
+      lcos, lsin = (local if (local is not None and window > 0)
+                    else (cos, sin))
+      q, k, v = _layer_qkv(c, p, x, lcos, lsin)
+      a = cached_attention(q[:, 0], k[:, 0], v[:, 0], kc, vc,
+                           valid[group], scale=c.scale,
+                           attn_softcap=c.attn_softcap)
+      a = a.reshape(x.shape[0], 1, c.num_heads * c.head_dim)
+      return _layer_out(c, p, x, a), k[:, 0], v[:, 0]
+
+    layers = params["layers"]
+    whole = c.num_layers // period
+    periodic = jax.tree.map(
+        lambda a: a[:whole * period].reshape((whole, period) + a.shape[1:]),
+        layers)
+
+    def body(x, xs):
+      p_period, kcs, vcs = xs
+      new_k, new_v = [], []
+      for j in range(period):
+        p = self._layer_params(jax.tree.map(lambda a: a[j], p_period))
+        x, k, v = layer(p, x, c.layer_windows[j], j, kcs[j], vcs[j])
+        new_k.append(k)
+        new_v.append(v)
+      return x, (tuple(new_k), tuple(new_v))
+
+    x, (new_k, new_v) = jax.lax.scan(
+        body, x, (periodic, cache["k"][:period], cache["v"][:period]))
+    new_k, new_v = list(new_k), list(new_v)
+    for gi in range(period, len(sizes)):
+      i = (c.num_layers // period) * period + gi - period
+      p = self._layer_params(jax.tree.map(lambda a: a[i], layers))
+      x, k, v = layer(p, x, c.layer_windows[i], gi, cache["k"][gi][0],
+                      cache["v"][gi][0])
+      new_k.append(k[None])
+      new_v.append(v[None])
+    logits = self._logits(params, x[:, 0])
+    ks, vs = [], []
+    for size, kc, vc, k, v in zip(sizes, cache["k"], cache["v"], new_k,
+                                  new_v):
+      slot = jnp.mod(positions, size)
+      ks.append(kc.at[:, rows, slot].set(k.astype(kc.dtype)))
+      vs.append(vc.at[:, rows, slot].set(v.astype(vc.dtype)))
+    return logits, {"k": tuple(ks), "v": tuple(vs)}
 
 
 def select_layers(config: DecoderConfig, params: dict[str, Any],
