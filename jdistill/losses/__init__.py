@@ -5,7 +5,8 @@ Logit losses (``jdistill.losses.logit``):
 * Registered in ``LOGIT_LOSSES`` / :func:`get_logit_loss`, all with the
   signature ``loss(student_logits, teacher_logits, *, temperature, axis,
   where, **hp)`` and per-example outputs (``axis`` reduced):
-  ``kd``, ``reverse_kl``, ``jsd``, ``skew_kl``, ``skew_reverse_kl``,
+  ``kd``, ``reverse_kl``, ``jsd``, ``generalized_jsd`` (TRL's GKD
+  convention: KL endpoints, no ``T**2``), ``skew_kl``, ``skew_reverse_kl``,
   ``total_variation``, ``mse_logits``.
 * Not registered, because they do not fit that signature, so a train step
   must call them explicitly:
@@ -56,6 +57,10 @@ Sequence (LLM) distillation:
   it), and Random-Sampling KD (``sample_teacher_tokens`` / ``sampled_kd``,
   unbiased in expectation; ``sampled_gradient_rmse`` its noise). Their
   ``where`` is a token mask, not a vocabulary mask.
+* ``jdistill.losses.uld``: ``uld_loss`` (ULD, Universal Logit Distillation)
+  compares a student and a teacher with different vocabularies (sorted
+  probabilities, L1); ``gather_aligned`` picks the teacher position aligned
+  to each student position. Not registered: the vocabularies differ.
 * ``jdistill.losses.fused``: ``fused_linear_kd`` computes any of the
   divergences from the final hidden states and unembeddings in token
   chunks, never forming the ``[N, V]`` logits (optionally vocab-sharded).
@@ -65,6 +70,7 @@ from jdistill.losses.logit import (
     LOGIT_LOSSES,
     dist,
     dkd,
+    generalized_jsd,
     get_logit_loss,
     jsd,
     kd,
@@ -105,6 +111,7 @@ from jdistill.losses.transport import sinkhorn
 from jdistill.losses.sequence import (reduce_tokens, reduction_weights,
                                       sequence_kd)
 from jdistill.losses.fused import FUSED_KD_LOSSES, fused_linear_kd
+from jdistill.losses.uld import gather_aligned, uld_loss
 from jdistill.losses.sparse import (TOPK_VARIANTS, dense_kd,
                                     dense_teacher_targets,
                                     sample_teacher_tokens,
@@ -139,6 +146,8 @@ __all__ = [
     "dist",
     "dkd",
     "fused_linear_kd",
+    "gather_aligned",
+    "generalized_jsd",
     "get_logit_loss",
     "hint",
     "jsd",
@@ -169,5 +178,6 @@ __all__ = [
     "taid_update",
     "token_relation",
     "total_variation",
+    "uld_loss",
     "vkd",
 ]

@@ -64,6 +64,7 @@ __all__ = [
     "LOGIT_LOSSES",
     "dist",
     "dkd",
+    "generalized_jsd",
     "get_logit_loss",
     "jsd",
     "kd",
@@ -197,7 +198,8 @@ def jsd(
   gradient) at ``beta = 0`` and ``beta = 1``, because ``m`` collapses onto the
   distribution whose KL term carries all the weight. TRL instead special-cases
   ``beta == 0`` to forward KL and ``beta == 1`` to reverse KL; use :func:`kd`
-  or :func:`reverse_kl` for those.
+  or :func:`reverse_kl` for those, or :func:`generalized_jsd` for TRL's exact
+  convention (its endpoints, no ``T**2``).
 
   Args:
     student_logits: ``[..., num_classes]``.
@@ -231,6 +233,90 @@ def jsd(
       log_ps, log_m, axes, where
   )
   return t2 * loss
+
+
+def generalized_jsd(
+    student_logits: ArrayLike,
+    teacher_logits: ArrayLike,
+    *,
+    beta: float = 0.5,
+    temperature: float = 1.0,
+    axis: Axis = -1,
+    where: Optional[ArrayLike] = None,
+) -> jax.Array:
+  r"""Generalized JSD exactly as TRL's ``GKDTrainer.generalized_jsd_loss``.
+
+  .. math::
+    \mathcal{L} = \begin{cases}
+      \mathrm{KL}(p_t \,\|\, p_s) & \beta = 0 \\
+      \mathrm{KL}(p_s \,\|\, p_t) & \beta = 1 \\
+      \beta\, \mathrm{KL}(p_t \,\|\, m) + (1 - \beta)\,
+        \mathrm{KL}(p_s \,\|\, m), \quad
+        m = (1 - \beta)\, p_s + \beta\, p_t & \text{otherwise}
+    \end{cases}
+
+  with ``p = softmax(z / T)``. Differences from :func:`jsd`, which follows
+  the paper's formula and this module's conventions:
+
+  * **no** ``T**2`` factor (TRL applies none), the one exception in this
+    module: ``generalized_jsd(s, t, temperature=T) == jsd(s, t,
+    temperature=T) / T**2`` for ``0 < beta < 1``;
+  * the endpoints are TRL's special cases: ``beta = 0`` is forward
+    KL(teacher || student) (:func:`kd` without ``T**2``) and ``beta = 1``
+    reverse KL(student || teacher), where :func:`jsd` is identically 0. The
+    loss is therefore discontinuous in ``beta`` at 0 and 1, as in TRL.
+
+  ``beta`` weights the teacher in the mixture in both functions. A concrete
+  ``beta`` selects the branch at trace time; a traced ``beta`` evaluates all
+  three and selects with ``jnp.where`` (finite gradients in every branch).
+  Per-token values are returned; TRL's ``reduction="batchmean"`` with
+  ``labels`` is ``sequence_kd(..., loss="generalized_jsd",
+  token_mask=labels != -100, reduction="batch")``.
+
+  Args:
+    student_logits: ``[..., num_classes]``.
+    teacher_logits: same shape as ``student_logits``.
+    beta: mixture weight of the teacher, in ``[0, 1]``.
+    temperature: softmax temperature ``T > 0``.
+    axis: class axis (or axes) to reduce over.
+    where: optional boolean class mask broadcastable to the logits shape.
+
+  Returns:
+    Per-example losses with ``axis`` removed (float32 or wider).
+
+  Example:
+    >>> generalized_jsd(jnp.zeros((4, 10)), jnp.ones((4, 10)), beta=0.0).shape
+    (4,)
+
+  References:
+    Agarwal et al., `On-Policy Distillation of Language Models: Learning from
+    Self-Generated Mistakes <https://arxiv.org/abs/2306.13649>`_, ICLR 2024.
+    Checked against TRL 1.16.0's own function
+    (``trl/experimental/gkd/gkd_trainer.py``), stored by
+    ``benchmarks/reference/make_gkd_fixture.py`` in ``tests/fixtures/gkd``.
+  """
+  _check_unit_interval(beta, "beta")
+  log_ps, log_pt, axes, where, _ = _prepare(
+      student_logits, teacher_logits, temperature, axis, where
+  )
+
+  def mixed(b):
+    log_m = _log_mixture(log_pt, log_ps, b, log_ps.dtype)
+    return b * _kl(log_pt, log_m, axes, where) + (1 - b) * _kl(
+        log_ps, log_m, axes, where
+    )
+
+  if _is_concrete_number(beta):
+    if float(beta) == 0.0:
+      return _kl(log_pt, log_ps, axes, where)
+    if float(beta) == 1.0:
+      return _kl(log_ps, log_pt, axes, where)
+    return mixed(jnp.asarray(beta, dtype=log_ps.dtype))
+  b = jnp.asarray(beta, dtype=log_ps.dtype)
+  inside = (b > 0) & (b < 1)
+  value = mixed(jnp.where(inside, b, 0.5))
+  value = jnp.where(b == 1, _kl(log_ps, log_pt, axes, where), value)
+  return jnp.where(b == 0, _kl(log_pt, log_ps, axes, where), value)
 
 
 def skew_kl(
@@ -691,6 +777,7 @@ LOGIT_LOSSES: dict[str, LogitLoss] = {
     "kd": kd,
     "reverse_kl": reverse_kl,
     "jsd": jsd,
+    "generalized_jsd": generalized_jsd,
     "skew_kl": skew_kl,
     "skew_reverse_kl": skew_reverse_kl,
     "total_variation": total_variation,

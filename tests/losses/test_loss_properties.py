@@ -118,9 +118,13 @@ def _topk_case(variant):
 
 CASES = {
     **{name: _logit_case(name) for name in (
-        "kd", "reverse_kl", "jsd", "skew_kl", "skew_reverse_kl",
-        "total_variation", "mse_logits")},
+        "kd", "reverse_kl", "jsd", "generalized_jsd", "skew_kl",
+        "skew_reverse_kl", "total_variation", "mse_logits")},
     "bdkd": _logit_case("bdkd", weight=2.0),
+    # Same vocabulary on both sides here (tests/losses/test_uld.py covers
+    # different ones).
+    "uld_loss": Case(lambda s, t, y: losses.uld_loss(s, t), losses.uld_loss,
+                     "logits", scale=2.0),
     # dkd's defaults: alpha=1, beta=8, T=4.
     "dkd": Case(lambda s, t, y: losses.dkd(s, t, y), losses.dkd, "logits",
                 scale=16.0 * 9.0),
@@ -172,6 +176,7 @@ NOT_LOSSES = {
     "taid_update": "state of TAID's schedule",
     "mlkd_confidence_mask": "a mask for mlkd's example_mask",
     "reduce_tokens": "sequence_kd's reduction (tested through it)",
+    "gather_aligned": "picks aligned teacher positions for uld_loss",
     "reduction_weights": "sequence_kd's reduction weights",
     "dense_teacher_targets": "builds dense_kd's cache (used by its case)",
     "topk_teacher_targets": "builds topk_kd's cache (used by its cases)",
@@ -331,7 +336,7 @@ def test_registries_are_covered():
       | {f"fused:{n}" for n in fused.FUSED_KD_LOSSES}
       | {f"sequence:{n}" for n in losses.LOGIT_LOSSES}
       | {f"topk_kd:{v}" for v in sparse.TOPK_VARIANTS}
-      | {"dense_kd", "sampled_kd"})
+      | {"dense_kd", "sampled_kd", "uld_loss"})
   assert set(CASES) == registered
 
 
@@ -518,6 +523,7 @@ T3_CASES = {
     **{n: (lambda s, t, y, fn=getattr(losses, n): fn(s, t, temperature=_T3))
        for n in ("dist", "sinkhorn", "contrastive")},
     "taid": lambda s, t, y: losses.taid(s, t, t=0.5, temperature=_T3),
+    "uld_loss": lambda s, t, y: losses.uld_loss(s, t, temperature=_T3),
     "mlkd": lambda s, t, y: losses.mlkd(s, t, temperatures=(_T3, 5.0)),
     "sequence_kd": lambda s, t, y: sequence.sequence_kd(
         s[None], t[None], temperature=_T3, reduction="token"),

@@ -408,7 +408,7 @@ def test_jit_dkd_dist_standardize():
 
 def test_registry():
   # bdkd is registered by jdistill.losses and tested in its own file.
-  assert set(losses.LOGIT_LOSSES) == set(PER_EXAMPLE) | {"bdkd"}
+  assert set(losses.LOGIT_LOSSES) == set(PER_EXAMPLE) | {"bdkd", "generalized_jsd"}
   assert losses.get_logit_loss("jsd") is losses.jsd
   with pytest.raises(ValueError, match="unknown logit loss 'foo'; expected "
                      "one of: kd, reverse_kl, jsd"):
