@@ -90,6 +90,9 @@ def main() -> int:
   p.add_argument("--seq_len", type=int, default=128)
   p.add_argument("--batch_size", type=int, default=16)
   p.add_argument("--seeds", type=str, default="0,1")
+  p.add_argument("--teacher_only", action="store_true",
+                 help="stop after the teacher's HF export (what "
+                 "benchmarks/on_policy_end_to_end.py needs)")
   args = p.parse_args()
   out = os.path.abspath(args.out)
   os.makedirs(out, exist_ok=True)
@@ -116,6 +119,8 @@ def main() -> int:
     run([sys.executable, "-m", "experiments.export",
          f"--workdir={teacher_run}/baseline", f"--out={teacher_hf}",
          "--format=hf", f"--tokenizer={tokenizer}"])
+  if args.teacher_only:
+    return 0
   layers = ",".join(str(i) for i in range(0, args.teacher_layers, 2))
   rows = []
   for seed in [int(s) for s in args.seeds.split(",")]:

@@ -29,7 +29,7 @@ from experiments.config.distill import (  # noqa: F401
     ObjectiveSection, RecipeSection)
 from experiments.config.modes import (  # noqa: F401
     KIP_KERNELS, KIP_METHODS, LM_CACHE_FORMS, LM_REDUCTIONS, LM_RUNS,
-    KipSection, LmSection)
+    KipSection, LmSection, OnPolicySection)
 from experiments.config.options import (  # noqa: F401
     parse_json_kwargs, parse_loss_kwargs)
 from jdistill.models.remat import REMAT_NAMES as REMAT_POLICIES  # noqa: F401
@@ -44,7 +44,8 @@ SECTIONS: dict[str, type] = {
     "optim": OptimSection, "objective": ObjectiveSection,
     "feature": FeatureSection, "multi_teacher": MultiTeacherSection,
     "recipe": RecipeSection, "compare": CompareSection,
-    "scale": ScaleSection, "kip": KipSection, "lm": LmSection}
+    "scale": ScaleSection, "kip": KipSection, "lm": LmSection,
+    "on_policy": OnPolicySection}
 # Model families whose KD steps ran faster on XLA CPU with YNNPACK's dots
 # turned off (benchmarks/vs_pytorch.py, docs/performance.md): resnet8x4<-
 # resnet32x4 +17%, causal_lm +19%; mlp and vit were 21% and 7% slower, so
@@ -189,7 +190,8 @@ def check_across(cfg) -> None:
       raise ValueError(f"{flag}=causal_lm: expected --mode=distill_lm or "
                        f"cache_lm for a causal LM (--mode={cfg.mode} "
                        "feeds the float inputs of --dataset)")
-  cfg.objective()  # The loss, its options, schedules and feature terms.
+  if cfg.loss != "uld":  # ULD (across vocabularies) is checked below.
+    cfg.objective()  # The loss, its options, schedules and feature terms.
   # Teachers per mode.
   if cfg.ema_teacher_decay > 0:
     check(cfg.mode in ("distill", "compare", "tune"), "--ema_teacher_decay",
@@ -245,11 +247,46 @@ def check_across(cfg) -> None:
           "representations --kip_method=krr_st distills")
   if not lm_mode:
     for name in ("teacher_hf", "student_hf", "student_config",
-                 "student_init", "tokenizer"):
+                 "student_init", "tokenizer", "student_tokenizer"):
       check(not getattr(cfg, name), f"--{name}", getattr(cfg, name),
             "only with --mode=distill_lm or cache_lm")
     check(not cfg.lora_rank, "--lora_rank", cfg.lora_rank,
           "0 outside --mode=distill_lm")
+  on_policy = (cfg.on_policy_fraction > 0
+               or cfg.on_policy_schedule == "distillm")
+  if on_policy or "seqkd" in cfg.lm_runs or cfg.gen_eval_prompts:
+    flag = ("--on_policy_fraction" if cfg.on_policy_fraction > 0 else
+            "--on_policy_schedule" if on_policy else
+            "--gen_eval_prompts" if cfg.gen_eval_prompts else "--lm_runs")
+    check(cfg.mode == "distill_lm", flag, getattr(
+        cfg, flag[2:]), "only with --mode=distill_lm")
+    check(0 < cfg.lm_prompt_len < cfg.seq_len, "--lm_prompt_len",
+          cfg.lm_prompt_len, f"a prompt length in [1, --seq_len={cfg.seq_len})"
+          f" ({flag} samples completions after it)")
+  cross = cfg.loss == "uld"
+  if cross or cfg.student_tokenizer:
+    check(cfg.mode == "distill_lm" and bool(cfg.teacher_hf),
+          "--loss" if cross else "--student_tokenizer",
+          cfg.loss if cross else cfg.student_tokenizer,
+          "uld only with --mode=distill_lm --teacher_hf (a student with its "
+          "own tokenizer)")
+    check(cross, "--loss", cfg.loss, "uld with --student_tokenizer (token-"
+          "level losses need one vocabulary; ULD compares sorted "
+          "distributions across vocabularies)")
+    check(bool(cfg.student_tokenizer), "--student_tokenizer",
+          cfg.student_tokenizer, "the student's tokenizer with --loss=uld")
+    check(not on_policy and "seqkd" not in cfg.lm_runs, "--loss", cfg.loss,
+          "uld without on-policy students or seqkd (their samples are in "
+          "one tokenizer)")
+    check(set(cfg.lm_runs) <= {"baseline", "online"}, "--lm_runs",
+          ",".join(cfg.lm_runs), "baseline,online with --loss=uld (caches "
+          "hold the teacher's vocabulary)")
+    check(not cfg.lm_fused_kd, "--lm_fused_kd", cfg.lm_fused_kd,
+          "unset with --loss=uld")
+  if cfg.on_policy_schedule == "distillm" and cfg.mode == "distill_lm":
+    check(cfg.eval_every > 0, "--eval_every", cfg.eval_every,
+          "> 0 with --on_policy_schedule=distillm (the validation loss "
+          "adapts its ratio of student outputs)")
   if lm_mode:
     if cfg.teacher_hf or cfg.student_hf or cfg.student_config:
       check(not cfg.teacher_checkpoint, "--teacher_checkpoint",

@@ -14,6 +14,7 @@ from jdistill.train.objective import (FEATURE_LOSSES, FeatureTerm,
                                       feature_loss_hyperparameters)
 from jdistill.train.projectors import PROJECTOR_KINDS
 from jdistill.train.schedules import SCHEDULE_KINDS
+from jdistill.train.lm import CROSS_TOKENIZER_LOSSES
 from jdistill.train.stateful import STATEFUL_LOGIT_LOSSES
 from jdistill.train.ensemble import STACKINGS
 
@@ -31,7 +32,8 @@ class ObjectiveSection(Section):
   loss: str = option(
       "kd", "str",
       "Distillation loss: "
-      + ", ".join(distill_loss_names()) + ".")
+      + ", ".join(distill_loss_names()) + "; uld (distill_lm across "
+      "tokenizers, with --student_tokenizer).")
   temperature: float = option(
       4.0, "float",
       "Distillation temperature.")
@@ -110,8 +112,9 @@ class ObjectiveSection(Section):
   def validate(self) -> None:
     """The values alone; the objective they make (`DistillObjective`,
     which checks the options and schedules) is built across sections."""
-    check(self.loss in distill_loss_names(), "--loss", self.loss,
-          f"one of: {', '.join(distill_loss_names())}")
+    names = distill_loss_names() + CROSS_TOKENIZER_LOSSES
+    check(self.loss in names, "--loss", self.loss,
+          f"one of: {', '.join(names)}")
     check(self.temperature > 0, "--temperature", self.temperature,
           "a positive number")
     for name in ("ce_weight", "kd_weight"):

@@ -9,7 +9,11 @@ from experiments.config.options import Section, check, one_of, option
 
 KIP_METHODS = ("kip", "rfad", "frepo", "krr_st")
 KIP_KERNELS = ("fc_nngp", "fc_ntk", "conv_nngp", "conv_ntk")
-LM_RUNS = ("baseline", "online", "dense", "topk", "sampled")
+LM_RUNS = ("baseline", "online", "dense", "topk", "sampled", "seqkd")
+# What --mode=distill_lm runs by default (seqkd: ask for it).
+LM_DEFAULT_RUNS = ("baseline", "online", "dense", "topk", "sampled")
+ON_POLICY_SCHEDULES = ("fixed", "distillm")
+REPLAY_RATIOS = ("decreasing", "constant", "increasing")
 LM_CACHE_FORMS = ("dense", "topk", "sampled")
 LM_REDUCTIONS = ("batch", "batch_of_sequences")
 
@@ -108,10 +112,12 @@ class LmSection(Section):
       100_000, "int",
       "distill_lm: bytes in the validation split.")
   lm_runs: tuple[str, ...] = option(
-      LM_RUNS, "strs",
+      LM_DEFAULT_RUNS, "strs",
       "distill_lm: the students to "
       "train: baseline (labels only), online (teacher run in the "
-      "step), dense, topk, sampled (from offline caches).")
+      "step; on-policy with --on_policy_fraction), dense, topk, sampled "
+      "(from offline caches), seqkd (sequence-level KD: trained on text the "
+      "teacher generated once from each window's prompt).")
   lm_reduction: str = option(
       "batch", "enum",
       "distill_lm: batch (mean over valid tokens) or "
@@ -121,7 +127,7 @@ class LmSection(Section):
       False, "bool",
       "distill_lm: the online "
       "run uses the chunked fused linear-KD loss (no [N, V] "
-      "logits; needs --ce_weight=0).")
+      "logits; the --ce_weight term is fused into the same chunks).")
   lm_chunk_size: int = option(
       1024, "int",
       "Tokens per chunk of "
@@ -190,6 +196,12 @@ class LmSection(Section):
       None, "str",
       "The tokenizer.json (or its directory) of --corpus; default: "
       "--teacher_hf's.")
+  student_tokenizer: str | None = option(
+      None, "str",
+      "distill_lm with --teacher_hf and --loss=uld: the student's own "
+      "tokenizer.json (or directory), a different vocabulary from the "
+      "teacher's; --corpus is tokenized by both and the positions are "
+      "aligned by text spans (jdistill.data.cross_tokenizer).")
   lora_rank: int = option(
       0, "int",
       "distill_lm with --teacher_hf: LoRA adapters of this rank on the "
@@ -246,3 +258,95 @@ class LmSection(Section):
           self.corpus_max_documents, "a non-negative integer (0: all)")
     check(len(self.corpus) > 0, "--corpus", self.corpus,
           "text files or stdlib")
+
+
+@dataclasses.dataclass(frozen=True)
+class OnPolicySection(Section):
+  """--mode=distill_lm: on-policy distillation (GKD, DistiLLM), sequence-
+  level KD and the sampling they share (jdistill.train.on_policy)."""
+
+  lm_prompt_len: int = option(
+      0, "int",
+      "distill_lm: the first N tokens of every window are its prompt and "
+      "only the completion's targets count in training (0: no prompt; "
+      "needed by --on_policy_fraction, --on_policy_schedule=distillm, "
+      "--lm_runs=seqkd and --gen_eval_prompts).")
+  on_policy_fraction: float = option(
+      0.0, "float",
+      "GKD's lambda: the probability that a batch's completions are "
+      "sampled from the current student (0: off-policy KD).")
+  on_policy_schedule: str = option(
+      "fixed", "enum",
+      "fixed (GKD, --on_policy_fraction) or distillm (adaptive student "
+      "outputs with a replay buffer, its ratio raised when the validation "
+      "loss rises; evaluates every --eval_every steps).",
+      choices=ON_POLICY_SCHEDULES)
+  gen_temperature: float = option(
+      1.0, "float",
+      "Sampling temperature of student (on-policy), teacher (seqkd) and "
+      "evaluation samples (0: greedy).")
+  gen_top_k: int = option(
+      0, "int",
+      "Sample among the k most probable tokens (0: all).")
+  gen_top_p: float = option(
+      1.0, "float",
+      "Nucleus sampling: the smallest set of tokens with this much "
+      "probability (1: all).")
+  replay_capacity: int = option(
+      1000, "int",
+      "distillm: generated sequences the replay buffer holds.")
+  replay_ratio: str = option(
+      "decreasing", "enum",
+      "distillm: how the share of fresh samples among student outputs "
+      "moves over training.", choices=REPLAY_RATIOS)
+  distillm_init_threshold: float = option(
+      0.0, "float",
+      "distillm: the initial probability of student outputs.")
+  distillm_loss_eps: float = option(
+      0.1, "float",
+      "distillm: a validation-loss rise of this much raises the "
+      "probability of student outputs by 0.1.")
+  gen_eval_prompts: int = option(
+      0, "int",
+      "distill_lm: validation prompts whose student samples the teacher "
+      "scores (teacher NLL per generated token) for every row (0: off).")
+
+  def validate(self) -> None:
+    check(self.lm_prompt_len >= 0, "--lm_prompt_len", self.lm_prompt_len,
+          "a non-negative integer (0: no prompt)")
+    check(0.0 <= self.on_policy_fraction <= 1.0, "--on_policy_fraction",
+          self.on_policy_fraction, "a probability in [0, 1]")
+    one_of(self, "on_policy_schedule", ON_POLICY_SCHEDULES)
+    one_of(self, "replay_ratio", REPLAY_RATIOS)
+    check(self.gen_temperature >= 0, "--gen_temperature",
+          self.gen_temperature, "a non-negative number (0: greedy)")
+    check(self.gen_top_k >= 0, "--gen_top_k", self.gen_top_k,
+          "a non-negative integer (0: all tokens)")
+    check(0.0 < self.gen_top_p <= 1.0, "--gen_top_p", self.gen_top_p,
+          "a probability in (0, 1]")
+    check(self.gen_temperature > 0 or (
+        self.gen_top_k == 0 and self.gen_top_p == 1.0), "--gen_temperature",
+          self.gen_temperature, "> 0 with --gen_top_k/--gen_top_p (greedy "
+          "decoding would ignore them)")
+    check(self.replay_capacity > 0, "--replay_capacity",
+          self.replay_capacity, "a positive integer")
+    check(0.0 <= self.distillm_init_threshold <= 1.0,
+          "--distillm_init_threshold", self.distillm_init_threshold,
+          "a probability in [0, 1]")
+    check(self.distillm_loss_eps >= 0, "--distillm_loss_eps",
+          self.distillm_loss_eps, "a non-negative number")
+    check(self.gen_eval_prompts >= 0, "--gen_eval_prompts",
+          self.gen_eval_prompts, "a non-negative integer (0: off)")
+    needs_prompt = (self.on_policy_fraction > 0
+                    or self.on_policy_schedule == "distillm"
+                    or self.gen_eval_prompts > 0)
+    check(self.lm_prompt_len > 0 or not needs_prompt, "--lm_prompt_len",
+          self.lm_prompt_len, "the prompt length (> 0) that on-policy "
+          "samples and --gen_eval_prompts start from")
+
+  @property
+  def sampling(self) -> dict:
+    """``temperature``, ``top_k``, ``top_p`` for `jdistill.generate`."""
+    return {"temperature": self.gen_temperature,
+            "top_k": self.gen_top_k or None,
+            "top_p": None if self.gen_top_p == 1.0 else self.gen_top_p}

@@ -157,3 +157,48 @@ def lm_versus_teacher(cfg: Config, dataset: jdata.Dataset, mesh, teacher,
   result["ece"] = float(jmetrics.expected_calibration_error(
       jmetrics.CalibrationBins(*(jnp.asarray(b) for b in total["bins"]))))
   return result
+
+
+def generation_quality(cfg: Config, dataset: jdata.Dataset, mesh, teacher,
+                       variables, workdir: str | None,
+                       eos_id: int | None) -> dict[str, float]:
+  """The quality of a model's own generations: from the first
+  ``--gen_eval_prompts`` validation windows' first ``--lm_prompt_len``
+  tokens, the model under ``workdir`` (``None``: the teacher) samples the
+  rest of the window (``--gen_temperature/top_k/top_p``, keys from
+  ``--seed``, the same prompts and keys for every row), and the teacher
+  scores it (`jdistill.train.on_policy.make_sample_scorer`).
+
+  Returns:
+    ``gen_teacher_nll`` (mean teacher NLL per generated token, nats),
+    ``gen_student_nll`` (the sampling model's own), ``gen_tokens`` (mean
+    generated tokens per prompt); ``{}`` when ``--gen_eval_prompts=0`` or in
+    a multi-process job.
+  """
+  if not cfg.gen_eval_prompts or jax.process_count() != 1:
+    return {}
+  from jdistill.train import on_policy as on_policy_lib
+  if workdir is None:
+    model, model_vars = teacher, variables
+  else:
+    model, model_vars, _ = teachers.load_teacher_at(
+        workdir, dataset, mesh, flag="--workdir", dataset_flag="stdlib_text")
+  new = cfg.seq_len + 1 - cfg.lm_prompt_len
+  score = jax.jit(on_policy_lib.make_sample_scorer(
+      model, teacher, prompt_len=cfg.lm_prompt_len, max_new_tokens=new,
+      eos_id=eos_id, **cfg.section("on_policy").sampling))
+  n = min(cfg.gen_eval_prompts, len(dataset.test))
+  base = jax.random.key(cfg.seed + 15485863)
+  total: dict[str, float] = {}
+  for b, start in enumerate(range(0, n, cfg.eval_batch_size)):
+    rows = np.arange(start, min(start + cfg.eval_batch_size, n))
+    batch = dataset.test.get_batch(rows)
+    out = jax.device_get(score(model_vars, variables,
+                               jtrain.put_batch({"x": batch["x"]}, mesh),
+                               jax.random.fold_in(base, b)))
+    for k, v in out.items():
+      total[k] = total.get(k, 0.0) + float(v)
+  count = max(total["count"], 1.0)
+  return {"gen_teacher_nll": total["teacher_nll_sum"] / count,
+          "gen_student_nll": total["student_nll_sum"] / count,
+          "gen_tokens": total["count"] / n}

@@ -71,6 +71,9 @@ class Job:
       LoRA adapters, keep their initial values); arrays in the shardings
       of ``abstract_params`` (sharded `jax.ShapeDtypeStruct`s).
     optimizer: ``tx -> tx``, e.g. LoRA's (only the adapters train).
+    after_eval: ``(state, eval_result) -> state`` after each evaluation
+      during training (`jdistill.train.train_loop`), e.g. DistiLLM's
+      adaptive ratio.
   """
 
   name: str
@@ -84,6 +87,7 @@ class Job:
   summary: dict = dataclasses.field(default_factory=dict)
   initial_params: Callable[[Any], Any] | None = None
   optimizer: Callable[[Any], Any] | None = None
+  after_eval: Callable[[Any, dict], Any] | None = None
 
 
 def prepare(cfg: Config, job: Job, tx, mesh):
@@ -168,7 +172,7 @@ def run_job(cfg: Config, dataset: jdata.Dataset, mesh, job: Job
         checkpoint_every=cfg.checkpoint_every,
         writer=writer, log=log, name=name,
         eval_split="validation" if cfg.validation_fraction else "test",
-        on_nonfinite=cfg.on_nonfinite)
+        on_nonfinite=cfg.on_nonfinite, after_eval=job.after_eval)
     timing = summary["timing"]
     if job.teacher_forward is not None and summary["steps_run"]:
       teacher_s = _seconds_per_call(

@@ -46,7 +46,9 @@ from jdistill import train as jtrain
 from jdistill.data import teacher_cache as cache_lib
 from jdistill.data import text as text_lib
 from jdistill.losses import sparse as sparse_losses
+from jdistill import generate as gen_lib
 from jdistill.train import lm as lm_lib
+from jdistill.train import on_policy as on_policy_lib
 from jdistill.train.loop import MAX_SYNC_EVERY
 
 _log = setup.log
@@ -60,6 +62,11 @@ _CACHE_FIELDS = ("lm_topk", "lm_topk_variant", "lm_num_samples",
 _DISTILL_FIELDS = ("loss", "temperature", "ce_weight", "kd_weight",
                    "loss_kwargs", "lm_reduction", "lm_fused_kd",
                    "lm_chunk_size")
+# The settings of on-policy students (the online run) and of sampling.
+_ON_POLICY_FIELDS = ("on_policy_fraction", "on_policy_schedule",
+                     "replay_capacity", "replay_ratio",
+                     "distillm_init_threshold", "distillm_loss_eps")
+_SAMPLING_FIELDS = ("gen_temperature", "gen_top_k", "gen_top_p")
 
 
 def load_lm_data(cfg: Config) -> tuple[jdata.Dataset, text_lib.TextCorpus]:
@@ -74,8 +81,11 @@ def _sub_config(cfg: Config, part: str, keep: tuple[str, ...] = (),
   """The config of one part of the pipeline, in ``<workdir>/<part>``:
   settings the part does not depend on are reset to their defaults."""
   defaults = Config()
+  if cfg.student_tokenizer:  # Settings that only make sense together.
+    keep = keep + ("loss", "lm_runs")
   reset = {name: getattr(defaults, name)
-           for name in _CACHE_FIELDS + _DISTILL_FIELDS + ("lm_runs",)
+           for name in _CACHE_FIELDS + _DISTILL_FIELDS + _ON_POLICY_FIELDS
+           + _SAMPLING_FIELDS + ("lm_runs", "gen_eval_prompts")
            if name not in keep}
   return dataclasses.replace(cfg, **reset, **changes,
                              workdir=os.path.join(cfg.workdir, part))
@@ -99,7 +109,7 @@ def _train_lm(cfg: Config, dataset: jdata.Dataset, mesh, spec: dict,
 def train_teacher(cfg: Config, dataset: jdata.Dataset, mesh) -> str:
   """Trains the teacher in ``<workdir>/teacher`` (resuming); returns it."""
   sub = _sub_config(
-      cfg, "teacher", model=cfg.teacher_model,
+      cfg, "teacher", lm_prompt_len=0, model=cfg.teacher_model,
       model_kwargs=cfg.teacher_model_kwargs,
       num_steps=cfg.teacher_num_steps or cfg.num_steps,
       learning_rate=cfg.teacher_learning_rate or cfg.learning_rate)
@@ -297,13 +307,87 @@ def _student_spec_and_init(cfg: Config, sub: Config, dataset, facts,
           "optimizer": lm_hf.lora_optimizer(cfg)}
 
 
+class _PromptMasked:
+  """A source whose ``token_mask`` leaves out the targets inside each
+  window's first ``prompt_len`` tokens (`on_policy.completion_targets`),
+  so that every student trains on the same completion tokens."""
+
+  def __init__(self, source, prompt_len: int):
+    self.source, self.prompt_len = source, prompt_len
+
+  def __len__(self) -> int:
+    return len(self.source)
+
+  def get_batch(self, indices: np.ndarray) -> dict[str, np.ndarray]:
+    batch = dict(self.source.get_batch(indices))
+    keep = np.arange(batch["y"].shape[1]) >= self.prompt_len - 1
+    mask = np.broadcast_to(keep, batch["y"].shape)
+    if batch.get("token_mask") is not None:
+      mask = mask & batch["token_mask"]
+    batch["token_mask"] = np.ascontiguousarray(mask)
+    return batch
+
+
+class _SequenceSource:
+  """A ``sequences`` teacher cache (teacher-generated windows) as training
+  data: ``x``/``y`` are the teacher's tokens, ``token_mask`` its generated
+  targets; the corpus's example mask, if any, is kept."""
+
+  def __init__(self, source, cache: cache_lib.TeacherCache):
+    self.source, self.cache = source, cache
+
+  def __len__(self) -> int:
+    return len(self.cache)
+
+  def get_batch(self, indices: np.ndarray) -> dict[str, np.ndarray]:
+    data = self.source.get_batch(indices)
+    seq = self.cache.get_batch(np.asarray(indices))
+    out = {"x": seq["ids"][:, :-1].astype(data["x"].dtype),
+           "y": seq["ids"][:, 1:].astype(data["y"].dtype),
+           "token_mask": seq["completion"]}
+    if "mask" in data:
+      out["mask"] = data["mask"]
+    return out
+
+
+def prompt_masked(cfg: Config, dataset: jdata.Dataset) -> jdata.Dataset:
+  """The training split with prompt targets masked (``--lm_prompt_len``);
+  ``dataset`` itself without a prompt. Validation keeps every token."""
+  if not cfg.lm_prompt_len:
+    return dataset
+  return dataclasses.replace(dataset, train=_PromptMasked(dataset.train,
+                                                          cfg.lm_prompt_len))
+
+
+def eos_id_of(facts: "lm_hf.HFSetup | None") -> int | None:
+  """The EOS that ends a generated completion: the tokenizer's for a
+  Hugging Face job, none for the byte-level corpus."""
+  if facts is None:
+    return None
+  from jdistill.data import corpus as corpus_lib
+  return corpus_lib.special_ids(facts.tokenizer).get("eos")
+
+
+def on_policy_of(cfg: Config, sub: Config, facts) -> on_policy_lib.OnPolicy:
+  """The `on_policy.OnPolicy` of a student's settings ``sub``."""
+  sampling = cfg.section("on_policy").sampling
+  return on_policy_lib.OnPolicy(
+      fraction=sub.on_policy_fraction, prompt_len=max(cfg.lm_prompt_len, 1),
+      eos_id=eos_id_of(facts), seed=cfg.seed,
+      schedule=sub.on_policy_schedule, capacity=sub.replay_capacity,
+      init_threshold=sub.distillm_init_threshold,
+      loss_eps=sub.distillm_loss_eps, replay_ratio=sub.replay_ratio,
+      num_steps=cfg.num_steps, **sampling)
+
+
 def student_job(cfg: Config, sub: Config, dataset: jdata.Dataset, mesh,
                 run: str, teacher, variables, cache_dir: str | None,
                 facts: "lm_hf.HFSetup | None" = None) -> runner.Job:
   """The `runner.Job` of one student: ``run`` is ``online`` (the teacher
-  runs in the step) or a cache form (read from ``cache_dir``); ``sub``
-  holds its loss settings; ``facts``: the Hugging Face setup
-  (`lm_hf.check_setup`) of a ``--teacher_hf`` job."""
+  runs in the step; on-policy with ``--on_policy_fraction`` or
+  ``--on_policy_schedule=distillm``) or a cache form (read from
+  ``cache_dir``); ``sub`` holds its loss settings; ``facts``: the Hugging
+  Face setup (`lm_hf.check_setup`) of a ``--teacher_hf`` job."""
   source = "online" if run == "online" else run
   objective = lm_lib.LMDistillObjective(
       loss=sub.loss, temperature=sub.temperature, kd_weight=sub.kd_weight,
@@ -318,15 +402,32 @@ def student_job(cfg: Config, sub: Config, dataset: jdata.Dataset, mesh,
     train_data = dataclasses.replace(dataset, train=jdata.ZippedSource(
         dataset.train, _CacheSource(cache), name=f"teacher cache {cache_dir}"))
 
+  on_policy = on_policy_of(cfg, sub, facts)
+  on_policy_run = run == "online" and on_policy.active
+
   def make_step(model, tx, state_sharding, extras):
     del extras
-    return setup.bind_step(cfg, lm_lib.make_lm_distill_step(
-        model, tx, objective, step_teacher, **setup.step_options(cfg)),
-        mesh, state_sharding, step_variables)
+    if on_policy_run:
+      step = on_policy_lib.make_on_policy_distill_step(
+          model, tx, objective, step_teacher, on_policy,
+          **setup.step_options(cfg))
+    else:
+      step = lm_lib.make_lm_distill_step(
+          model, tx, objective, step_teacher, **setup.step_options(cfg))
+    return setup.bind_step(cfg, step, mesh, state_sharding, step_variables)
 
+  extra = {}
+  if on_policy_run and on_policy.schedule == "distillm":
+    extra = dict(
+        init_extras=lambda *_: runner.Extras(
+            loss_state=on_policy_lib.init_replay(cfg.seq_len, on_policy)),
+        after_eval=lambda state, result: state.replace(
+            loss_state=on_policy_lib.update_threshold(
+                state.loss_state, result["loss"], on_policy)))
   return runner.Job(name=f"{run} student", make_step=make_step,
                     make_eval_step=lm_lib.make_lm_eval_step,
-                    dataset=train_data,
+                    dataset=prompt_masked(cfg, train_data or dataset),
+                    **extra,
                     **_student_spec_and_init(cfg, sub, dataset, facts,
                                              variables))
 
@@ -376,12 +477,92 @@ def distill_student(cfg: Config, dataset: jdata.Dataset, mesh, run: str,
   keep = _DISTILL_FIELDS + (("lm_topk", "lm_topk_variant")
                             if run == "topk" else ()) + (
                                 ("lm_num_samples", "lm_proposal_temperature")
-                                if run == "sampled" else ())
+                                if run == "sampled" else ()) + (
+                                    _ON_POLICY_FIELDS + _SAMPLING_FIELDS
+                                    if run == "online" else ())
   sub = _sub_config(cfg, run, keep=keep)
   if run != "online":
     sub = dataclasses.replace(sub, lm_fused_kd=False)
   return runner.run_job(sub, dataset, mesh, student_job(
       cfg, sub, dataset, mesh, run, teacher, variables, cache_dir, facts))
+
+
+def online_source(cfg: Config) -> str:
+  """The table's teacher-signal cell of the online run."""
+  fused = " (fused)" if cfg.lm_fused_kd else ""
+  if cfg.on_policy_schedule == "distillm":
+    return (f"DistiLLM adaptive on-policy{fused} "
+            f"(θ0={cfg.distillm_init_threshold:g}, replay "
+            f"{cfg.replay_capacity})")
+  if cfg.on_policy_fraction > 0:
+    return f"GKD on-policy λ={cfg.on_policy_fraction:g}{fused}"
+  return "online teacher" + fused
+
+
+def _sequence_cache_expectations(cfg: Config, source_info: dict) -> dict:
+  return {"form": "sequences", "seq_len": cfg.seq_len,
+          "source": json.loads(json.dumps(dict(
+              source_info, prompt_len=cfg.lm_prompt_len, seed=cfg.seed,
+              **cfg.section("on_policy").sampling)))}
+
+
+def write_sequence_cache(cfg: Config, dataset: jdata.Dataset, mesh, teacher,
+                         variables, directory: str,
+                         source_info: dict[str, Any],
+                         eos_id: int | None) -> dict[str, Any]:
+  """Sequence-level KD's data (Kim & Rush, 2016): the teacher completes
+  every training window's first ``--lm_prompt_len`` tokens once, sampling
+  with ``--gen_temperature/top_k/top_p`` (0: greedy; Kim & Rush used beam
+  search, which jdistill does not implement), and the windows go to a
+  ``sequences`` teacher cache (atomically). Keys come from ``(--seed,
+  batch)``. One process only."""
+  if jax.process_count() != 1:
+    raise ValueError("--lm_runs=seqkd: the sequence cache is written by one "
+                     "process; write it in a single-process run first")
+  new = cfg.seq_len + 1 - cfg.lm_prompt_len
+  sampling = cfg.section("on_policy").sampling
+
+  @jax.jit
+  def complete(variables, x, key):
+    full = gen_lib.generate(teacher, variables, x[:, :cfg.lm_prompt_len],
+                            max_new_tokens=new, eos_id=eos_id,
+                            key=key if sampling["temperature"] > 0 else None,
+                            **sampling)
+    return full, gen_lib.completion_mask(full, None, new, eos_id)[:, 1:]
+
+  start = time.perf_counter()
+  n = len(dataset.train)
+  base = jax.random.key(cfg.seed + 49979687)
+  with cache_lib.TeacherCacheWriter(
+      directory, form="sequences", vocab_size=dataset.num_classes,
+      seq_len=cfg.seq_len, num_sequences=n, num_shards=cfg.lm_cache_shards,
+      temperature=sampling["temperature"] or 1.0,
+      source=_sequence_cache_expectations(cfg, source_info)["source"]
+  ) as writer:
+    pending = []
+
+    def drain():
+      for ids, (full, completion) in pending:
+        full, completion = jax.device_get((full, completion))
+        for j, i in enumerate(ids):
+          writer.add(int(i), {"ids": full[j], "completion": completion[j]})
+      pending.clear()
+
+    bs = cfg.eval_batch_size
+    for b, first in enumerate(range(0, n, bs)):
+      ids = np.arange(first, min(first + bs, n))
+      rows = np.concatenate([ids, np.zeros(bs - len(ids), int)])
+      x = dataset.train.get_batch(rows)["x"]
+      pending.append((ids, complete(variables, jtrain.put_batch(
+          {"x": x}, mesh)["x"], jax.random.fold_in(base, b))))
+      if len(pending) >= MAX_SYNC_EVERY:
+        drain()
+    drain()
+  meta = dict(cache_summary(directory), build_s=time.perf_counter() - start)
+  _log(f"[cache sequences] the teacher completed {n} windows after "
+       f"{cfg.lm_prompt_len} prompt tokens in {meta['build_s']:.1f}s -> "
+       f"{directory}")
+  return meta
 
 
 def _row(name: str, summary_or_eval: dict, *, params: int, source: str,
@@ -437,6 +618,10 @@ def format_lm_table(rows: list[dict[str, Any]], topk: int | None = None
   if extra:
     head += f" agreement (%) | KL(t‖s) | top-{topk} mass (%) | ECE (%) |"
     rule += "---|---|---|---|"
+  gen = any(r.get("gen_teacher_nll") is not None for r in rows)
+  if gen:  # The quality of the model's own samples (--gen_eval_prompts).
+    head += " teacher NLL of own samples (nats/token) | own NLL | tokens |"
+    rule += "---|---|---|"
   lines = [head, rule]
   for r in rows:
     bpt = ("" if r["bytes_per_token"] is None else
@@ -454,6 +639,11 @@ def format_lm_table(rows: list[dict[str, Any]], topk: int | None = None
                                   ("topk_mass", 100, 2), ("ece", 100, 2)):
         value = r.get(name)
         line += " — |" if value is None else f" {scale * value:.{digits}f} |"
+    if gen:
+      for name, digits in (("gen_teacher_nll", 3), ("gen_student_nll", 3),
+                           ("gen_tokens", 1)):
+        value = r.get(name)
+        line += " — |" if value is None else f" {value:.{digits}f} |"
     lines.append(line)
   return "\n".join(lines)
 
@@ -516,10 +706,21 @@ def _hf_teacher(cfg: Config):
   (`lm_hf`); every check runs before anything is written."""
   facts = lm_hf.check_setup(cfg)
   mesh = setup.make_mesh(cfg)
-  dataset, meta = lm_hf.load_data(cfg, facts)
+  if cfg.student_tokenizer:  # ULD: each model reads its own tokens.
+    dataset, meta = lm_hf.load_cross_data(cfg, facts)
+    st = meta["splits"]["train"]
+    _log(f"[distill_lm] across tokenizers: student {cfg.student_tokenizer} "
+         f"({st['student_tokens_per_byte']:.3f} tokens/byte), teacher "
+         f"{facts.tokenizer} ({st['teacher_tokens_per_byte']:.3f}); "
+         f"{100 * st['fraction_aligned']:.1f}% of the training targets "
+         f"aligned by text span, teacher windows of "
+         f"{meta['teacher_seq_len']} tokens")
+  else:
+    dataset, meta = lm_hf.load_data(cfg, facts)
   splits = meta["splits"]
   _log(f"[distill_lm] corpus {','.join(cfg.corpus)} tokenized with "
-       f"{facts.tokenizer}: {len(dataset.train)} train / "
+       f"{cfg.student_tokenizer or facts.tokenizer}: {len(dataset.train)} "
+       f"train / "
        f"{len(dataset.test)} validation windows of {cfg.seq_len} tokens "
        f"({splits['train']['tokens']:,} / {splits['validation']['tokens']:,}"
        f" tokens)")
@@ -539,7 +740,9 @@ def run_distill_lm(cfg: Config) -> dict:
   (dataset, mesh, teacher, variables, tspec, info, corpus_info,
    facts) = (_hf_teacher if lm_hf.hf_mode(cfg) else _byte_teacher)(cfg)
   rows = []
-  if teacher is not None:
+  # Across tokenizers the teacher cannot be scored on the student's tokens.
+  same_vocab = teacher is not None and not cfg.student_tokenizer
+  if same_vocab:
     eval_step = jtrain.compile_step(lm_lib.make_lm_eval_step(teacher), mesh,
                                     donate_state=False)
     teacher_eval = jtrain.evaluate(eval_step, variables["params"],
@@ -554,17 +757,29 @@ def run_distill_lm(cfg: Config) -> dict:
                                                  abstract=True)[1])
   for run in cfg.lm_runs:
     t0 = time.perf_counter()
-    if run == "baseline":
-      sub = _sub_config(cfg, "baseline")
+    if run in ("baseline", "seqkd"):
+      train = prompt_masked(cfg, dataset)
+      source = "labels only"
+      if run == "seqkd":
+        cache_dir = os.path.join(cfg.workdir, "caches", "sequences")
+        expected = _sequence_cache_expectations(cfg, info)
+        if not _cache_matches(cache_dir, expected):
+          write_sequence_cache(cfg, dataset, mesh, teacher, variables,
+                               cache_dir, info, eos_id_of(facts))
+        caches[run] = cache_summary(cache_dir)
+        train = dataclasses.replace(dataset, train=_SequenceSource(
+            dataset.train, cache_lib.TeacherCache(cache_dir)))
+        source = "teacher text (seq-KD)"
+      sub = _sub_config(cfg, run, keep=_SAMPLING_FIELDS if run == "seqkd"
+                        else ())
       summary = runner.run_job(sub, dataset, mesh, runner.Job(
-          name="baseline student",
+          name=f"{run} student",
           make_step=lambda model, tx, state_sharding, extras: setup.bind_step(
               cfg, lm_lib.make_lm_train_step(model, tx,
                                              **setup.step_options(cfg)),
               mesh, state_sharding),
-          make_eval_step=lm_lib.make_lm_eval_step,
+          make_eval_step=lm_lib.make_lm_eval_step, dataset=train,
           **_student_spec_and_init(cfg, sub, dataset, facts, variables)))
-      source = "labels only"
     else:
       cache_dir = None
       if run != "online":
@@ -576,8 +791,7 @@ def run_distill_lm(cfg: Config) -> dict:
         caches[run] = cache_summary(cache_dir)
       summary = distill_student(cfg, dataset, mesh, run, teacher, variables,
                                 cache_dir, facts)
-      source = {"online": "online teacher" + (
-          " (fused)" if cfg.lm_fused_kd else ""),
+      source = {"online": online_source(cfg),
                 "dense": "dense cache",
                 "topk": f"top-{cfg.lm_topk} cache ({cfg.lm_topk_variant})",
                 "sampled": f"sampled cache (n={cfg.lm_num_samples})"}[run]
@@ -585,12 +799,21 @@ def run_distill_lm(cfg: Config) -> dict:
                      source=source, cache=caches.get(run),
                      wall_s=time.perf_counter() - t0, corpus=corpus_info,
                      tokens_per_s=_tokens_per_s(cfg, summary)))
-    if teacher is not None:
+    if same_vocab:
       rows[-1].update(evaluation.lm_versus_teacher(
           cfg, dataset, mesh, teacher, variables, summary["workdir"]))
-  if teacher is not None:
+      rows[-1].update(evaluation.generation_quality(
+          cfg, dataset, mesh, teacher, variables, summary["workdir"],
+          eos_id_of(facts)))
+  if same_vocab:
     rows[0].update(evaluation.lm_versus_teacher(cfg, dataset, mesh, teacher,
                                                 variables, None))
+    rows[0].update(evaluation.generation_quality(
+        cfg, dataset, mesh, teacher, variables, None, eos_id_of(facts)))
+  if cfg.student_tokenizer:
+    for r in rows:
+      r["source"] = r["source"].replace("online teacher",
+                                        "online teacher (ULD, aligned)")
   table = format_lm_table(rows, topk=min(cfg.lm_topk, dataset.num_classes))
   results = {"rows": rows, "corpus": corpus_info,
              "teacher": tspec, "caches": caches,

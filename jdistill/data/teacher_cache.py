@@ -18,6 +18,12 @@ Forms (the math is in ``jdistill.losses.sparse``):
 * ``"sampled"``: ``ids`` and ``weights`` ``[seq_len, n]``, RS-KD draws in the
   layout of ``sample_teacher_tokens``: distinct ids ascending, then padding
   slots (id 0, weight 0).
+* ``"sequences"``: ``ids`` ``[seq_len + 1]``, a whole token sequence the
+  teacher generated (its prompt, then its completion: sequence-level KD,
+  Kim & Rush 2016), and ``completion`` ``[seq_len]`` (``uint8`` 0/1; read as
+  bool): True where the next-token target ``ids[t + 1]`` is a generated
+  token (up to and including the first EOS). The student trains on
+  ``x = ids[:-1]``, ``y = ids[1:]``.
 
 Any form may add ``entropy`` ``[seq_len]``, the teacher entropy per token
 (``teacher_entropy``; the constant that makes ``sampled_kd`` comparable to
@@ -141,7 +147,7 @@ __all__ = [
     "staging_directory",
 ]
 
-FORMS = ("dense", "topk", "sampled")
+FORMS = ("dense", "topk", "sampled", "sequences")
 FORMAT = "jdistill.teacher_cache"
 VERSION = 1
 META_FILE = "meta.json"
@@ -337,7 +343,7 @@ def cache_layout(
   """The fields of one record (see the module docstring), in record order.
 
   Args:
-    form: ``"dense"``, ``"topk"`` or ``"sampled"``.
+    form: ``"dense"``, ``"topk"``, ``"sampled"`` or ``"sequences"``.
     vocab_size: ``V``.
     seq_len: tokens per sequence.
     k: entries per token of ``"topk"``.
@@ -360,10 +366,13 @@ def cache_layout(
     raise ValueError(f"log_probs_dtype={log_probs_dtype!r} is not one of "
                      + ", ".join(_FLOAT_DTYPES))
   ids = id_dtype_for(vocab_size)
-  if form == "dense":
+  if form in ("dense", "sequences"):
     if k is not None or num_samples is not None:
-      raise ValueError("form='dense' takes neither k nor num_samples")
-    fields = [Field("log_probs", log_probs_dtype, (seq_len, vocab_size))]
+      raise ValueError(f"form={form!r} takes neither k nor num_samples")
+    fields = ([Field("log_probs", log_probs_dtype, (seq_len, vocab_size))]
+              if form == "dense" else
+              [Field("ids", ids, (seq_len + 1,)),
+               Field("completion", "uint8", (seq_len,))])
   elif form == "topk":
     if num_samples is not None:
       raise ValueError("form='topk' takes k, not num_samples")
@@ -422,6 +431,12 @@ def _check_array(field: Field, x: Any, *, vocab_size: int, num_samples: int,
       raise ValueError(f"{where}: ids must be in [0, {vocab_size}), got "
                        f"[{x.min()}, {x.max()}]")
     return x
+  if field.name == "completion":
+    if x.dtype != np.bool_ and not (np.issubdtype(x.dtype, np.integer) and (
+        x.size == 0 or (x.min() >= 0 and x.max() <= 1))):
+      raise ValueError(f"{where}: completion must be a bool (or 0/1) mask, "
+                       f"got dtype {x.dtype}")
+    return x.astype(np.uint8)
   if not np.issubdtype(x.dtype, np.floating) and x.dtype != (
       ml_dtypes.bfloat16):
     raise ValueError(f"{where}: {field.name} must be floating point, got "
@@ -578,7 +593,7 @@ class TeacherCacheWriter:
       ``process_count > 1`` one that every process sees). Refused if it
       exists, unless ``overwrite=True`` and it is a complete teacher cache
       (an existing non-cache directory is never replaced, an empty one is).
-    form: ``"dense"``, ``"topk"`` or ``"sampled"``.
+    form: ``"dense"``, ``"topk"``, ``"sampled"`` or ``"sequences"``.
     vocab_size: ``V``.
     seq_len: tokens per sequence (pad shorter sequences; keep their mask
       with the corpus).
@@ -699,6 +714,10 @@ class TeacherCacheWriter:
       self._meta["layout"] = (
           "distinct sampled ids ascending, then padding slots (id 0, weight "
           "0); weight = count / num_samples * p / q")
+    elif form == "sequences":
+      self._meta["layout"] = (
+          "ids: the teacher's prompt + generated tokens [seq_len + 1]; "
+          "completion[t]: ids[t + 1] was generated")
     else:
       self._meta["layout"] = "log_probs = log_softmax(logits / temperature)"
     self._num_samples = num_samples or 0
@@ -1328,7 +1347,7 @@ class TeacherCache:
   def __repr__(self) -> str:
     size = (f"k={self.k}" if self.form == "topk" else
             f"num_samples={self.num_samples}" if self.form == "sampled" else
-            "dense")
+            self.form)
     return (f"TeacherCache({self.directory!r}, form={self.form!r}, "
             f"{len(self)} sequences x {self.seq_len} tokens, "
             f"vocab_size={self.vocab_size}, {size})")
@@ -1390,6 +1409,8 @@ class TeacherCache:
       offset += field.nbytes
       if field.name == "ids":
         x = x.astype(np.int32)
+      elif field.name == "completion":
+        x = x.astype(bool)
       elif field.name == "weights" and field.dtype == "uint8":
         x = x.astype(np.float32) / np.float32(self.num_samples)
       elif self.float_dtype is not None:
@@ -1413,6 +1434,7 @@ class TeacherCache:
     decoded = [self._decode(r) for r in self._records(idx)]
     if not decoded:
       return {f.name: np.zeros((0,) + f.shape, np.int32 if f.name == "ids"
+                               else bool if f.name == "completion"
                                else self.float_dtype or np.float32)
               for f in self.fields}
     return {name: np.stack([d[name] for d in decoded])

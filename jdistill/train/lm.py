@@ -42,6 +42,7 @@ from jdistill.losses import fused as fused_losses
 from jdistill.losses import sparse as sparse_losses
 from jdistill.losses.logit import get_logit_loss
 from jdistill.losses.sequence import reduce_tokens, reduction_weights
+from jdistill.losses.uld import gather_aligned, uld_loss
 from jdistill.train.precision import DynamicLossScale
 from jdistill.train.state import FunctionalModel, TrainState
 from jdistill.train.step import (accumulate_gradients, apply_update,
@@ -51,6 +52,10 @@ Batch = dict[str, jax.Array]
 Metrics = dict[str, jax.Array]
 
 TEACHER_SOURCES = ("online", "dense", "topk", "sampled")
+# Losses between different vocabularies: the teacher reads its own tokens
+# (``teacher_x``) and ``teacher_index`` aligns them to the student's
+# (`jdistill.data.cross_tokenizer`).
+CROSS_TOKENIZER_LOSSES = ("uld",)
 SCALAR_REDUCTIONS = ("batch", "batch_of_sequences")
 
 
@@ -137,7 +142,13 @@ class LMDistillObjective:
   loss_kwargs: tuple[tuple[str, Any], ...] = ()
 
   def __post_init__(self):
-    get_logit_loss(self.loss)
+    if self.loss in CROSS_TOKENIZER_LOSSES:
+      if self.source != "online" or self.fused:
+        raise ValueError(f"--loss={self.loss}: the teacher reads its own "
+                         "tokens in the step, so only the online teacher "
+                         "without --lm_fused_kd")
+    else:
+      get_logit_loss(self.loss)
     if self.source not in TEACHER_SOURCES:
       raise ValueError(f"--lm_teacher_source={self.source!r}: expected one "
                        f"of {', '.join(TEACHER_SOURCES)}")
@@ -253,11 +264,16 @@ def make_lm_distill_step(student: FunctionalModel,
   if objective.source == "online" and teacher is None:
     raise ValueError("make_lm_distill_step: source='online' needs a teacher")
   k = check_grad_accum_steps(grad_accum_steps, "make_lm_distill_step")
-  kd_fn = get_logit_loss(objective.loss)
+  cross = objective.loss in CROSS_TOKENIZER_LOSSES
+  kd_fn = None if cross else get_logit_loss(objective.loss)
   hp = dict(objective.loss_kwargs)
   temp = objective.temperature
 
   def per_token_kd(logits, batch, teacher_logits):
+    if cross:  # ULD against the aligned teacher positions.
+      index = batch["teacher_index"]
+      return uld_loss(logits, gather_aligned(teacher_logits, index),
+                      temperature=temp, where=index >= 0, **hp)
     if objective.source in ("online", "dense"):
       target = (teacher_logits if objective.source == "online"
                 else batch["teacher_log_probs"])
@@ -271,6 +287,7 @@ def make_lm_distill_step(student: FunctionalModel,
 
   def loss_fn(params, state: TrainState, batch: Batch, teacher_out):
     mask = token_mask(batch)
+    kd_mask = mask & (batch["teacher_index"] >= 0) if cross else mask
     if objective.fused:
       h_s, w_s, b_s, cap_s = _hidden_and_unembedding(student, params,
                                                      state.model_state, batch)
@@ -293,7 +310,7 @@ def make_lm_distill_step(student: FunctionalModel,
     logits, _, new_model_state = student.apply(params, state.model_state,
                                                batch["x"], train=True,
                                                **model_inputs(batch))
-    kd = reduce_tokens(per_token_kd(logits, batch, teacher_out), mask,
+    kd = reduce_tokens(per_token_kd(logits, batch, teacher_out), kd_mask,
                        objective.reduction)
     ce = reduce_tokens(next_token_nll(logits, batch["y"]), mask,
                        objective.reduction)
@@ -308,9 +325,14 @@ def make_lm_distill_step(student: FunctionalModel,
           teacher, teacher_variables["params"],
           teacher_variables["model_state"], batch)
       return (*jax.lax.stop_gradient(tuple(arrays)), cap)
-    teacher_out, _, _ = teacher.apply(
-        teacher_variables["params"], teacher_variables["model_state"],
-        batch["x"], train=False, **model_inputs(batch))
+    if cross:  # The teacher's own tokens of the same text, one sequence.
+      teacher_out, _, _ = teacher.apply(
+          teacher_variables["params"], teacher_variables["model_state"],
+          batch["teacher_x"], train=False)
+    else:
+      teacher_out, _, _ = teacher.apply(
+          teacher_variables["params"], teacher_variables["model_state"],
+          batch["x"], train=False, **model_inputs(batch))
     return jax.lax.stop_gradient(teacher_out)
 
   def step(state: TrainState, teacher_variables, batch: Batch):

@@ -288,7 +288,8 @@ def train_loop(state, step_fn: Callable, batches: TrainBatches, mesh, *,
                name: str = "train",
                eval_split: str = "test",
                on_nonfinite: str = "stop",
-               handle_signals: bool = True):
+               handle_signals: bool = True,
+               after_eval: Callable[[Any, dict], Any] | None = None):
   """Runs ``step_fn`` from ``state.step`` up to ``num_steps``.
 
   Args:
@@ -316,6 +317,11 @@ def train_loop(state, step_fn: Callable, batches: TrainBatches, mesh, *,
       summary) and leave them out of the window means.
     handle_signals: on SIGTERM/SIGINT, save a checkpoint at the current step
       and raise `Preempted` (all processes agree on the step).
+    after_eval: ``(state, eval_result) -> state`` after each evaluation
+      during training (not the final one), e.g. DistiLLM's adaptive ratio
+      (`jdistill.train.on_policy.update_threshold`). With it, an evaluation
+      due at a checkpoint's step runs before the save, so that the saved
+      state holds the update and a resumed run equals an uninterrupted one.
 
   Returns:
     ``(state, summary)`` where summary has the final eval metrics, the last
@@ -419,11 +425,18 @@ def train_loop(state, step_fn: Callable, batches: TrainBatches, mesh, *,
         window.clear()
         window_count = window_nonfinite = 0
         t_window = time.perf_counter()
+      evaluating = evaluate_fn is not None and eval_every and (
+          done % eval_every == 0) and done != num_steps
+      if evaluating and after_eval is not None:
+        t_eval = time.perf_counter()
+        state = after_eval(state, run_eval(done))
+        timer.add("eval", t_eval)
+        t_window += time.perf_counter() - t_eval  # Not step time.
+        t = time.perf_counter()
       if saving:
         checkpointer.save(state, host_state=host_state())
         t = timer.add("checkpoint", t)
-      if evaluate_fn is not None and eval_every and done % eval_every == 0 and (
-          done != num_steps):
+      if evaluating and after_eval is None:
         t_eval = time.perf_counter()
         run_eval(done)
         timer.add("eval", t_eval)

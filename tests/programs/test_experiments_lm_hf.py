@@ -269,3 +269,59 @@ def test_bfloat16_remat_and_gradient_accumulation_compose(tmp_path,
   assert np.isfinite(row["val_nll"]) and row["run"] == "online"
   # Still close to the float32 teacher it was cut from (layers 0 and 2).
   assert row["val_nll"] < results["rows"][0]["val_nll"] + 1.0
+
+
+def _student_tokenizer(directory) -> str:
+  """A second byte-level BPE (vocab 400, trained on two stdlib files):
+  the student's own tokenizer for the ULD run."""
+  import sysconfig
+  from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+  lib = sysconfig.get_paths()["stdlib"]
+  texts = [open(os.path.join(lib, n), encoding="utf-8").read()
+           for n in ("argparse.py", "difflib.py")]
+  tok = Tokenizer(models.BPE())
+  tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+  tok.decoder = decoders.ByteLevel()
+  tok.train_from_iterator(texts, trainers.BpeTrainer(
+      vocab_size=400, special_tokens=["<s>", "</s>"], show_progress=False,
+      initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+  os.makedirs(directory, exist_ok=True)
+  tok.save(os.path.join(directory, "tokenizer.json"))
+  with open(os.path.join(directory, "tokenizer_config.json"), "w") as f:
+    json.dump({"bos_token": "<s>", "eos_token": "</s>"}, f)
+  return str(directory)
+
+
+def test_uld_distils_across_tokenizers(teacher_dir, tmp_path):
+  """A student with its own vocabulary (400) learns from the 300-token
+  teacher through ULD on text-aligned positions; without --loss=uld the
+  vocabulary mismatch is a one-line error."""
+  stok = _student_tokenizer(tmp_path / "stok")
+  config = tmp_path / "student.json"
+  config.write_text(json.dumps(_teacher_config(
+      vocab_size=400, num_layers=1).to_hf()))
+  cfg = Config(workdir=str(tmp_path / "w"), teacher_hf=teacher_dir,
+               student_config=str(config), student_tokenizer=stok,
+               lm_runs=("baseline", "online"),
+               **dict(TINY, loss="uld", ce_weight=1.0))
+  results = run_lib.run(cfg)
+  rows = {r["run"]: r for r in results["rows"]}
+  assert set(rows) == {"baseline", "online"}  # No teacher row: other vocab.
+  assert "ULD" in rows["online"]["source"]
+  for r in rows.values():
+    assert np.isfinite(r["bits_per_byte"])
+  split = results["corpus"]["splits"]["train"]
+  assert 0.3 < split["fraction_aligned"] < 1.0
+  records = [json.loads(line) for line in open(tmp_path / "w" / "online" /
+                                                "metrics.jsonl")]
+  kd = [r["kd"] for r in records if r.get("split") == "train"]
+  assert kd and all(0 <= v <= 2 for v in kd)  # ULD lies in [0, 2].
+  with pytest.raises(ValueError, match="vocabulary mismatch.*--loss=uld"):
+    run_lib.run(Config(workdir=str(tmp_path / "w2"), teacher_hf=teacher_dir,
+                       student_config=str(config), lm_runs=("online",),
+                       **TINY))
+  assert not os.path.exists(tmp_path / "w2")
+  with pytest.raises(ValueError, match="--student_tokenizer=None: expected "
+                     "the student's tokenizer"):
+    Config(workdir=str(tmp_path / "w3"), teacher_hf=teacher_dir,
+           student_config=str(config), **dict(TINY, loss="uld"))
