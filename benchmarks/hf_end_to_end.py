@@ -167,7 +167,14 @@ def main() -> int:
       lines.append(f"| {name} | {len(rs)} | {bpb.mean():.3f} ± "
                    f"{bpb.std(ddof=1) if len(rs) > 1 else 0:.3f} | "
                    f"{bpt.mean():.3f} | {acc.mean():.2f} |")
-  table = "\n".join(lines)
+  write_results(out, "\n".join(lines), rows, args, start)
+  return 0
+
+
+def write_results(out: str, table: str, rows: list[dict], args, start: float
+                  ) -> None:
+  """``<out>/results.md`` (the table, its machine, wall time and command)
+  and ``results.json``; prints the table."""
   wall = time.perf_counter() - start
   sys.path.insert(0, ROOT)
   from experiments import machine
@@ -180,7 +187,6 @@ def main() -> int:
     json.dump(results, f, indent=2, default=str)
   print(table)
   print(f"wall {wall:.0f} s")
-  return 0
 
 
 if __name__ == "__main__":

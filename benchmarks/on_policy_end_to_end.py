@@ -115,19 +115,8 @@ def main() -> int:
     lines.append(f"| {r['name']} | {r['bits_per_byte']:.3f} | "
                  f"{r['bits_per_token']:.3f} | {100 * r['accuracy']:.2f} | "
                  f"{gen} | {wall} |")
-  table = "\n".join(lines)
-  wall = time.perf_counter() - start
-  sys.path.insert(0, ROOT)
-  from experiments import machine
-  results, table = machine.annotate({"rows": rows, "args": vars(args),
-                                     "wall_s": wall}, table)
-  with open(os.path.join(out, "results.md"), "w") as f:
-    f.write(table + f"\n\nwall {wall:.0f} s; command: "
-            + " ".join(sys.argv) + "\n")
-  with open(os.path.join(out, "results.json"), "w") as f:
-    json.dump(results, f, indent=2, default=str)
-  print(table)
-  print(f"wall {wall:.0f} s")
+  from hf_end_to_end import write_results  # benchmarks/ is on the path.
+  write_results(out, "\n".join(lines), rows, args, start)
   return 0
 
 

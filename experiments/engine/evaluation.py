@@ -112,6 +112,16 @@ def mean_or_none(values: list) -> float | None:
   return float(np.mean(values)) if values else None
 
 
+def _lm_at(workdir: str | None, teacher, variables, dataset, mesh):
+  """``(model, variables)`` of the LM trained under ``workdir``; the
+  teacher's own for ``None``."""
+  if workdir is None:
+    return teacher, variables
+  model, model_vars, _ = teachers.load_teacher_at(
+      workdir, dataset, mesh, flag="--workdir", dataset_flag="stdlib_text")
+  return model, model_vars
+
+
 def lm_versus_teacher(cfg: Config, dataset: jdata.Dataset, mesh, teacher,
                       variables, workdir: str | None) -> dict[str, float]:
   """Per validation position, the model under ``workdir`` (``None``: the
@@ -121,11 +131,7 @@ def lm_versus_teacher(cfg: Config, dataset: jdata.Dataset, mesh, teacher,
   job."""
   if jax.process_count() != 1:
     return {}
-  if workdir is None:
-    model, model_vars = teacher, variables
-  else:
-    model, model_vars, _ = teachers.load_teacher_at(
-        workdir, dataset, mesh, flag="--workdir", dataset_flag="stdlib_text")
+  model, model_vars = _lm_at(workdir, teacher, variables, dataset, mesh)
   k = min(cfg.lm_topk, dataset.num_classes)
 
   @jax.jit
@@ -178,11 +184,7 @@ def generation_quality(cfg: Config, dataset: jdata.Dataset, mesh, teacher,
   if not cfg.gen_eval_prompts or jax.process_count() != 1:
     return {}
   from jdistill.train import on_policy as on_policy_lib
-  if workdir is None:
-    model, model_vars = teacher, variables
-  else:
-    model, model_vars, _ = teachers.load_teacher_at(
-        workdir, dataset, mesh, flag="--workdir", dataset_flag="stdlib_text")
+  model, model_vars = _lm_at(workdir, teacher, variables, dataset, mesh)
   new = cfg.seq_len + 1 - cfg.lm_prompt_len
   score = jax.jit(on_policy_lib.make_sample_scorer(
       model, teacher, prompt_len=cfg.lm_prompt_len, max_new_tokens=new,

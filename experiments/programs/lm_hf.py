@@ -37,7 +37,6 @@ from typing import Any
 
 import jax
 import numpy as np
-import optax
 
 from experiments.config import Config
 from experiments.engine import setup, teachers

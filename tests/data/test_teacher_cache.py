@@ -414,3 +414,32 @@ def test_cache_feeds_the_sparse_losses(tmp_path):
                         temperature=2.0),
       sparse.sampled_kd(student[order], sid[order], sw[order],
                         temperature=2.0), rtol=1e-6)
+
+
+def test_sequences_form_round_trips_teacher_text(tmp_path):
+  """Sequence-level KD's form: the teacher's ids [seq_len + 1] and its
+  completion mask [seq_len], read back exactly (ids int32, mask bool)."""
+  rng = np.random.default_rng(3)
+  ids = rng.integers(0, 70000, (NUM, SEQ_LEN + 1))
+  completion = rng.random((NUM, SEQ_LEN)) < 0.6
+  d = str(tmp_path / "s")
+  with tc.TeacherCacheWriter(d, form="sequences", vocab_size=70000,
+                             seq_len=SEQ_LEN, num_shards=3) as w:
+    for i in ORDER:
+      w.add(i, {"ids": ids[i], "completion": completion[i]})
+  cache = tc.TeacherCache(d, form="sequences")
+  got = cache.get_batch([4, 0, 6])
+  np.testing.assert_array_equal(got["ids"], ids[[4, 0, 6]])
+  assert got["ids"].dtype == np.int32 and got["completion"].dtype == bool
+  np.testing.assert_array_equal(got["completion"], completion[[4, 0, 6]])
+  # uint24 ids (70000 > 65536) + one mask byte per token.
+  assert cache.payload_bytes_per_token == pytest.approx(
+      (3 * (SEQ_LEN + 1) + SEQ_LEN) / SEQ_LEN)
+  with pytest.raises(ValueError, match="completion must be a bool"):
+    with tc.TeacherCacheWriter(str(tmp_path / "bad"), form="sequences",
+                               vocab_size=10, seq_len=SEQ_LEN) as w:
+      w.add(0, {"ids": np.zeros(SEQ_LEN + 1, int),
+                "completion": np.full(SEQ_LEN, 0.5)})
+  assert not os.path.exists(tmp_path / "bad")
+  with pytest.raises(ValueError, match="takes neither k nor num_samples"):
+    tc.cache_layout("sequences", vocab_size=10, seq_len=4, k=2)

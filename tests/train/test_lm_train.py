@@ -228,3 +228,43 @@ def test_online_step_needs_a_teacher(models):
   with pytest.raises(ValueError, match="needs a teacher"):
     lm.make_lm_distill_step(models[0], optax.sgd(0.1),
                             lm.LMDistillObjective())
+
+
+def test_uld_step_reads_the_teachers_tokens_and_aligned_positions(models):
+  """--loss=uld: the teacher (another vocabulary) runs on ``teacher_x``; each
+  student position is compared with its aligned teacher position
+  (``teacher_index``; -1 dropped) by the L1 of the sorted softmaxes."""
+  student, sp, ss, _, _ = models
+  vt, tt = 37, 11
+  teacher, tp, ts = jtrain.FunctionalModel.split(
+      CausalLM(vt, dim=16, depth=1, num_heads=2, max_len=tt,
+               rngs=nnx.Rngs(3)))
+  rng = np.random.default_rng(4)
+  batch = _batch(2, lengths=[T, 3, 5, 0, T, 1, 2, T])
+  batch["teacher_x"] = rng.integers(0, vt, (B, tt)).astype(np.int32)
+  index = rng.integers(-1, tt, (B, T)).astype(np.int32)
+  batch["teacher_index"] = index
+  tx = optax.sgd(0.0)
+  objective = lm.LMDistillObjective(loss="uld", temperature=2.0)
+  _, metrics = jax.jit(lm.make_lm_distill_step(student, tx, objective,
+                                               teacher))(
+      _state(sp, ss, tx), {"params": tp, "model_state": ts}, batch)
+  s_logits = np.asarray(student.apply(sp, ss, batch["x"], train=False)[0], np.float64)
+  t_logits = np.asarray(teacher.apply(tp, ts, batch["teacher_x"], train=False)[0],
+                        np.float64)
+
+  def sorted_probs(z):
+    p = np.exp(z / 2.0 - (z / 2.0).max(-1, keepdims=True))
+    return -np.sort(-p / p.sum(-1, keepdims=True), -1)
+
+  values = []
+  for b in range(B):
+    for t in range(T):
+      if batch["token_mask"][b, t] and index[b, t] >= 0:
+        ps = np.pad(sorted_probs(s_logits[b, t]), (0, vt - V))
+        pt = sorted_probs(t_logits[b, index[b, t]])
+        values.append(np.abs(ps - pt).sum())
+  np.testing.assert_allclose(float(metrics["kd"]), np.mean(values),
+                             rtol=1e-5)
+  with pytest.raises(ValueError, match="--loss=uld"):
+    lm.LMDistillObjective(loss="uld", fused=True)

@@ -277,7 +277,8 @@ def test_put_batch_rejects_indivisible_batch():
 # ---------------------------------------------------- checkpoints and loop
 
 
-def _loop_run(workdir, num_steps, *, checkpoint_every=0, stop_at=None):
+def _loop_run(workdir, num_steps, *, checkpoint_every=0, stop_at=None,
+              eval_every=0, after_eval=None):
   """Trains an MLP on digits for `num_steps`, optionally stopping early."""
   ds = jdata.load_digits(as_images=False)
   model, params, ms = jtrain.FunctionalModel.split(create_model(
@@ -287,7 +288,10 @@ def _loop_run(workdir, num_steps, *, checkpoint_every=0, stop_at=None):
   tx = jtrain.make_optimizer("adamw", jtrain.make_schedule(
       1e-2, schedule="cosine", num_steps=num_steps, warmup_steps=3),
       weight_decay=1e-4)
-  state = jtrain.replicate(jtrain.TrainState.create(params, ms, tx, 0), mesh)
+  state = jtrain.TrainState.create(params, ms, tx, 0)
+  if after_eval is not None:
+    state = state.replace(loss_state={"accuracy_sum": jnp.zeros(())})
+  state = jtrain.replicate(state, mesh)
   ckpt = jtrain.Checkpointer(str(workdir), max_to_keep=2)
   if ckpt.latest_step() is not None:
     state = ckpt.restore(state)
@@ -302,7 +306,8 @@ def _loop_run(workdir, num_steps, *, checkpoint_every=0, stop_at=None):
           eval_step, s.params, s.model_state, ds.test, batch_size=64,
           mesh=mesh),
       checkpointer=ckpt, checkpoint_every=checkpoint_every,
-      writer=jtrain.MetricsWriter(str(workdir)), log=logs.append)
+      writer=jtrain.MetricsWriter(str(workdir)), log=logs.append,
+      eval_every=eval_every, after_eval=after_eval)
   ckpt.close()
   return jax.device_get(state), summary
 
@@ -318,6 +323,31 @@ def test_resume_from_checkpoint_is_bitwise_identical(tmp_path):
     np.testing.assert_array_equal(a, b)
   assert summary["test"] == full_summary["test"]
   assert full_summary["test"]["count"] == len(jdata.load_digits().test)
+
+
+def test_after_eval_updates_the_state_before_a_same_step_save(tmp_path):
+  """An after_eval hook (DistiLLM's adaptive ratio) changes the state; an
+  evaluation due at a checkpoint's step runs before the save, so a resumed
+  run equals an uninterrupted one, hook updates included."""
+
+  def hook(state, result):
+    return state.replace(loss_state={
+        "accuracy_sum": state.loss_state["accuracy_sum"]
+        + result["accuracy"]})
+
+  import shutil
+  from jdistill.train.checkpoint import CHECKPOINT_SUBDIR
+  kw = dict(eval_every=10, after_eval=hook)
+  full, _ = _loop_run(tmp_path / "full", 30, **kw)
+  _loop_run(tmp_path / "split", 30, checkpoint_every=10, stop_at=25, **kw)
+  # Resume from the step-20 checkpoint, saved where an evaluation was due.
+  shutil.rmtree(tmp_path / "split" / CHECKPOINT_SUBDIR / "25")
+  resumed, summary = _loop_run(tmp_path / "split", 30, **kw)
+  assert summary["start_step"] == 20
+  for a, b in zip(jax.tree.leaves(full), jax.tree.leaves(resumed)):
+    np.testing.assert_array_equal(a, b)
+  # Evaluations at steps 10 and 20 (not the final one) were added.
+  assert 0.5 < float(full.loss_state["accuracy_sum"]) <= 2.0
 
 
 def test_metrics_jsonl_records_train_and_test(tmp_path):
