@@ -15,7 +15,11 @@ of each 128-token window as the prompt, the rest as the completion:
 * GKD: ``--on_policy_fraction`` λ ∈ {0.5, 1} × generalized JSD β ∈ {0.1,
   0.5, 0.9} (``--loss=jsd``, TRL's β convention);
 * DistiLLM: skew KL (α = 0.1) with adaptive off-policy replay
-  (``--on_policy_schedule=distillm``).
+  (``--on_policy_schedule=distillm``);
+* warm start (GKD and DistiLLM start from a fine-tuned student): the
+  off-policy KD student, exported to the HF format, trained 150 more steps
+  off-policy (the control), or on-policy with GKD λ = 1 (JSD β = 0.5, and
+  reverse KL).
 
 Every run is a plain ``python -m experiments.main`` command (printed), with
 ``experiments/flags/hf/on_policy.flags``. Two measures per row: validation
@@ -38,6 +42,7 @@ import time
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 GKD = [(lam, beta) for lam in (0.5, 1.0) for beta in (0.1, 0.5, 0.9)]
+GROUPS = ("base", "gkd", "distillm", "warm")
 
 
 def run(cmd: list[str]) -> None:
@@ -59,8 +64,11 @@ def main() -> int:
                  "<out>/hf_e2e, made when missing)")
   p.add_argument("--student_steps", type=int, default=300)
   p.add_argument("--seed", type=int, default=0)
+  p.add_argument("--warm_steps", type=int, default=150)
   p.add_argument("--only", default="",
-                 help="comma-separated row groups to run: base,gkd,distillm")
+                 help="comma-separated row groups to (re)run: " + ",".join(
+                     GROUPS) + "; the others are read from their results "
+                 "when present")
   args = p.parse_args()
   out = os.path.abspath(args.out)
   os.makedirs(out, exist_ok=True)
@@ -75,35 +83,57 @@ def main() -> int:
               f"--teacher_hf={teacher_hf}",
               f"--student_config={e2e}/student_config.json",
               f"--num_steps={args.student_steps}", f"--seed={args.seed}"]
-  groups = set(args.only.split(",")) if args.only else {"base", "gkd",
-                                                         "distillm"}
-  rows, walls = [], {}
-  if "base" in groups:
-    workdir = os.path.join(out, "base")
-    t = time.perf_counter()
-    run(main_cmd + ["--lm_runs=baseline,online,seqkd", "--loss=kd",
-                    f"--workdir={workdir}"])
-    walls["base"] = time.perf_counter() - t
-    rows += rows_of(workdir, {"teacher": "teacher (4 layers)",
-                              "baseline": "label-only",
-                              "online": "off-policy KD (λ=0, forward KL)",
-                              "seqkd": "sequence-level KD"})
-  if "gkd" in groups:
-    for lam, beta in GKD:
-      workdir = os.path.join(out, f"gkd_l{lam:g}_b{beta:g}")
-      t = time.perf_counter()
-      run(main_cmd + ["--lm_runs=online", "--loss=jsd",
-                      f"--loss_kwargs=beta={beta}",
-                      f"--on_policy_fraction={lam}", f"--workdir={workdir}"])
-      walls[workdir] = time.perf_counter() - t
-      rows += rows_of(workdir, {"online": f"GKD λ={lam:g}, JSD β={beta:g}"})
-  if "distillm" in groups:
-    workdir = os.path.join(out, "distillm")
-    run(main_cmd + ["--lm_runs=online", "--loss=skew_kl",
-                    "--loss_kwargs=alpha=0.1",
-                    "--on_policy_schedule=distillm", f"--workdir={workdir}"])
-    rows += rows_of(workdir, {"online": "DistiLLM (skew KL α=0.1, adaptive "
-                                        "replay)"})
+  groups = set(args.only.split(",")) if args.only else set(GROUPS)
+  tokenizer = os.path.join(e2e, "tokenizer")
+
+  def job(workdir, flags, names, cmd=None):
+    """Runs one command (its group selected, or no results yet) and
+    returns its rows."""
+    workdir = os.path.join(out, workdir)
+    group = flags[0]
+    if group in groups or not os.path.exists(
+        os.path.join(workdir, "results.json")):
+      run((cmd or main_cmd) + flags[1:] + [f"--workdir={workdir}"])
+    return rows_of(workdir, names)
+
+  rows = job("base", ["base", "--lm_runs=baseline,online,seqkd",
+                      "--loss=kd"],
+             {"teacher": "teacher (4 layers)", "baseline": "label-only",
+              "online": "off-policy KD (λ=0, forward KL)",
+              "seqkd": "sequence-level KD"})
+  for lam, beta in GKD:
+    rows += job(f"gkd_l{lam:g}_b{beta:g}",
+                ["gkd", "--lm_runs=online", "--loss=jsd",
+                 f"--loss_kwargs=beta={beta}",
+                 f"--on_policy_fraction={lam}"],
+                {"online": f"GKD λ={lam:g}, JSD β={beta:g}"})
+  rows += job("distillm", ["distillm", "--lm_runs=online", "--loss=skew_kl",
+                           "--loss_kwargs=alpha=0.1",
+                           "--on_policy_schedule=distillm"],
+              {"online": "DistiLLM (skew KL α=0.1, adaptive replay)"})
+  # Warm start, as GKD's and DistiLLM's students (fine-tuned before
+  # distillation): the off-policy KD student, exported to the HF format,
+  # trained --warm_steps more steps off-policy (the control) or on-policy.
+  warm_hf = os.path.join(out, "warm_start_hf")
+  if "warm" in groups or not os.path.exists(os.path.join(warm_hf,
+                                                          "config.json")):
+    run([sys.executable, "-m", "experiments.export",
+         f"--workdir={out}/base/online", f"--out={warm_hf}", "--format=hf",
+         f"--tokenizer={tokenizer}", "--overwrite"])
+  warm_cmd = [c for c in main_cmd if not c.startswith(
+      ("--student_config", "--num_steps"))] + [
+          f"--student_hf={warm_hf}", f"--num_steps={args.warm_steps}"]
+  for name, flags in (
+      ("off-policy KD", ["--loss=kd"]),
+      ("GKD λ=1, JSD β=0.5", ["--loss=jsd", "--loss_kwargs=beta=0.5",
+                              "--on_policy_fraction=1"]),
+      ("GKD λ=1, reverse KL", ["--loss=reverse_kl",
+                               "--on_policy_fraction=1"])):
+    slug = name.split(",")[0].replace(" ", "_").replace("λ=", "l")
+    slug += "_" + flags[0].split("=")[1]
+    rows += job(f"warm_{slug}", ["warm", "--lm_runs=online", *flags],
+                {"online": f"KD student + {args.warm_steps} steps of "
+                           f"{name}"}, cmd=warm_cmd)
   lines = ["| run | val bits/byte | val bits/token | next-token acc (%) | "
            "teacher NLL of own samples (nats/token) | own NLL | "
            "tokens/sample | wall s |", "|---|---|---|---|---|---|---|---|"]

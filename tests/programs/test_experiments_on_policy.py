@@ -65,7 +65,8 @@ def test_rows_generation_quality_and_sequence_cache(pipeline):
   assert train and 0.0 <= train[-1]["on_policy"] <= 1.0
 
 
-def test_distillm_run_adapts_and_resumes(tmp_path):
+@pytest.mark.slow  # The step, buffer and resume: tests/train/test_on_policy.
+def test_distillm_run_logs_its_threshold_and_buffer(tmp_path):
   cfg = Config(workdir=str(tmp_path / "d"), **dict(
       ON_POLICY, lm_runs=("online",), on_policy_fraction=0.0,
       on_policy_schedule="distillm", distillm_init_threshold=0.5,

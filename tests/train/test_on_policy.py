@@ -32,12 +32,12 @@ def models():
   return student, sp, ss, teacher, {"params": tp, "model_state": ts}
 
 
-def _batch(seed=0):
+def _batch(seed=0, b=B):
   rng = np.random.default_rng(seed)
-  x = rng.integers(0, V, size=(B, T)).astype(np.int32)
-  y = np.concatenate([x[:, 1:], rng.integers(0, V, (B, 1))], 1).astype(
+  x = rng.integers(0, V, size=(b, T)).astype(np.int32)
+  y = np.concatenate([x[:, 1:], rng.integers(0, V, (b, 1))], 1).astype(
       np.int32)
-  return {"x": x, "y": y, "token_mask": np.ones((B, T), bool)}
+  return {"x": x, "y": y, "token_mask": np.ones((b, T), bool)}
 
 
 def _objective(**kw):
@@ -302,3 +302,30 @@ def test_bfloat16_student_samples_and_trains(models):
   assert metrics["loss"].dtype == jnp.float32
   assert np.isfinite(float(metrics["loss"])) and float(metrics["kd"]) > 0
   assert float(metrics["on_policy"]) == 1.0
+
+
+def test_distillm_step_on_8_devices_equals_1_device(models):
+  """The batch sharded over 8 devices: the same samples (the key does not
+  depend on the sharding), the same buffer and the same update."""
+  student, sp, ss, teacher, tv = models
+  on = op.OnPolicy(schedule="distillm", prompt_len=P, capacity=16,
+                   init_threshold=1.0, num_steps=4, seed=6)
+  tx = optax.sgd(0.5)
+  batch = _batch(8, b=8)
+  results = []
+  for n in (1, 8):
+    mesh = jtrain.make_data_mesh(n)
+    step = jtrain.compile_step(op.make_on_policy_distill_step(
+        student, tx, _objective(), teacher, on), mesh)
+    state = jtrain.replicate(_state(sp, ss, tx, op.init_replay(T, on)), mesh)
+    for _ in range(2):
+      state, metrics = step(state, jtrain.replicate(tv, mesh),
+                            jtrain.put_batch(batch, mesh))
+    results.append(jax.device_get((state, metrics)))
+  (s1, m1), (s8, m8) = results
+  np.testing.assert_array_equal(s1.loss_state["replay_x"],
+                                s8.loss_state["replay_x"])
+  assert float(m1["on_policy"]) == float(m8["on_policy"]) == 1.0
+  np.testing.assert_allclose(m8["loss"], m1["loss"], rtol=1e-5)
+  for a, b in zip(jax.tree.leaves(s1.params), jax.tree.leaves(s8.params)):
+    np.testing.assert_allclose(a, b, atol=2e-6)
