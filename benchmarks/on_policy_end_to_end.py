@@ -1,7 +1,8 @@
 r"""On-policy distillation against off-policy KD, on the path of a user's
 Hugging Face checkpoint, with no hub (issue 24's evidence table).
 
-  python benchmarks/on_policy_end_to_end.py --out=runs/on_policy   # ~30 min
+  python benchmarks/on_policy_end_to_end.py --out=runs/on_policy
+  # 78 min on 2 cores shared with other jobs (docs/on_policy.md)
 
 Uses the Llama-architecture teacher, BPE tokenizer and half-depth student
 config of ``benchmarks/hf_end_to_end.py`` (``--hf_e2e=DIR``, its ``--out``;
