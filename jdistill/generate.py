@@ -116,9 +116,10 @@ def _sample(logits: jax.Array, key, *, temperature: float, top_k, top_p
   return jax.random.categorical(key, warped, axis=-1).astype(jnp.int32)
 
 
-def _check(name: str, ok: bool, expected: str, got: Any) -> None:
+def _check(name: str, ok: bool, expected: str, got: Any, *,
+           where: str = "generate") -> None:
   if not ok:
-    raise ValueError(f"generate: {name} must be {expected}, got {got!r}")
+    raise ValueError(f"{where}: {name} must be {expected}, got {got!r}")
 
 
 def check_sampling(temperature: float, top_k: int | None = None,
@@ -130,11 +131,7 @@ def check_sampling(temperature: float, top_k: int | None = None,
   contradiction (top-k / top-p with greedy decoding), naming them as
   ``names`` (e.g. a program's flags) after ``where``."""
   t, k, p = names
-
-  def check(name, ok, expected, got):
-    if not ok:
-      raise ValueError(f"{where}: {name} must be {expected}, got {got!r}")
-
+  check = functools.partial(_check, where=where)
   check(t, isinstance(temperature, (int, float, np.floating))
         and temperature >= 0, "a number >= 0 (0: greedy)", temperature)
   if top_k is not None:

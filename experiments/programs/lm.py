@@ -362,10 +362,7 @@ def prompt_masked(cfg: Config, dataset: jdata.Dataset) -> jdata.Dataset:
 def eos_id_of(facts: "lm_hf.HFSetup | None") -> int | None:
   """The EOS that ends a generated completion: the tokenizer's for a
   Hugging Face job, none for the byte-level corpus."""
-  if facts is None:
-    return None
-  from jdistill.data import corpus as corpus_lib
-  return corpus_lib.special_ids(facts.tokenizer).get("eos")
+  return None if facts is None else facts.eos_id
 
 
 def on_policy_of(cfg: Config, sub: Config, facts) -> on_policy_lib.OnPolicy:

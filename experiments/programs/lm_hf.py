@@ -74,6 +74,8 @@ class HFSetup:
     student_layers: teacher layers the student starts from (or ``None``).
     tokenizer: the path of the tokenizer.json used for the corpus.
     vocab_size: the models' vocabulary (the logits' size).
+    eos_id: the tokenizer's end-of-sequence id, which ends a generated
+      completion (``None``: none, or a ``--plan`` that reads no tokenizer).
   """
 
   teacher_config: decoder_lib.DecoderConfig | None
@@ -83,6 +85,7 @@ class HFSetup:
   student_layers: tuple[int, ...] | None
   tokenizer: str
   vocab_size: int
+  eos_id: int | None = None
 
 
 def _named(flag: str, value: str, fn, *args):
@@ -176,7 +179,8 @@ def check_setup(cfg: Config, *, plan: bool = False) -> HFSetup:
         f"tokenizer mismatch: {tok_file} has {tokenizer.get_vocab_size()} "
         f"tokens but the models' vocab_size is {sconfig.vocab_size}")
   return HFSetup(tconfig, traw, sconfig, sraw, layers, tok,
-                 sconfig.vocab_size)
+                 sconfig.vocab_size,
+                 corpus_lib.special_ids(tok_file).get("eos"))
 
 
 def load_data(cfg: Config, facts: HFSetup) -> tuple[jdata.Dataset, dict]:
