@@ -98,6 +98,14 @@ flags.DEFINE_bool("check", False,
                   "PyTorch mirrors and check parameter counts, logits and "
                   "the first training losses; exit 1 on a mismatch.")
 flags.DEFINE_string("out", None, "Write every raw time to this JSON file.")
+flags.DEFINE_enum("cpu_allocator", "retain", ["retain", "system"],
+                  "As the programs' --cpu_allocator: 'retain' applies "
+                  "jdistill.runtime.retain_host_memory() at start (glibc "
+                  "keeps freed memory; process-wide, so the PyTorch columns "
+                  "run under it too); 'system' leaves glibc's defaults.")
+flags.DEFINE_string("attention_impl", "auto",
+                    "attention_impl= of the jdistill vit/lm models "
+                    "(jdistill.models.attention: auto, vjp, xla).")
 FLAGS = flags.FLAGS
 
 SYNC_EVERY = 16  # Host sync at least this often (a known CPU trap).
@@ -237,12 +245,14 @@ def build_nnx_models(w: Workload):
   library's defaults except the workload's kwargs."""
   from flax import nnx
   from jdistill.models import create_model
+  extra = ({"attention_impl": FLAGS.attention_impl}
+           if w.lm and FLAGS.is_parsed() else {})
   student = create_model(w.student, num_classes=w.num_classes,
                          input_shape=w.input_shape, rngs=nnx.Rngs(0),
-                         **w.student_kwargs)
+                         **w.student_kwargs, **extra)
   teacher = create_model(w.teacher, num_classes=w.num_classes,
                          input_shape=w.input_shape, rngs=nnx.Rngs(1),
-                         **w.teacher_kwargs)
+                         **w.teacher_kwargs, **extra)
   return student, teacher
 
 
@@ -620,6 +630,10 @@ def main(argv):
   if FLAGS.repeats < 1 or FLAGS.steps_per_run < 0 or FLAGS.warmup_steps < 3:
     raise app.UsageError("--repeats >= 1, --steps_per_run >= 0 and "
                          "--warmup_steps >= 3 are required")
+  allocator = "system default"
+  if FLAGS.cpu_allocator == "retain":
+    from jdistill import runtime
+    allocator = runtime.retain_host_memory()
   import torch
   torch.set_num_threads(FLAGS.torch_threads)
 
@@ -638,6 +652,9 @@ def main(argv):
     return
 
   machine = machine_description(FLAGS.torch_threads)
+  machine["cpu_allocator"] = allocator
+  machine["attention_impl"] = FLAGS.attention_impl
+  log(allocator)
   peak = matmul_peak()
   peak_max = max(peak.values())
   log(f"matmul peak GFLOP/s: jax {peak['jax']:.1f}, torch {peak['torch']:.1f}")

@@ -56,6 +56,9 @@ def main(argv, flag_values: flags.FlagValues = flags.FLAGS) -> int:
       from experiments import dry_run
       print(dry_run.check(cfg), end="")
       return
+    if cfg.cpu_allocator == "retain":  # Before JAX creates its threads.
+      from jdistill import runtime
+      logging.info(runtime.retain_host_memory())
     from experiments import run as run_lib  # Imports JAX only after parsing.
     run_lib.run(cfg)
 

@@ -6,7 +6,8 @@ allocated, no checkpoint is read) and prints what one device holds, from
 XLA's memory analysis of the compiled program: arguments (train state,
 teacher, batch), outputs, temporaries, and the peak estimate
 ``arguments + outputs - donated + temporaries`` against
-``--device_memory_gb``.
+``--device_memory_gb``; with ``--lm_fused_kd`` also the fused loss's chunk
+(`experiments.programs.lm.fused_chunk`, sized for ``--device_memory_gb``).
 
 On a CPU the mesh is made of fake devices (`config.plan_xla_flags` sets their
 number from ``--mesh`` before JAX starts), so a pod job can be checked on a
@@ -36,7 +37,12 @@ GPU_DEFAULT_FRACTION = 0.75
 
 class PlanDoesNotFit(ValueError):
   """The planned step needs more memory per device than
-  ``--device_memory_gb``."""
+  ``--device_memory_gb``; ``result`` holds the plan (`run_plan`'s dict,
+  ``fits`` False)."""
+
+  def __init__(self, message: str, result: dict[str, Any] | None = None):
+    super().__init__(message)
+    self.result = result
 
 
 def _abstract_batch(cfg: Config, dataset, mesh, *, lm: bool) -> dict:
@@ -77,6 +83,9 @@ def run_plan(cfg: Config, log=print) -> dict[str, Any]:
   student = student.with_param_sharding(jsharding.compute_shardings(
       init.specs.params, mesh))
   bound = job.make_step(student, tx, init.shardings, extras)
+  chunk, chunk_line = (None, "")
+  if lm:
+    chunk, chunk_line = lm_program.fused_chunk(cfg, cfg, mesh, job.spec)
   teacher_bytes = 0
   for arg in bound.args:  # The teacher's (abstract) variables.
     teacher_bytes += jsharding.bytes_per_device(
@@ -100,11 +109,14 @@ def run_plan(cfg: Config, log=print) -> dict[str, Any]:
       "alias_bytes": int(analysis.alias_size_in_bytes),
       "temp_bytes": int(analysis.temp_size_in_bytes),
       "code_bytes": int(analysis.generated_code_size_in_bytes),
+      "fused_chunk": chunk,
   }
   peak = (result["argument_bytes"] + result["output_bytes"]
           - result["alias_bytes"] + result["temp_bytes"])
   result["peak_bytes"] = peak
   _print_plan(cfg, result, init, log)
+  if chunk_line:
+    log(f"plan: {chunk_line}")
   if cfg.device_memory_gb:
     limit = cfg.device_memory_gb * GiB
     result["fits"] = peak <= limit
@@ -114,7 +126,8 @@ def run_plan(cfg: Config, log=print) -> dict[str, Any]:
           f"--plan: the step needs {peak / GiB:.2f} GiB per device but "
           f"--device_memory_gb={cfg.device_memory_gb:g}; shard more "
           "(--mesh fsdp/tensor), lower --batch_size, raise "
-          "--grad_accum_steps, or use --remat / --precision=bfloat16")
+          "--grad_accum_steps, or use --remat / --precision=bfloat16",
+          result)
     log(f"plan: fits: {peak / GiB:.2f} of {cfg.device_memory_gb:g} GiB "
         f"per device ({share:.0%})" + (
             f"; above JAX's default GPU preallocation of "

@@ -23,6 +23,7 @@ LM_MODES = ("distill_lm", "cache_lm")
 PLAN_MODES = ("train", "distill", "distill_lm", "mutual", "online_distill")
 TEACHER_LOGITS = ("auto", "cached", "online")
 CPU_DOT_LIBRARIES = ("auto", "ynnpack", "eigen")
+CPU_ALLOCATORS = ("retain", "system")
 ON_NONFINITE = ("skip", "stop", "ignore")
 PRECISIONS = ("float32", "bfloat16", "float16")
 YNN_FLAG = "--xla_cpu_experimental_ynn_fusion_type"
@@ -354,6 +355,17 @@ class ScaleSection(Section):
       "and ynnpack otherwise. Ignored when XLA_FLAGS already sets "
       f"{YNN_FLAG}.",
       choices=CPU_DOT_LIBRARIES)
+  cpu_allocator: str = option(
+      "retain", "enum",
+      "Host memory allocator setting, applied at program start before JAX "
+      "starts: 'retain' keeps freed memory in the process (glibc mallopt: "
+      "one arena, no mmap for large blocks, no trimming), so XLA:CPU's "
+      "per-step scratch buffers are reused instead of mapped afresh every "
+      "step (lm step 1.4-1.8x faster on CPU, docs/performance.md); the "
+      "cost is that the process keeps its peak heap (about the step's "
+      "temporaries). 'system' leaves the allocator as it is. No effect "
+      "without glibc.",
+      choices=CPU_ALLOCATORS)
 
 
   def validate(self) -> None:
@@ -381,6 +393,7 @@ class ScaleSection(Section):
     check(self.device_memory_gb >= 0, "--device_memory_gb",
           self.device_memory_gb, "a non-negative number of GiB (0: unknown)")
     one_of(self, "cpu_dot_library", CPU_DOT_LIBRARIES)
+    one_of(self, "cpu_allocator", CPU_ALLOCATORS)
     check(self.num_processes >= 0, "--num_processes", self.num_processes,
           "a positive integer, or 0 to detect the cluster (TPU pod, SLURM, "
           "Open MPI, Kubernetes)")

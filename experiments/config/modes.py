@@ -128,10 +128,14 @@ class LmSection(Section):
       "distill_lm: the online "
       "run uses the chunked fused linear-KD loss (no [N, V] "
       "logits; the --ce_weight term is fused into the same chunks).")
-  lm_chunk_size: int = option(
-      1024, "int",
-      "Tokens per chunk of "
-      "the fused loss.")
+  lm_fused_chunk: int = option(
+      0, "int",
+      "distill_lm with --lm_fused_kd: tokens per chunk (per device) of the "
+      "fused loss; 0: automatic (jdistill.losses.fused.auto_chunk_size), "
+      "the largest power of two whose [chunk, vocab] float32 temporaries "
+      "take at most 1/16 of the device memory (the device's own, else "
+      "--device_memory_gb, else 16 GiB), at least hidden/5 and 256 (rounded "
+      "up to a power of two), at most the tokens per device.")
   lm_topk: int = option(
       8, "int",
       "Top-k cache: teacher "
@@ -217,10 +221,11 @@ class LmSection(Section):
 
 
   def validate(self) -> None:
-    for name in ("seq_len", "lm_chunk_size", "lm_topk", "lm_num_samples",
-                 "lm_cache_shards"):
+    for name in ("seq_len", "lm_topk", "lm_num_samples", "lm_cache_shards"):
       check(getattr(self, name) > 0, f"--{name}", getattr(self, name),
             "a positive integer")
+    check(self.lm_fused_chunk >= 0, "--lm_fused_chunk", self.lm_fused_chunk,
+          "a positive number of tokens, or 0 for automatic")
     for name in ("corpus_train_bytes", "corpus_validation_bytes"):
       check(getattr(self, name) > self.seq_len, f"--{name}",
             getattr(self, name), f"more bytes than --seq_len={self.seq_len}")

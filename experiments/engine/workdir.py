@@ -25,11 +25,16 @@ RESUMABLE = {"num_steps", "log_every", "eval_every", "checkpoint_every",
               # orbax restores into any layout: the mesh may change.
               "mesh", "student_sharding", "teacher_sharding",
               "sharding_rules", "teacher_sharding_rules", "remat", "plan",
-              "device_memory_gb",
+              "device_memory_gb", "cpu_allocator",
+              # Memory/speed only (summation order within float rounding).
+              "lm_fused_chunk",
               "num_processes", "process_id", "eval_batch_size", "workdir",
               "teacher_num_steps", "seeds", "data_dir",
               # Which rows a comparison or tuning has: not a run's setting.
               "methods", "tune_grid", "tune_output_dir", "generations"}
+
+# Settings renamed since a workdir may have been written: old -> new name.
+RENAMED = {"lm_chunk_size": "lm_fused_chunk"}
 
 
 def check_workdir(cfg: Config) -> Callable[[], None]:
@@ -54,6 +59,7 @@ def check_workdir(cfg: Config) -> Callable[[], None]:
     if not isinstance(previous, dict):
       raise ValueError(f"--workdir={cfg.workdir}: {path} is corrupt; "
                        "expected a JSON object (use a new --workdir)")
+    previous = {RENAMED.get(k, k): v for k, v in previous.items()}
     # A setting added after the run was written has its default there.
     defaults = json.loads(json.dumps(Config().to_json()))
     previous = {**{k: v for k, v in defaults.items() if k not in previous},

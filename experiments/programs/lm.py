@@ -61,7 +61,7 @@ _CACHE_FIELDS = ("lm_topk", "lm_topk_variant", "lm_num_samples",
                  "lm_cache_shards")
 _DISTILL_FIELDS = ("loss", "temperature", "ce_weight", "kd_weight",
                    "loss_kwargs", "lm_reduction", "lm_fused_kd",
-                   "lm_chunk_size")
+                   "lm_fused_chunk")
 # The settings of on-policy students (the online run) and of sampling.
 _ON_POLICY_FIELDS = ("on_policy_fraction", "on_policy_schedule",
                      "replay_capacity", "replay_ratio",
@@ -377,6 +377,53 @@ def on_policy_of(cfg: Config, sub: Config, facts) -> on_policy_lib.OnPolicy:
       num_steps=cfg.num_steps, **sampling)
 
 
+def device_memory(cfg: Config) -> tuple[int, str]:
+  """``(bytes, where from)``: the device memory the automatic fused chunk
+  is sized for. Under ``--plan`` the planned device's
+  ``--device_memory_gb``; in a run the device's own
+  (`lm_lib.reported_device_memory`), else ``--device_memory_gb``; else
+  `lm_lib.DEFAULT_DEVICE_MEMORY_BYTES`."""
+  if not cfg.plan:
+    reported = lm_lib.reported_device_memory()
+    if reported:
+      return reported, "the device"
+  if cfg.device_memory_gb:
+    return int(cfg.device_memory_gb * 2**30), "--device_memory_gb"
+  return lm_lib.DEFAULT_DEVICE_MEMORY_BYTES, "the default"
+
+
+def fused_chunk(cfg: Config, sub: Config, mesh, spec: dict
+                ) -> tuple[int | None, str]:
+  """``(chunk, description)`` of the fused loss of a student of ``spec``
+  with ``sub``'s settings: ``--lm_fused_chunk``, or the automatic chunk
+  (`lm_lib.fused_chunk_size`) of the student's unembedding, one
+  micro-batch's tokens per device and `device_memory`. ``(None, "")``
+  without ``--lm_fused_kd`` or for a model without an unembedding (the
+  step names the flag)."""
+  if not sub.lm_fused_kd:
+    return None, ""
+  if sub.lm_fused_chunk:
+    return sub.lm_fused_chunk, (f"fused KD loss: chunks of "
+                                f"{sub.lm_fused_chunk} tokens per device "
+                                f"(--lm_fused_chunk)")
+  model, params, state = setup.build_model(spec, cfg.seed, abstract=True)
+  try:
+    hidden, vocab = jax.eval_shape(
+        lambda p, s: model.merge(p, s).unembedding()[0], params, state).shape
+  except AttributeError:
+    return None, ""
+  memory, source = device_memory(cfg)
+  objective = lm_lib.LMDistillObjective(device_memory_bytes=memory,
+                                        mesh=mesh)
+  tokens = cfg.batch_size // cfg.grad_accum_steps * cfg.seq_len
+  chunk = lm_lib.fused_chunk_size(objective, vocab, hidden, tokens)
+  per_device = -(-tokens // jtrain.batch_shards(mesh))
+  return chunk, (f"fused KD loss: chunks of {chunk} tokens per device "
+                 f"(automatic: vocab {vocab}, hidden {hidden}, {per_device} "
+                 f"tokens per device and micro-batch, {memory / 2**30:g} GiB "
+                 f"per device from {source})")
+
+
 def student_job(cfg: Config, sub: Config, dataset: jdata.Dataset, mesh,
                 run: str, teacher, variables, cache_dir: str | None,
                 facts: "lm_hf.HFSetup | None" = None) -> runner.Job:
@@ -386,11 +433,16 @@ def student_job(cfg: Config, sub: Config, dataset: jdata.Dataset, mesh,
   ``cache_dir``); ``sub`` holds its loss settings; ``facts``: the Hugging
   Face setup (`lm_hf.check_setup`) of a ``--teacher_hf`` job."""
   source = "online" if run == "online" else run
+  fields = _student_spec_and_init(cfg, sub, dataset, facts, variables)
+  chunk, chunk_line = fused_chunk(cfg, sub, mesh, fields["spec"])
+  if chunk_line and not cfg.plan:  # The planner prints its own line.
+    _log(f"[{run} student] {chunk_line}")
   objective = lm_lib.LMDistillObjective(
       loss=sub.loss, temperature=sub.temperature, kd_weight=sub.kd_weight,
       ce_weight=sub.ce_weight, reduction=sub.lm_reduction, source=source,
-      fused=sub.lm_fused_kd, chunk_size=sub.lm_chunk_size,
-      topk_variant=cfg.lm_topk_variant, loss_kwargs=sub.loss_kwargs)
+      fused=sub.lm_fused_kd, chunk_size=chunk,
+      topk_variant=cfg.lm_topk_variant, loss_kwargs=sub.loss_kwargs,
+      device_memory_bytes=device_memory(cfg)[0], mesh=mesh)
   train_data = None
   step_teacher = teacher if source == "online" else None
   step_variables = variables if source == "online" else {}
@@ -424,9 +476,7 @@ def student_job(cfg: Config, sub: Config, dataset: jdata.Dataset, mesh,
   return runner.Job(name=f"{run} student", make_step=make_step,
                     make_eval_step=lm_lib.make_lm_eval_step,
                     dataset=prompt_masked(cfg, train_data or dataset),
-                    **extra,
-                    **_student_spec_and_init(cfg, sub, dataset, facts,
-                                             variables))
+                    **extra, **fields)
 
 
 def build(cfg: Config, dataset: jdata.Dataset, mesh, *,

@@ -131,7 +131,6 @@ from typing import (Any, Callable, Iterable, Mapping, Optional, Sequence,
 
 import ml_dtypes
 import numpy as np
-from array_record.python import array_record_module
 
 __all__ = [
     "FORMS",
@@ -146,6 +145,15 @@ __all__ = [
     "process_shard_range",
     "staging_directory",
 ]
+
+
+def _array_record():
+  """array_record's module, imported when a cache is written or read (so
+  that ``jdistill.data`` and ``jdistill.train`` import where array_record
+  is not installed, e.g. a GPU image with only the JAX stack)."""
+  from array_record.python import array_record_module
+  return array_record_module
+
 
 FORMS = ("dense", "topk", "sampled", "sequences")
 FORMAT = "jdistill.teacher_cache"
@@ -755,7 +763,7 @@ class TeacherCacheWriter:
     try:
       for s in self._shards:
         path = os.path.join(self._tmp, _shard_name(s, num_shards))
-        self._writers[s] = array_record_module.ArrayRecordWriter(
+        self._writers[s] = _array_record().ArrayRecordWriter(
             path, f"group_size:1,{compression}")
     except Exception:
       self.abort()
@@ -1155,7 +1163,7 @@ def commit_teacher_cache(directory: PathLike) -> str:
     for s in range(num_shards):
       path = os.path.join(staging, _shard_name(s, num_shards))
       try:
-        reader = array_record_module.ArrayRecordReader(path, _READER_OPTIONS)
+        reader = _array_record().ArrayRecordReader(path, _READER_OPTIONS)
         ok = reader.ok()
         records = reader.num_records() if ok else None
         reader.close()
@@ -1359,7 +1367,7 @@ class TeacherCache:
     if reader is None:
       path = self._shard_paths[shard]
       try:
-        reader = array_record_module.ArrayRecordReader(path, _READER_OPTIONS)
+        reader = _array_record().ArrayRecordReader(path, _READER_OPTIONS)
       except Exception as e:  # pylint: disable=broad-except
         raise ValueError(f"cannot open shard {path}: {e}") from None
       if not reader.ok():

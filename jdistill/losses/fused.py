@@ -42,7 +42,7 @@ from jdistill.losses._common import (
 )
 from jdistill.losses.logit import LOGIT_LOSSES
 
-__all__ = ["FUSED_KD_LOSSES", "fused_linear_kd"]
+__all__ = ["FUSED_KD_LOSSES", "auto_chunk_size", "fused_linear_kd"]
 
 _F32 = jnp.float32
 
@@ -201,7 +201,7 @@ class _Config:
   vocab_size: int          # global vocabulary size
   mesh: Any = None         # jax.sharding.Mesh or None
   vocab_axis: Optional[str] = None
-  token_axis: Optional[str] = None
+  token_axis: Optional[str | tuple[str, ...]] = None
   # dtypes of (student_hidden, student_unembed, student_bias or None).
   grad_dtypes: tuple[Any, ...] = ()
   ce: bool = False         # labels given: add the cross-entropy term.
@@ -212,10 +212,17 @@ def _psum(x, axis):
   return x if axis is None else lax.psum(x, axis)
 
 
+def _axis_names(axis) -> tuple[str, ...]:
+  """The mesh axis names of ``axis``: None, a name, or a tuple of names."""
+  if axis is None:
+    return ()
+  return tuple(axis) if isinstance(axis, tuple) else (axis,)
+
+
 def _varying(x, *axes):
   """Marks ``x`` as varying over the given (non-None) manual mesh axes, as
   a scan carry that accumulates per-device values must be."""
-  axes = tuple(a for a in axes if a is not None)
+  axes = tuple(n for a in axes for n in _axis_names(a))
   return lax.pcast(x, axes, to="varying") if axes else x
 
 
@@ -536,6 +543,19 @@ def _token_weights(where, token_weights, n) -> jax.Array:
   return jnp.where(where, 1.0 / count, 0.0).astype(_F32)
 
 
+def _check_token_axis(token_axis):
+  """``token_axis`` as None, a name, or a tuple of distinct names."""
+  if isinstance(token_axis, list):
+    token_axis = tuple(token_axis)
+  if isinstance(token_axis, tuple):
+    if (not token_axis or len(set(token_axis)) != len(token_axis)
+        or not all(isinstance(a, str) for a in token_axis)):
+      raise ValueError(f"token_axis must be a mesh axis name or a tuple of "
+                       f"distinct names, got {token_axis!r}")
+    return token_axis[0] if len(token_axis) == 1 else token_axis
+  return token_axis
+
+
 def _mesh_sizes(mesh, vocab_axis, token_axis, vocab) -> tuple[int, int]:
   """(vocab shards, token shards); checks the mesh arguments."""
   if mesh is None:
@@ -545,20 +565,24 @@ def _mesh_sizes(mesh, vocab_axis, token_axis, vocab) -> tuple[int, int]:
   if vocab_axis is None and token_axis is None:
     raise ValueError("a mesh needs vocab_axis and/or token_axis to shard "
                      "over; got neither")
-  if vocab_axis is not None and vocab_axis == token_axis:
+  if vocab_axis is not None and vocab_axis in _axis_names(token_axis):
     raise ValueError(f"vocab_axis and token_axis must differ, both are "
                      f"{vocab_axis!r}")
   sizes = dict(zip(mesh.axis_names, mesh.axis_sizes))
   for name, axis in (("vocab_axis", vocab_axis), ("token_axis", token_axis)):
-    if axis is not None and axis not in sizes:
-      raise ValueError(f"{name} {axis!r} is not an axis of the mesh "
-                       f"(axes: {tuple(mesh.axis_names)})")
+    for a in _axis_names(axis):
+      if a not in sizes:
+        raise ValueError(f"{name} {a!r} is not an axis of the mesh "
+                         f"(axes: {tuple(mesh.axis_names)})")
   pv = 1 if vocab_axis is None else sizes[vocab_axis]
   if vocab % pv:
     raise ValueError(
         f"student_unembed has vocab {vocab}, which is not divisible by the "
         f"{pv} devices of mesh axis {vocab_axis!r}")
-  return pv, 1 if token_axis is None else sizes[token_axis]
+  pt = 1
+  for a in _axis_names(token_axis):
+    pt *= sizes[a]
+  return pv, pt
 
 
 def _place(x, mesh, spec):
@@ -570,13 +594,105 @@ def _place(x, mesh, spec):
               if t == AxisType.Explicit}
   if not explicit:
     return x
-  keep = lambda a: a if a in explicit else None
+
+  def keep(a):
+    names = tuple(n for n in _axis_names(a) if n in explicit)
+    if not names:
+      return None
+    return names if isinstance(a, tuple) else names[0]
+
   return jax.reshard(x, NamedSharding(mesh, P(*map(keep, spec))))
 
 
 # ---------------------------------------------------------------------------
 # Public API.
 # ---------------------------------------------------------------------------
+
+
+#: Fraction of one device's memory that `auto_chunk_size` gives to the
+#: fused loss's ``[chunk, V]`` temporaries; the rest holds the weights, the
+#: optimizer state, the activations and the loss's ``[H, V]`` buffers.
+AUTO_CHUNK_MEMORY_FRACTION = 1 / 16
+#: The smallest chunk `auto_chunk_size` picks (see there).
+AUTO_CHUNK_MIN = 256
+# float32 [chunk, V] arrays per token of a chunk under value_and_grad (the
+# student's and the teacher's logits, their log-softmaxes, the logit
+# gradient; benchmarks/fused_kd.py measured about 5 on XLA:CPU).
+_LIVE_CHUNK_ARRAYS = 5
+
+
+def auto_chunk_size(vocab_size: int, hidden_size: int, *, num_tokens: int,
+                    device_memory_bytes: int, dtype_bytes: int = 4,
+                    memory_fraction: float = AUTO_CHUNK_MEMORY_FRACTION,
+                    min_chunk: int = AUTO_CHUNK_MIN) -> int:
+  r"""The ``chunk_size`` of :func:`fused_linear_kd` for one device's share
+  of the work: the largest power of two that the memory allows.
+
+  Under ``value_and_grad`` the fused loss's scratch memory per device is
+  about ``max(5 c V, H V)`` values of ``dtype_bytes`` (float32: the softmax
+  math and the logit gradient are float32 whatever the inputs' dtype) for
+  chunks of ``c`` tokens: five ``[c, V]`` arrays (both logits, both
+  log-softmaxes, the logit gradient), or the ``[H, V]`` chunk gradient
+  ``h_s^T g`` when that is larger (``benchmarks/fused_kd.py``). So
+
+  .. math::
+    c_{mem} = 2^{\lfloor \log_2 (f M / (5 V b)) \rfloor}, \qquad
+    c_{floor} = 2^{\lceil \log_2 (H / 5) \rceil}, \qquad
+    c = \min(N, \max(c_{mem}, c_{floor}, c_{min}))
+
+  with ``M = device_memory_bytes``, ``f = memory_fraction`` (1/16: the rest
+  of the device holds the weights, the optimizer state, the activations
+  and the loss's ``[H, V]`` buffers), ``b = dtype_bytes``, ``N =
+  num_tokens``. Below ``c_floor`` (``5 c < H``) the ``[H, V]`` term
+  dominates and smaller chunks save no memory, only time. ``c_min =
+  min_chunk`` (256) bounds the time: every chunk reads and writes the
+  float32 ``[H, V]`` gradient accumulator and reads both unembeddings
+  (about ``16 H V`` bytes) for about ``8 c H V`` matmul flops, ``c / 2``
+  flops per byte, so small chunks leave an accelerator waiting on memory
+  (and on 2 CPU cores chunks of 256 already took 1.2x the naive loss's
+  time). A chunk of ``N`` or more is one chunk: the naive loss's memory.
+
+  Example: a 128k vocabulary, ``H = 2048``, 8192 tokens per device and 16
+  GiB: ``c_mem = 256`` (``5 * 256 * 128256 * 4`` bytes = 0.61 GiB <= 1
+  GiB), ``c_floor = 512`` (``2048 / 5 = 409.6``), so 512; with 80 GiB,
+  2048.
+
+  Args:
+    vocab_size: ``V``, the vocabulary per device (``V / P`` under vocab
+      sharding over ``P`` devices).
+    hidden_size: ``H``, the student's hidden size (rows of its
+      unembedding).
+    num_tokens: ``N``, the tokens one device processes per call (the
+      micro-batch's tokens divided by the token shards).
+    device_memory_bytes: one device's memory ``M``.
+    dtype_bytes: bytes per value of the chunk temporaries (4: float32).
+    memory_fraction: ``f``, in ``(0, 1]``.
+    min_chunk: ``c_min >= 1``.
+
+  Returns:
+    The chunk size, an int in ``[1, N]``.
+
+  Raises:
+    ValueError: a non-positive size, memory, ``dtype_bytes`` or
+      ``min_chunk``, or a ``memory_fraction`` outside ``(0, 1]``.
+  """
+  for name, value in (("vocab_size", vocab_size),
+                      ("hidden_size", hidden_size),
+                      ("num_tokens", num_tokens),
+                      ("device_memory_bytes", device_memory_bytes),
+                      ("dtype_bytes", dtype_bytes), ("min_chunk", min_chunk)):
+    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+      raise ValueError(f"auto_chunk_size: {name} must be a positive int, "
+                       f"got {value!r}")
+  if not 0 < memory_fraction <= 1:
+    raise ValueError(f"auto_chunk_size: memory_fraction must be in (0, 1], "
+                     f"got {memory_fraction!r}")
+  per_token = _LIVE_CHUNK_ARRAYS * vocab_size * dtype_bytes
+  fit = int(memory_fraction * device_memory_bytes) // per_token
+  c_mem = 1 << (fit.bit_length() - 1) if fit >= 1 else 0
+  need = -(-hidden_size // _LIVE_CHUNK_ARRAYS)  # ceil(H / 5)
+  c_floor = 1 << (need - 1).bit_length()
+  return max(1, min(num_tokens, max(c_mem, c_floor, min_chunk)))
 
 
 def fused_linear_kd(
@@ -594,7 +710,7 @@ def fused_linear_kd(
     chunk_size: int = 1024,
     mesh: Optional[jax.sharding.Mesh] = None,
     vocab_axis: Optional[str] = None,
-    token_axis: Optional[str] = None,
+    token_axis: Optional[str | tuple[str, ...]] = None,
     labels: Optional[ArrayLike] = None,
     ce_weight: float = 0.0,
     kd_weight: float = 1.0,
@@ -664,8 +780,9 @@ def fused_linear_kd(
   sharded like the unembedding). The CE's target logit ``z_s[y]`` is read
   on the shard that holds ``y`` and psum'd. ``V`` must be divisible by the
   size of ``vocab_axis``. With ``token_axis`` the tokens are split over
-  that mesh axis too (data parallelism; each device pads its share to whole
-  chunks), and the scalars, ``dW`` and ``db`` are psum'd over it. Axes of
+  that mesh axis (or tuple of axes) too (data parallelism; each device pads
+  its share to whole chunks), and the scalars, ``dW`` and ``db`` are
+  psum'd over it. Axes of
   an Explicit mesh (``jax.make_mesh``'s default) are resharded as needed;
   arrays already placed with these specs move nowhere.
 
@@ -697,10 +814,12 @@ def fused_linear_kd(
       accumulator itself), against about ``5 * N * V`` for the naive loss.
       ``chunk_size <= N / 8`` thus cuts the logits memory by 8 or more;
       chunks of 512 or more kept the CPU time within 1.2x of the naive loss
-      (``benchmarks/fused_kd.py``).
+      (``benchmarks/fused_kd.py``). :func:`auto_chunk_size` picks one from
+      ``V``, ``H_s``, ``N`` and the device's memory.
     mesh: optional ``jax.sharding.Mesh`` for vocab / token sharding.
     vocab_axis: mesh axis over which the vocabulary is split.
-    token_axis: mesh axis over which the tokens are split.
+    token_axis: mesh axis over which the tokens are split, or a tuple of
+      axes (e.g. ``("data", "fsdp")``, a batch split over both).
     labels: optional ``[N]`` integer next-token targets of the student
       (``labels[i]`` is the target of ``student_hidden[i]``), adding the
       cross-entropy term. They must lie in ``[0, V)`` wherever the token
@@ -814,6 +933,7 @@ def fused_linear_kd(
   bs = _check_bias(student_bias, "student_bias", vocab, "student_unembed")
   bt = _check_bias(teacher_bias, "teacher_bias", vocab, "teacher_unembed")
   w = _token_weights(where, token_weights, n)
+  token_axis = _check_token_axis(token_axis)
   _, token_shards = _mesh_sizes(mesh, vocab_axis, token_axis, vocab)
   if labels is not None:
     labels = _check_labels(labels, (n,), "one next-token target per token "

@@ -21,6 +21,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from jdistill.models.attention import attention, attention_impl_name
 from jdistill.models.remat import check_remat, remat_block
 
 _dense_init = nnx.initializers.xavier_uniform()
@@ -28,13 +29,14 @@ _embed_init = nnx.initializers.normal(stddev=0.02)
 
 
 class CausalSelfAttention(nnx.Module):
-  """Multi-head causal self-attention (``jax.nn.dot_product_attention`` with
-  ``is_causal=True``; scores and softmax in float32)."""
+  """Multi-head causal self-attention (`jdistill.models.attention.attention`
+  with ``impl``; scores and softmax in float32)."""
 
   def __init__(self, dim: int, num_heads: int, *, rngs: nnx.Rngs, dtype: Any,
-               param_dtype: Any):
+               param_dtype: Any, impl: str = "auto"):
     if dim % num_heads:
       raise ValueError(f"dim={dim} is not divisible by num_heads={num_heads}")
+    self.impl = attention_impl_name(impl)
     self.num_heads = int(num_heads)
     self.head_dim = int(dim) // self.num_heads
     self.qkv = nnx.Linear(dim, 3 * dim, kernel_init=_dense_init, dtype=dtype,
@@ -51,14 +53,9 @@ class CausalSelfAttention(nnx.Module):
     b, t, d = x.shape
     qkv = self.qkv(x).reshape(b, t, 3, self.num_heads, self.head_dim)
     q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]  # [B, T, H, Dh]
-    scores = jnp.einsum("bqhd,bkhd->bhqk", q, k,
-                        preferred_element_type=jnp.float32)
-    scores = scores / jnp.sqrt(jnp.float32(self.head_dim))
-    causal = jnp.tril(jnp.ones((t, t), bool))
-    probs = jax.nn.softmax(scores, axis=-1, where=causal[None, None])
-    probs = jnp.where(causal[None, None], probs, 0.0).astype(v.dtype)
-    y = jnp.einsum("bhqk,bkhd->bqhd", probs, v).reshape(b, t, d)
-    return self.out(y), k, v
+    y = attention(q, k, v, mask=jnp.tril(jnp.ones((t, t), bool)),
+                  impl=self.impl)
+    return self.out(y.reshape(b, t, d)), k, v
 
   def decode(self, x: jax.Array, k_cache: jax.Array, v_cache: jax.Array,
              valid: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
@@ -85,10 +82,11 @@ class DecoderBlock(nnx.Module):
   """``x + attn(ln1(x))`` then ``x + mlp(ln2(x))``."""
 
   def __init__(self, dim: int, num_heads: int, mlp_ratio: int, *,
-               rngs: nnx.Rngs, dtype: Any, param_dtype: Any):
+               rngs: nnx.Rngs, dtype: Any, param_dtype: Any,
+               attention_impl: str = "auto"):
     kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
     self.ln1 = nnx.LayerNorm(dim, **kw)
-    self.attn = CausalSelfAttention(dim, num_heads, **kw)
+    self.attn = CausalSelfAttention(dim, num_heads, impl=attention_impl, **kw)
     self.ln2 = nnx.LayerNorm(dim, **kw)
     self.fc1 = nnx.Linear(dim, mlp_ratio * dim, kernel_init=_dense_init, **kw)
     self.fc2 = nnx.Linear(mlp_ratio * dim, dim, kernel_init=_dense_init, **kw)
@@ -129,12 +127,18 @@ class CausalLM(nnx.Module):
       pass, a name of `jdistill.models.remat.REMAT_POLICIES` (``"none"``,
       ``"full"``, ``"dots"``, ``"dots_saveable"``); outputs and gradients
       do not depend on it.
+    attention_impl: how attention is differentiated, a name of
+      `jdistill.models.attention.ATTENTION_IMPLS`: ``"auto"`` (the
+      hand-written backward on CPU, autodiff elsewhere), ``"vjp"`` or
+      ``"xla"``; outputs do not depend on it, gradients only to float32
+      rounding.
   """
 
   def __init__(self, vocab_size: int, *, dim: int = 128, depth: int = 2,
                num_heads: int = 4, mlp_ratio: int = 4, max_len: int = 256,
                rngs: nnx.Rngs, dtype: Any = jnp.float32,
-               param_dtype: Any = jnp.float32, remat: str = "none"):
+               param_dtype: Any = jnp.float32, remat: str = "none",
+               attention_impl: str = "auto"):
     self.remat = check_remat(remat)
     for name, value in (("vocab_size", vocab_size), ("dim", dim),
                         ("depth", depth), ("num_heads", num_heads),
@@ -150,8 +154,9 @@ class CausalLM(nnx.Module):
                                  **kw)
     self.pos_embed = nnx.Param(
         _embed_init(rngs.params(), (max_len, dim), param_dtype))
-    self.blocks = nnx.List([DecoderBlock(dim, num_heads, mlp_ratio, **kw)
-                            for _ in range(depth)])
+    self.blocks = nnx.List([
+        DecoderBlock(dim, num_heads, mlp_ratio, attention_impl=attention_impl,
+                     **kw) for _ in range(depth)])
     self.ln_f = nnx.LayerNorm(dim, **kw)
     self.lm_head = nnx.Linear(dim, vocab_size, kernel_init=_dense_init, **kw)
     self.feature_names = ("hidden",)

@@ -147,15 +147,17 @@ def _create_decoder(input_shape, num_classes, rngs, dtype, kwargs):
                      f"{num_classes} ids")
   param_dtype = kwargs.pop("param_dtype", "float32")
   remat = kwargs.pop("remat", "none")
+  attention_impl = kwargs.pop("attention_impl", "auto")
   lora = dict(lora_rank=int(kwargs.pop("lora_rank", 0)),
               lora_targets=tuple(kwargs.pop("lora_targets", ())),
               lora_alpha=kwargs.pop("lora_alpha", None))
   if kwargs:
     raise ValueError(f"model 'decoder': unknown options {sorted(kwargs)}; "
                      f"expected hf_config=, param_dtype=, remat=, "
-                     f"lora_rank=, lora_targets=, lora_alpha=")
+                     f"attention_impl=, lora_rank=, lora_targets=, lora_alpha=")
   return Decoder(config, rngs=rngs, dtype=dtype,
-                 param_dtype=jnp.dtype(param_dtype), remat=remat, **lora)
+                 param_dtype=jnp.dtype(param_dtype), remat=remat,
+                 attention_impl=attention_impl, **lora)
 
 
 def _create_peers(input_shape: tuple[int, ...], common: dict[str, Any],

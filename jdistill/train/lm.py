@@ -32,6 +32,7 @@ to float rounding.
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Any, Callable
 
 import jax
@@ -43,6 +44,7 @@ from jdistill.losses import sparse as sparse_losses
 from jdistill.losses.logit import get_logit_loss
 from jdistill.losses.sequence import reduce_tokens, reduction_weights
 from jdistill.losses.uld import gather_aligned, uld_loss
+from jdistill.train.mesh import BATCH_AXES, TENSOR_AXIS
 from jdistill.train.precision import DynamicLossScale
 from jdistill.train.state import FunctionalModel, TrainState
 from jdistill.train.step import (accumulate_gradients, apply_update,
@@ -125,7 +127,18 @@ class LMDistillObjective:
       (`jdistill.losses.fused.fused_linear_kd`): neither model's ``[B*T, V]``
       logits are materialised; the CE term (``ce_weight``) is fused into the
       same chunks. Only for ``source="online"``.
-    chunk_size: tokens per chunk of the fused loss.
+    chunk_size: tokens per chunk (per device) of the fused loss; ``None``
+      or 0: automatic (`fused_chunk_size`).
+    device_memory_bytes: the device memory the automatic chunk is sized
+      for; ``None``: the device's own (`reported_device_memory`), else
+      `DEFAULT_DEVICE_MEMORY_BYTES`.
+    mesh: the step's mesh, or ``None``. With a mesh the fused loss runs
+      under ``shard_map`` with the tokens split over its batch axes
+      (``data``, ``fsdp``) and the vocabulary over ``tensor`` (when that
+      axis has several devices and divides ``V``), so that each device
+      walks over its own tokens in chunks; without one XLA's partitioner
+      is left to split the chunk loop, which it does by gathering every
+      token onto every device.
     topk_variant: the top-k estimator (`jdistill.losses.sparse.topk_kd`).
     loss_kwargs: extra hyperparameters of ``loss`` as ``((name, value),)``.
   """
@@ -137,9 +150,11 @@ class LMDistillObjective:
   reduction: str = "batch"
   source: str = "online"
   fused: bool = False
-  chunk_size: int = 1024
+  chunk_size: int | None = None
   topk_variant: str = "renormalized"
   loss_kwargs: tuple[tuple[str, Any], ...] = ()
+  device_memory_bytes: int | None = None
+  mesh: Any = dataclasses.field(default=None, compare=False, hash=False)
 
   def __post_init__(self):
     if self.loss in CROSS_TOKENIZER_LOSSES:
@@ -160,6 +175,65 @@ class LMDistillObjective:
                        "cache already holds the teacher's targets)")
     if not self.temperature > 0:
       raise ValueError(f"--temperature must be > 0, got {self.temperature}")
+    chunk = self.chunk_size
+    if chunk is not None and (not isinstance(chunk, int)
+                              or isinstance(chunk, bool) or chunk < 0):
+      raise ValueError(f"--lm_fused_chunk={self.chunk_size}: expected a "
+                       "positive number of tokens, or 0 for automatic")
+
+
+#: The device memory `fused_chunk_size` assumes when neither the objective
+#: nor the device gives one (a TPU v5e's 16 GiB).
+DEFAULT_DEVICE_MEMORY_BYTES = 16 * 2**30
+
+
+def reported_device_memory() -> int | None:
+  """The memory of ``jax.devices()[0]`` in bytes (``bytes_limit`` of its
+  ``memory_stats()``; on a GPU, what JAX's allocator may use), or ``None``
+  where the backend reports none (CPU)."""
+  stats = jax.devices()[0].memory_stats()
+  limit = (stats or {}).get("bytes_limit")
+  return int(limit) if limit else None
+
+
+def fused_sharding(objective: LMDistillObjective, vocab_size: int
+                   ) -> dict[str, Any]:
+  """The ``mesh`` / ``token_axis`` / ``vocab_axis`` keywords of
+  `fused_linear_kd` for ``objective.mesh`` (empty without one): tokens
+  over the mesh's batch axes, the vocabulary over ``tensor`` when it has
+  several devices and divides ``vocab_size``."""
+  mesh = objective.mesh
+  if mesh is None:
+    return {}
+  tokens = tuple(a for a in BATCH_AXES if a in mesh.axis_names)
+  tensor = dict(mesh.shape).get(TENSOR_AXIS, 1)
+  vocab = TENSOR_AXIS if tensor > 1 and vocab_size % tensor == 0 else None
+  if not tokens and vocab is None:
+    return {}
+  return {"mesh": mesh, "token_axis": tokens or None, "vocab_axis": vocab}
+
+
+def fused_chunk_size(objective: LMDistillObjective, vocab_size: int,
+                     hidden_size: int, num_tokens: int) -> int:
+  """The fused loss's chunk (tokens per device): ``objective.chunk_size``,
+  or when that is ``None`` / 0 `jdistill.losses.fused.auto_chunk_size` of
+  the unembedding's ``[hidden_size, vocab_size]`` (the vocabulary per
+  device under `fused_sharding`), the ``num_tokens`` of one step (or
+  micro-batch) divided over the token shards, and the device memory
+  (``objective.device_memory_bytes``, else `reported_device_memory`, else
+  `DEFAULT_DEVICE_MEMORY_BYTES`)."""
+  if objective.chunk_size:
+    return objective.chunk_size
+  shards = fused_sharding(objective, vocab_size)
+  sizes = dict(objective.mesh.shape) if shards else {}
+  token_shards = math.prod(sizes[a] for a in shards.get("token_axis") or ())
+  vocab_shards = sizes.get(shards.get("vocab_axis"), 1)
+  memory = (objective.device_memory_bytes or reported_device_memory()
+            or DEFAULT_DEVICE_MEMORY_BYTES)
+  return fused_losses.auto_chunk_size(
+      int(vocab_size) // vocab_shards, int(hidden_size),
+      num_tokens=max(1, -(-int(num_tokens) // token_shards)),
+      device_memory_bytes=int(memory))
 
 
 def make_lm_train_step(model: FunctionalModel,
@@ -297,10 +371,13 @@ def make_lm_distill_step(student: FunctionalModel,
                          f"soft-cap ({cap_s}) differs from the teacher's "
                          f"({cap_t}); the fused loss applies one to both")
       weights = reduction_weights(mask, objective.reduction).reshape(-1)
+      vocab = w_s.shape[1]
       total, parts = fused_losses.fused_linear_kd(
           h_s, w_s, h_t, w_t, student_bias=b_s, teacher_bias=b_t,
           loss=objective.loss, temperature=temp, token_weights=weights,
-          chunk_size=objective.chunk_size,
+          chunk_size=fused_chunk_size(objective, vocab, w_s.shape[0],
+                                      h_s.shape[0]),
+          **fused_sharding(objective, vocab),
           labels=batch["y"].reshape(-1) if objective.ce_weight else None,
           kd_weight=objective.kd_weight, ce_weight=objective.ce_weight,
           logit_softcap=cap_s or None, return_parts=True, **hp)

@@ -514,6 +514,26 @@ def test_adding_methods_to_a_comparison_keeps_its_runs_resumable(tmp_path):
     workdir_lib.check_workdir(cfg.replace(temperature=2.0))
 
 
+def test_a_workdir_written_before_the_chunk_flag_was_renamed_resumes(
+    tmp_path):
+  """A run recorded with ``lm_chunk_size`` (before issue 25) resumes: the
+  key reads as ``--lm_fused_chunk``, which, like ``--cpu_allocator``, may
+  change on resume (memory and speed only)."""
+  cfg = Config(workdir=str(tmp_path), mode="distill_lm", model="causal_lm",
+               teacher_model="causal_lm")
+  workdir_lib.check_workdir(cfg)()
+  path = tmp_path / workdir_lib.RUN_CONFIG_FILE
+  recorded = json.loads(path.read_text())
+  recorded["lm_chunk_size"] = recorded.pop("lm_fused_chunk")
+  recorded["lm_chunk_size"] = 1024
+  path.write_text(json.dumps(recorded))
+  workdir_lib.check_workdir(cfg)
+  workdir_lib.check_workdir(cfg.replace(lm_fused_chunk=256,
+                                        cpu_allocator="system"))
+  with pytest.raises(ValueError, match=r"holds a run with --seq_len="):
+    workdir_lib.check_workdir(cfg.replace(seq_len=cfg.seq_len * 2))
+
+
 @pytest.mark.parametrize("flagfile", sorted(
     p.name for p in (ROOT / "experiments" / "flags").glob("*.flags")))
 def test_shipped_flagfiles_and_their_method_files_are_valid(flagfile):
@@ -553,6 +573,30 @@ def test_shipped_flagfiles_and_their_method_files_are_valid(flagfile):
     jtrain.build_projectors(
         terms, jtrain.feature_shapes(*student, dataset.input_shape),
         jtrain.feature_shapes(*teacher, dataset.input_shape))
+
+
+def test_cpu_allocator_is_applied_at_start_unless_opted_out(monkeypatch,
+                                                          tmp_path):
+  """``--cpu_allocator=retain`` (the default) calls
+  `jdistill.runtime.retain_host_memory` before the program runs;
+  ``system`` does not; anything else is one line naming the flag."""
+  from experiments import main as main_lib
+  from experiments import run as run_lib
+  from jdistill import runtime
+  calls = []
+  monkeypatch.setattr(runtime, "retain_host_memory",
+                      lambda: calls.append("retain") or "retained")
+  monkeypatch.setattr(run_lib, "run", lambda cfg: calls.append("run"))
+  argv = ["prog", "--flagfile=experiments/flags/logit_kd.flags",
+          f"--workdir={tmp_path}"]
+  assert main_lib.run_main(argv) == 0
+  assert calls == ["retain", "run"]
+  calls.clear()
+  assert main_lib.run_main(argv + ["--cpu_allocator=system"]) == 0
+  assert calls == ["run"]
+  with pytest.raises(ValueError, match="--cpu_allocator=jemalloc: expected "
+                     "one of: retain, system"):
+    Config(workdir="w").replace(cpu_allocator="jemalloc")
 
 
 def test_cpu_dot_library_flag_is_added_only_where_it_measured_faster():

@@ -153,7 +153,7 @@ def test_fused_kd_with_ce(tmp_path, teacher_dir):
   cfg = Config(workdir=str(tmp_path / "w"), teacher_hf=teacher_dir,
                student_init="teacher_layers:1", lm_runs=("online",),
                **{**TINY, "ce_weight": 0.5}, lm_fused_kd=True,
-               lm_chunk_size=64)
+               lm_fused_chunk=64)
   results = run_lib.run(cfg)
   metrics = [json.loads(line) for line in open(
       os.path.join(cfg.workdir, "online", "metrics.jsonl"))]
