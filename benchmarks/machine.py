@@ -19,6 +19,18 @@ def load_average() -> str:
     return "?"
 
 
+def memory_gib() -> float | None:
+  """Total RAM in GiB from ``/proc/meminfo``, or None where unreadable."""
+  try:
+    with open("/proc/meminfo") as f:
+      for line in f:
+        if line.startswith("MemTotal"):
+          return int(line.split()[1]) / 2**20
+  except OSError:
+    pass
+  return None
+
+
 def git_state(*paths: str) -> tuple[str, list[str]] | None:
   """``(short commit, files under paths that differ from it)`` of this
   checkout, or None outside git."""
