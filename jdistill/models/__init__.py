@@ -3,6 +3,10 @@
 Every model is built as ``Model(..., num_classes=..., rngs=nnx.Rngs(...))``
 and called as ``model(x, train=False)``; ``model.feature_names`` lists the
 keys of the returned feature dict. See ``create_model`` for names.
+
+The vision zoo's teachers come from PyTorch checkpoints (mdistiller,
+torchvision) through `from_torch_state_dict` and go back with
+`torch_state_dict` (`jdistill.models.torch_import`).
 """
 
 from jdistill.models.causal_lm import CausalLM
@@ -15,6 +19,15 @@ from jdistill.models.registry import (
     MODEL_NAMES,
     count_params,
     create_model,
+)
+from jdistill.models.batchnorm import TorchBatchNorm
+from jdistill.models.torch_import import (
+    from_torch_state_dict,
+    load_torch_state_dict,
+    read_torch_checkpoint,
+    torch_module_names,
+    torch_state_dict,
+    torch_state_dict_shapes,
 )
 from jdistill.models.remat import REMAT_NAMES, REMAT_POLICIES, remat_block
 from jdistill.models.resnet import BasicBlock, CifarResNet
@@ -32,9 +45,16 @@ __all__ = [
     "PeerGroup",
     "REMAT_NAMES",
     "REMAT_POLICIES",
+    "TorchBatchNorm",
     "ViT",
     "count_params",
     "create_model",
+    "from_torch_state_dict",
+    "load_torch_state_dict",
+    "read_torch_checkpoint",
+    "torch_module_names",
+    "torch_state_dict",
+    "torch_state_dict_shapes",
     "peer_variables",
     "remat_block",
 ]

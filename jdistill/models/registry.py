@@ -9,6 +9,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from jdistill.models import (imagenet_resnet, mobilenetv1, mobilenetv2,
+                             resnet_v2, shufflenet, vgg, wrn)
 from jdistill.models.causal_lm import CausalLM
 from jdistill.models.cnn1d import CNN1D
 from jdistill.models.convnet import ConvNet
@@ -20,9 +22,20 @@ RESNET_NAMES = (
     "resnet8", "resnet8x4", "resnet14", "resnet20", "resnet32", "resnet32x4",
     "resnet44", "resnet56", "resnet110",
 )
+# The vision zoo of mdistiller (CIFAR-100, a08d46f) and torchvision
+# (ImageNet): name -> the module whose ``build`` makes it. Their layers
+# carry PyTorch's state-dict names (`jdistill.models.torch_import`).
+_ZOO_MODULES = (wrn, vgg, mobilenetv2, shufflenet, resnet_v2,
+                imagenet_resnet, mobilenetv1)
+ZOO_BUILDERS = {name: module.build for module in _ZOO_MODULES
+                for name in module.NAMES}
+CIFAR_ZOO_NAMES: tuple[str, ...] = (
+    wrn.NAMES + vgg.NAMES + mobilenetv2.NAMES + shufflenet.NAMES
+    + resnet_v2.NAMES)
+IMAGENET_ZOO_NAMES: tuple[str, ...] = imagenet_resnet.NAMES + mobilenetv1.NAMES
 MODEL_NAMES: tuple[str, ...] = (
-    ("mlp", "cnn1d", "convnet") + RESNET_NAMES + ("vit", "causal_lm",
-                                                  "decoder"))
+    ("mlp", "cnn1d", "convnet") + RESNET_NAMES + CIFAR_ZOO_NAMES
+    + IMAGENET_ZOO_NAMES + ("vit", "causal_lm", "decoder"))
 # Models made of other models, built from per-member specs rather than from
 # constructor defaults (``peers``: `jdistill.models.peers.PeerGroup`). They
 # are kept out of ``MODEL_NAMES``, which lists the single models that can be
@@ -53,7 +66,10 @@ def create_model(
     input_shape: shape of ONE example (no batch dim): ``(40,)`` for MNIST-1D,
       ``(8, 8, 1)`` for digits images, ``(32, 32, 3)`` for CIFAR. ``mlp``
       accepts any shape (flattened); ``cnn1d`` needs ``(L,)`` or ``(L, C)``;
-      ``convnet`` and ``resnet*`` need ``(H, W, C)``; ``vit`` takes
+      ``convnet``, ``resnet*`` and the vision zoo (``CIFAR_ZOO_NAMES``:
+      ``wrn_16_1`` ... ``vgg8`` ... ``mobilenetv2``, ``shufflenetv1/v2``,
+      ``resnet18_cifar``, ``resnet50_cifar``; ``IMAGENET_ZOO_NAMES``:
+      ``resnet18/34/50/101``, ``mobilenetv1``) need ``(H, W, C)``; ``vit`` takes
       ``(L,)``, ``(L, C)`` or ``(H, W, C)``; ``causal_lm`` takes ``(T,)``
       int tokens and ``num_classes`` is its vocabulary size.
     rngs: parameter initialisation RNGs.
@@ -118,6 +134,10 @@ def create_model(
     return CausalLM(vocab_size=num_classes, rngs=rngs, dtype=dtype, **cfg)
   if name == "decoder":
     return _create_decoder(input_shape, num_classes, rngs, dtype, kwargs)
+  if name in ZOO_BUILDERS:
+    return ZOO_BUILDERS[name](name, num_classes=num_classes,
+                              input_shape=input_shape, rngs=rngs,
+                              dtype=dtype, **kwargs)
   _need_hwc(name, input_shape)
   if name == "convnet":
     cfg = dict(in_shape=input_shape)

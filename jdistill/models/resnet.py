@@ -9,6 +9,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from jdistill.models.batchnorm import TorchBatchNorm
 from jdistill.models.conv import conv_fn
 from jdistill.models.remat import check_remat, remat_block
 
@@ -19,9 +20,9 @@ _conv_init = nnx.initializers.variance_scaling(2.0, "fan_out",
 
 def _bn(num_features: int, *, rngs: nnx.Rngs, dtype: Any,
         param_dtype: Any) -> nnx.BatchNorm:
-  # PyTorch BatchNorm2d(momentum=0.1, eps=1e-5) == flax momentum 0.9.
-  return nnx.BatchNorm(num_features, momentum=0.9, epsilon=1e-5, dtype=dtype,
-                       param_dtype=param_dtype, rngs=rngs)
+  # PyTorch BatchNorm2d(momentum=0.1, eps=1e-5), unbiased running variance.
+  return TorchBatchNorm(num_features, dtype=dtype, param_dtype=param_dtype,
+                        rngs=rngs)
 
 
 def _conv3x3(cin: int, cout: int, stride: int, *, rngs: nnx.Rngs, dtype: Any,
@@ -101,7 +102,11 @@ class CifarResNet(nnx.Module):
   All compute the same values and gradients (up to float rounding).
 
   ``train=True`` uses batch statistics in BatchNorm and updates the running
-  averages (``nnx.BatchStat``); ``train=False`` uses the running averages.
+  averages (``nnx.BatchStat``) as PyTorch does (unbiased variance,
+  `jdistill.models.batchnorm.TorchBatchNorm`); ``train=False`` uses the
+  running averages. ``TORCH_RENAMES`` maps the layers to mdistiller's
+  state-dict names, so `jdistill.models.from_torch_state_dict` reads its
+  checkpoints.
 
   ``remat`` rematerialises each BasicBlock in the backward pass under a
   policy of `jdistill.models.remat.REMAT_POLICIES` (``"none"``, ``"full"``,
@@ -114,6 +119,16 @@ class CifarResNet(nnx.Module):
   """
 
   feature_names = ("stem", "stage1", "stage2", "stage3", "penultimate")
+  # NNX path -> mdistiller's ``cifar/resnet.py`` state-dict names
+  # (`jdistill.models.torch_import`).
+  TORCH_RENAMES = (
+      (r"^stem_conv$", "conv1"),
+      (r"^stem_bn$", "bn1"),
+      (r"^stages\.(\d+)\.", lambda m: f"layer{int(m.group(1)) + 1}."),
+      (r"\.down_conv$", ".downsample.0"),
+      (r"\.down_bn$", ".downsample.1"),
+      (r"^head$", "fc"),
+  )
 
   def __init__(
       self,

@@ -11,6 +11,8 @@ import numpy as np
 import pytest
 from flax import nnx
 
+from jdistill.models.registry import (CIFAR_ZOO_NAMES, IMAGENET_ZOO_NAMES,
+                                     RESNET_NAMES)
 from jdistill.models import (
     CNN1D,
     MLP,
@@ -22,7 +24,9 @@ from jdistill.models import (
 )
 from tests.model_testing import abstract_forward
 
-RESNETS = [n for n in MODEL_NAMES if n.startswith("resnet")]
+# The CIFAR ResNets of resnet.py; the vision zoo (resnet18_cifar, the
+# ImageNet resnet18 ...) is tested in test_zoo_*.py.
+RESNETS = list(RESNET_NAMES)
 IMAGE_MODELS = ["convnet"] + RESNETS
 
 
@@ -403,7 +407,9 @@ def test_cnn1d_rejects_images():
 def test_model_names_tuple():
   assert isinstance(MODEL_NAMES, tuple)
   assert MODEL_NAMES[:3] == ("mlp", "cnn1d", "convnet")
-  assert len(set(MODEL_NAMES)) == len(MODEL_NAMES) == 15
+  zoo = CIFAR_ZOO_NAMES + IMAGENET_ZOO_NAMES
+  assert len(zoo) == 14 + 5 and set(zoo) <= set(MODEL_NAMES)
+  assert len(set(MODEL_NAMES)) == len(MODEL_NAMES) == 15 + len(zoo)
 
 
 # --------------------------------------------------------------------------
