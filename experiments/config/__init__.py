@@ -213,11 +213,20 @@ def check_across(cfg) -> None:
           "unset with --ema_teacher_decay > 0 (the teacher is the "
           "student's own moving average)")
   elif cfg.mode == "distill":
-    check(bool(cfg.teacher_checkpoint) != bool(cfg.teacher_checkpoints),
+    check(bool(cfg.teacher_checkpoint or cfg.teacher_torch_checkpoint)
+          != bool(cfg.teacher_checkpoints),
           "--teacher_checkpoint", cfg.teacher_checkpoint,
-          "the workdir of a --mode=train run (required by --mode=distill)"
+          "the workdir of a --mode=train run, or --teacher_torch_checkpoint "
+          "(required by --mode=distill)"
           if not cfg.teacher_checkpoints else
           "unset when --teacher_checkpoints names the teachers")
+  if cfg.teacher_torch_checkpoint:
+    check(cfg.mode in ("distill", "kip"), "--teacher_torch_checkpoint",
+          cfg.teacher_torch_checkpoint, "only with --mode=distill or kip")
+    check(not cfg.teacher_checkpoint and not cfg.teacher_checkpoints
+          and cfg.ema_teacher_decay <= 0, "--teacher_torch_checkpoint",
+          cfg.teacher_torch_checkpoint, "unset with --teacher_checkpoint, "
+          "--teacher_checkpoints or --ema_teacher_decay (one teacher)")
   if cfg.teacher_checkpoints:
     check(cfg.mode == "distill", "--teacher_checkpoints",
           ",".join(cfg.teacher_checkpoints), "only with --mode=distill "
@@ -241,7 +250,8 @@ def check_across(cfg) -> None:
           "a JSON file of candidate values per method (required by "
           "--mode=tune)")
   if cfg.mode == "kip":
-    check(cfg.kip_method != "krr_st" or bool(cfg.teacher_checkpoint),
+    check(cfg.kip_method != "krr_st" or bool(cfg.teacher_checkpoint
+                                             or cfg.teacher_torch_checkpoint),
           "--teacher_checkpoint", cfg.teacher_checkpoint,
           "the workdir of a --mode=train run whose penultimate "
           "representations --kip_method=krr_st distills")
@@ -402,6 +412,7 @@ def cpu_xla_flags(cfg: Config, xla_flags: str) -> str:
 _NOT_PER_METHOD = {"mode", "workdir", "seeds", "methods", "dataset",
                    "data_dir", "model", "model_kwargs", "teacher_model",
                    "teacher_model_kwargs", "teacher_checkpoint",
+                   "teacher_torch_checkpoint",
                    "teacher_checkpoints", "teacher_seeds", "teacher_models",
                    "teacher_shards",
                    "teacher_num_steps", "teacher_learning_rate",

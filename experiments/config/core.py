@@ -13,7 +13,7 @@ import math
 from jdistill.models import MODEL_NAMES
 from jdistill.models.remat import REMAT_NAMES as REMAT_POLICIES
 from jdistill.train import sharding as sharding_lib
-from jdistill.train.optim import OPTIMIZERS, SCHEDULES
+from jdistill.train.optim import OPTIMIZERS, SCHEDULES, check_step_schedule
 
 MODES = ("train", "distill", "compare", "tune", "kip", "distill_lm", "cache_lm",
          "born_again", "mutual", "online_distill")
@@ -118,7 +118,8 @@ class DataSection(Section):
 
   dataset: str = option(
       "mnist1d", "str",
-      "mnist1d, digits, digits_flat or "
+      "mnist1d, digits, digits_flat, digits32 (digits upscaled to "
+      "32x32x3, CIFAR's shape) or "
       "tfds:<name> (array_record under --data_dir).")
   data_dir: str | None = option(
       None, "str",
@@ -168,6 +169,13 @@ class ModelSection(Section):
   teacher_checkpoint: str | None = option(
       None, "str",
       "Workdir of a --mode=train run to distill from.")
+  teacher_torch_checkpoint: str | None = option(
+      None, "str",
+      "A PyTorch checkpoint of --teacher_model to distill from "
+      "(instead of --teacher_checkpoint): .safetensors or .npz (no torch "
+      "needed), .pth/.pt/.tar (torch.load, weights only); a state dict "
+      "with mdistiller's/torchvision's names, plain or under 'model' "
+      "(mdistiller's cifar_teachers layout) or 'state_dict'.")
   teacher_logits: str = option(
       "auto", "enum",
       "--mode=distill with one teacher: 'cached' runs the teacher "
@@ -219,10 +227,30 @@ class OptimSection(Section):
       "Weight decay.")
   lr_schedule: str = option(
       "cosine", "str",
-      "constant or cosine.")
+      "constant, cosine, or step (piecewise constant: times "
+      "--lr_decay_rate at each of --lr_decay_boundaries, as "
+      "mdistiller/CRD).")
+  lr_decay_boundaries: tuple[int, ...] = option(
+      (), "ints",
+      "--lr_schedule=step: the steps (counted from 0, warm-up "
+      "included, strictly increasing, after --warmup_steps) from which "
+      "the learning rate is multiplied by another --lr_decay_rate; "
+      "boundaries at or past --num_steps never apply.")
+  lr_decay_rate: float = option(
+      0.1, "float",
+      "--lr_schedule=step: factor applied at each boundary.")
   warmup_steps: int = option(
       0, "int",
       "Linear warm-up steps.")
+  sgd_momentum: float = option(
+      0.9, "float",
+      "--optimizer=sgd: momentum (dampening 0).")
+  sgd_nesterov: bool = option(
+      True, "bool",
+      "--optimizer=sgd: Nesterov momentum. --nosgd_nesterov is "
+      "torch.optim.SGD's default update (mdistiller, CRD); the weight "
+      "decay is always L2 added to the gradient before the momentum, as "
+      "torch.optim.SGD's weight_decay.")
   grad_clip_norm: float = option(
       0.0, "float",
       "Clip gradients to this global norm (0: off).")
@@ -240,6 +268,10 @@ class OptimSection(Section):
             "a non-negative integer")
     one_of(self, "optimizer", OPTIMIZERS)
     one_of(self, "lr_schedule", SCHEDULES)
+    check_step_schedule(self.lr_schedule, self.lr_decay_boundaries,
+                        self.lr_decay_rate, warmup_steps=self.warmup_steps)
+    check(0 <= self.sgd_momentum < 1, "--sgd_momentum", self.sgd_momentum,
+          "a number in [0, 1)")
     check(self.learning_rate > 0, "--learning_rate", self.learning_rate,
           "a positive number")
     check(self.teacher_learning_rate >= 0, "--teacher_learning_rate",

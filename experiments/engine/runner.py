@@ -336,8 +336,12 @@ def make_batches_and_optimizer(cfg: Config, dataset: jdata.Dataset, mesh):
                                process_index=index, process_count=count)
   schedule = jtrain.make_schedule(cfg.learning_rate, schedule=cfg.lr_schedule,
                                   num_steps=cfg.num_steps,
-                                  warmup_steps=cfg.warmup_steps)
+                                  warmup_steps=cfg.warmup_steps,
+                                  decay_boundaries=cfg.lr_decay_boundaries,
+                                  decay_rate=cfg.lr_decay_rate)
   tx = jtrain.make_optimizer(cfg.optimizer, schedule,
                              weight_decay=cfg.weight_decay,
+                             momentum=cfg.sgd_momentum,
+                             nesterov=cfg.sgd_nesterov,
                              grad_clip_norm=cfg.grad_clip_norm)
   return batches, tx

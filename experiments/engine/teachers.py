@@ -11,14 +11,18 @@ import numpy as np
 from experiments.config import Config
 from experiments.engine import setup
 from jdistill import data as jdata
+from jdistill import models as jmodels
 from jdistill import train as jtrain
 from jdistill.train import sharding as jsharding
 
 def load_teacher(cfg: Config, dataset: jdata.Dataset, mesh, *,
                  abstract: bool = False):
-  """``(FunctionalModel, variables, spec)`` of the teacher, sharded per
+  """``(FunctionalModel, variables, spec)`` of the teacher
+  (``--teacher_checkpoint`` or ``--teacher_torch_checkpoint``), sharded per
   ``--teacher_sharding`` and in ``--teacher_precision`` (``abstract``: the
   variables as sharded `jax.ShapeDtypeStruct`s, nothing restored)."""
+  if cfg.teacher_torch_checkpoint:
+    return load_torch_teacher(cfg, dataset, mesh, abstract=abstract)
   return load_teacher_at(cfg.teacher_checkpoint, dataset, mesh,
                          dataset_flag=cfg.dataset,
                          rules=cfg.sharding_rules_of("teacher"),
@@ -47,6 +51,43 @@ def load_teacher_at(path: str, dataset: jdata.Dataset, mesh, *,
   # Restored straight into its shardings (never whole on one device).
   variables = jtrain.load_model_variables(path, like["params"],
                                           like["model_state"], flag=flag)
+  return teacher, variables, spec
+
+
+def load_torch_teacher(cfg: Config, dataset: jdata.Dataset, mesh, *,
+                       abstract: bool = False):
+  """``(FunctionalModel, variables, spec)`` of ``--teacher_model`` holding
+  the weights of the PyTorch checkpoint ``--teacher_torch_checkpoint``
+  (`jdistill.models.from_torch_state_dict`), placed like a workdir
+  teacher's."""
+  flag = "--teacher_torch_checkpoint"
+  path = cfg.teacher_torch_checkpoint
+  spec = setup.model_spec(cfg.teacher_model, cfg.teacher_model_kwargs,
+                          dataset)
+  teacher, like = abstract_teacher(
+      spec, mesh, rules=cfg.sharding_rules_of("teacher"),
+      precision=setup.teacher_precision(cfg), flag="--teacher_model",
+      who=f"the teacher {spec['name']} ({path})")
+  if abstract:
+    return teacher, like, spec
+  what = f"{flag}={path}"
+  state_dict = jmodels.read_torch_checkpoint(path, what=what)
+  try:
+    module = jmodels.torch_import.abstract_model(
+        spec["name"], num_classes=dataset.num_classes,
+        input_shape=tuple(dataset.input_shape),
+        **dict(cfg.teacher_model_kwargs))
+    jmodels.load_torch_state_dict(module, state_dict,
+                                  model_name=spec["name"])
+  except ValueError as e:
+    raise ValueError(f"{what} (--teacher_model={spec['name']}): "
+                     f"{e}") from None
+  jmodels.torch_import.check_filled(module, spec["name"])
+  _, params, model_state = jtrain.FunctionalModel.split(module)
+  loaded = {"params": params, "model_state": model_state}
+  variables = jax.tree.map(
+      lambda v, a: jax.device_put(np.asarray(v, a.dtype), a.sharding),
+      loaded, like)
   return teacher, variables, spec
 
 

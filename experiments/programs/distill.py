@@ -9,6 +9,7 @@ import dataclasses
 import time
 
 import jax
+import numpy as np
 
 from experiments.config import Config
 from experiments.engine import runner, setup, teachers
@@ -113,11 +114,25 @@ def build_single(cfg: Config, dataset: jdata.Dataset, mesh, *,
     log(f"[distill] teacher logits of {len(logits)} training examples "
         f"computed once in {time.perf_counter() - start:.1f}s "
         f"(--teacher_logits={cfg.teacher_logits})")
+  summary = {"teacher": tspec["name"]}
+  if (not abstract and cfg.teacher_torch_checkpoint
+      and jax.process_count() == 1):
+    # An imported teacher's accuracy here is the check that the import
+    # kept its function (compare it with the accuracy in PyTorch).
+    logits = jtrain.predict_logits(teacher, variables, dataset.test,
+                                   batch_size=cfg.eval_batch_size, mesh=mesh)
+    accuracy = float(np.mean(np.argmax(logits, -1) == np.asarray(
+        dataset.test.get_batch(np.arange(len(dataset.test)))["y"])))
+    summary.update(teacher_torch_checkpoint=cfg.teacher_torch_checkpoint,
+                   teacher_test_accuracy=accuracy)
+    log(f"[distill] teacher {tspec['name']} from "
+        f"--teacher_torch_checkpoint={cfg.teacher_torch_checkpoint}: test "
+        f"accuracy={accuracy:.4f} ({len(logits)} examples)")
   return runner.Job(
       name=f"distill {cfg.model}<-{tspec['name']}", spec=spec,
       make_step=make_step, init_extras=init_extras,
       teacher_forward=teacher_forward, dataset=train_data,
-      summary={"teacher": tspec["name"]})
+      summary=summary)
 
 
 def build_ema(cfg: Config, dataset: jdata.Dataset, mesh) -> runner.Job:

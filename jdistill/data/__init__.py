@@ -9,19 +9,22 @@ from jdistill.data.teacher_cache import (TeacherCache, TeacherCacheWriter,
                                          cache_layout, layout_bytes_per_token)
 from jdistill.data.tfds import TFDSSource, load_tfds
 
-EMBEDDED_DATASETS = ("mnist1d", "digits", "digits_flat")
+EMBEDDED_DATASETS = ("mnist1d", "digits", "digits_flat", "digits32")
 
 
 def load_dataset(name: str, *, data_dir: str | None = None,
                  **tfds_kwargs) -> Dataset:
-  """Loads ``mnist1d``, ``digits`` (8x8x1 images), ``digits_flat`` ([64]) or
-  ``tfds:<name>`` (array_record under ``data_dir``)."""
+  """Loads ``mnist1d``, ``digits`` (8x8x1 images), ``digits_flat`` ([64]),
+  ``digits32`` (32x32x3, upscaled: CIFAR's shape) or ``tfds:<name>``
+  (array_record under ``data_dir``)."""
   if name == "mnist1d":
     return load_mnist1d()
   if name == "digits":
     return load_digits(as_images=True)
   if name == "digits_flat":
     return load_digits(as_images=False)
+  if name == "digits32":
+    return load_digits(as_images=True, size=32, channels=3)
   if name.startswith("tfds:") and len(name) > len("tfds:"):
     return load_tfds(name[len("tfds:"):], data_dir=data_dir, **tfds_kwargs)
   raise ValueError(f"--dataset={name}: unknown dataset; expected one of "

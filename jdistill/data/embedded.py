@@ -56,14 +56,19 @@ def load_mnist1d(*, seed: int = 42, num_samples: int = 5000) -> Dataset:
 
 
 def load_digits(*, test_fraction: float = 0.2, split_seed: int = 0,
-                as_images: bool = True) -> Dataset:
+                as_images: bool = True, size: int = 8,
+                channels: int = 1) -> Dataset:
   """scikit-learn's 8x8 digits, scaled to [0, 1].
 
   Args:
     test_fraction: fraction of each class held out for testing.
     split_seed: seed of the fixed, stratified train/test split.
-    as_images: inputs ``[n, 8, 8, 1]`` (for conv nets) if True, else
-      ``[n, 64]``.
+    as_images: inputs ``[n, size, size, channels]`` (for conv nets) if
+      True, else ``[n, 64]``.
+    size: image side, a multiple of 8: each pixel is repeated
+      ``size // 8`` times along both axes (nearest-neighbour upscaling).
+    channels: the grey value copied to this many channels (3 for models
+      built for RGB input).
   """
   from sklearn.datasets import load_digits as sk_load_digits
 
@@ -75,10 +80,22 @@ def load_digits(*, test_fraction: float = 0.2, split_seed: int = 0,
   y = bunch.target.astype(np.int32)
   test_mask = stratified_holdout_mask(y, test_fraction,
                                       np.random.default_rng(split_seed))
+  if size % 8 or size < 8:
+    raise ValueError(f"digits: size must be a positive multiple of 8; got "
+                     f"{size}")
+  if channels < 1:
+    raise ValueError(f"digits: channels must be >= 1; got {channels}")
+  name = "digits"
   if as_images:
     x = x.reshape(-1, 8, 8, 1)
+    r = size // 8
+    if r > 1:
+      x = np.repeat(np.repeat(x, r, axis=1), r, axis=2)
+      name = f"digits{size}"
+    if channels > 1:
+      x = np.repeat(x, channels, axis=3)
   return Dataset(
-      name="digits",
+      name=name,
       train=ArraySource(x[~test_mask], y[~test_mask]),
       test=ArraySource(x[test_mask], y[test_mask]),
       num_classes=10,

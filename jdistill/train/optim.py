@@ -2,28 +2,77 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import optax
 
 OPTIMIZERS = ("adamw", "adam", "sgd")
-SCHEDULES = ("constant", "cosine")
+SCHEDULES = ("constant", "cosine", "step")
+
+
+def check_step_schedule(schedule: str, boundaries: Sequence[int],
+                        decay_rate: float, *, warmup_steps: int = 0) -> None:
+  """Raises a one-line ``ValueError`` for bad ``--lr_decay_boundaries`` /
+  ``--lr_decay_rate`` (shared by `make_schedule` and the config check)."""
+  shown = ",".join(str(b) for b in boundaries)
+  if schedule != "step":
+    if boundaries:
+      raise ValueError(f"--lr_decay_boundaries={shown}: expected unset "
+                       f"unless --lr_schedule=step (got {schedule})")
+    return
+  if not boundaries:
+    raise ValueError("--lr_decay_boundaries=: expected one or more steps "
+                     "(required by --lr_schedule=step)")
+  if any(int(b) != b or b <= 0 for b in boundaries):
+    raise ValueError(f"--lr_decay_boundaries={shown}: expected positive "
+                     "integer steps")
+  if any(b <= a for a, b in zip(boundaries, boundaries[1:])):
+    raise ValueError(f"--lr_decay_boundaries={shown}: expected strictly "
+                     "increasing steps")
+  if boundaries[0] <= warmup_steps:
+    raise ValueError(f"--lr_decay_boundaries={shown}: expected steps after "
+                     f"the warm-up (> --warmup_steps={warmup_steps})")
+  if not decay_rate > 0:
+    raise ValueError(f"--lr_decay_rate={decay_rate}: expected a positive "
+                     "number (the factor applied at each boundary)")
 
 
 def make_schedule(learning_rate: float, *, schedule: str, num_steps: int,
-                  warmup_steps: int = 0) -> optax.Schedule:
-  """Linear warm-up from 0 to ``learning_rate``, then constant or cosine."""
+                  warmup_steps: int = 0,
+                  decay_boundaries: Sequence[int] = (),
+                  decay_rate: float = 0.1) -> optax.Schedule:
+  """Linear warm-up from 0 to ``learning_rate``, then constant, cosine or
+  step.
+
+  ``step`` is the piecewise-constant schedule of mdistiller/CRD: the rate is
+  ``learning_rate * decay_rate**k`` where ``k`` is the number of
+  ``decay_boundaries`` at or below the step, so step ``b`` is the first at
+  the decayed rate. Boundaries count from step 0 (warm-up included) and must
+  lie after the warm-up; boundaries at or past ``num_steps`` never apply.
+  (mdistiller decays at the start of epoch ``e + 1`` for each stage ``e``:
+  boundary ``e * steps_per_epoch``.)
+  """
   if learning_rate <= 0:
     raise ValueError(f"--learning_rate must be positive; got {learning_rate}")
   if warmup_steps < 0 or warmup_steps >= max(num_steps, 1):
     raise ValueError(f"--warmup_steps={warmup_steps} must be in "
                      f"[0, --num_steps={num_steps})")
+  if schedule not in SCHEDULES:
+    raise ValueError(f"--lr_schedule={schedule}: expected one of: "
+                     f"{', '.join(SCHEDULES)}")
+  decay_boundaries = tuple(decay_boundaries)
+  check_step_schedule(schedule, decay_boundaries, decay_rate,
+                      warmup_steps=warmup_steps)
   if schedule == "constant":
     main = optax.constant_schedule(learning_rate)
   elif schedule == "cosine":
     main = optax.cosine_decay_schedule(learning_rate,
                                        max(num_steps - warmup_steps, 1))
   else:
-    raise ValueError(f"--lr_schedule={schedule}: expected one of: "
-                     f"{', '.join(SCHEDULES)}")
+    # join_schedules hands the later schedule ``step - warmup_steps``.
+    main = optax.piecewise_constant_schedule(
+        learning_rate,
+        {int(b) - warmup_steps: float(decay_rate) for b in decay_boundaries})
   if not warmup_steps:
     return main
   warmup = optax.linear_schedule(0.0, learning_rate, warmup_steps)
@@ -32,17 +81,28 @@ def make_schedule(learning_rate: float, *, schedule: str, num_steps: int,
 
 def make_optimizer(name: str, schedule: optax.Schedule, *,
                    weight_decay: float = 0.0, momentum: float = 0.9,
-                   grad_clip_norm: float = 0.0
+                   nesterov: bool = True, grad_clip_norm: float = 0.0
                    ) -> optax.GradientTransformation:
-  """``adamw`` (decoupled decay), ``adam``, or ``sgd`` with Nesterov momentum
-  and L2 decay added to the gradient (as PyTorch's SGD ``weight_decay``)."""
+  """``adamw`` (decoupled decay), ``adam``, or ``sgd`` with (by default
+  Nesterov) momentum and L2 decay added to the gradient before the momentum
+  (as PyTorch's SGD ``weight_decay``).
+
+  ``sgd`` with ``nesterov=False`` is ``torch.optim.SGD(lr, momentum,
+  weight_decay)`` (dampening 0), mdistiller's/CRD's optimiser:
+  ``g = grad + wd * p; buf = momentum * buf + g`` (``buf = g`` at the first
+  step); ``p -= lr * buf``. ``momentum=0`` is plain SGD.
+  """
   if name == "adamw":
     tx = optax.adamw(schedule, weight_decay=weight_decay)
   elif name == "adam":
     tx = optax.adam(schedule)
   elif name == "sgd":
+    if not 0 <= momentum < 1:
+      raise ValueError(f"--sgd_momentum={momentum}: expected a number in "
+                       "[0, 1)")
     tx = optax.chain(optax.add_decayed_weights(weight_decay),
-                     optax.sgd(schedule, momentum=momentum, nesterov=True))
+                     optax.sgd(schedule, momentum=momentum,
+                               nesterov=nesterov))
   else:
     raise ValueError(f"--optimizer={name}: expected one of: "
                      f"{', '.join(OPTIMIZERS)}")

@@ -1,0 +1,165 @@
+"""The mdistiller vision recipes (experiments/flags/{cifar100,imagenet}):
+every flagfile is a valid config with the published hyperparameters, and a
+CIFAR-100 recipe runs end to end for a few steps on mock TFDS data with a
+teacher checkpoint in PyTorch's layout written by jdistill itself."""
+
+import json
+import pathlib
+
+import numpy as np
+import pytest
+
+ROOT = pathlib.Path(__file__).resolve().parents[2]
+FLAGS = ROOT / "experiments" / "flags"
+CIFAR = sorted((FLAGS / "cifar100").glob("*.flags"))
+IMAGENET = sorted((FLAGS / "imagenet").glob("*.flags"))
+
+
+def _config(*argv):
+  from absl import flags
+
+  from experiments import config as config_lib
+  config_lib.define_flags()
+  try:
+    flags.FLAGS.unparse_flags()
+    flags.FLAGS(["test", *argv])
+    return config_lib.config_from_flags(flags.FLAGS)
+  finally:
+    flags.FLAGS.unparse_flags()
+    flags.FLAGS(["test"])
+
+
+def test_the_recipe_set_is_complete():
+  names = {p.stem for p in CIFAR}
+  assert len(names) == 11 * 3, sorted(names)
+  for method in ("kd", "dkd", "kd_standardized"):
+    assert f"resnet32x4_resnet8x4_{method}" in names
+  assert {p.stem for p in IMAGENET} == {
+      "resnet34_resnet18_kd", "resnet34_resnet18_dkd",
+      "resnet50_mobilenetv1_kd", "resnet50_mobilenetv1_dkd"}
+
+
+@pytest.mark.parametrize("flagfile", CIFAR + IMAGENET,
+                         ids=lambda p: f"{p.parent.name}/{p.stem}")
+def test_recipe_flagfiles_are_valid_configs(flagfile):
+  from jdistill import train as jtrain
+  from jdistill.models import MODEL_NAMES
+
+  cfg = _config(f"--flagfile={flagfile}")
+  teacher, student, method = _split(flagfile.stem)
+  assert cfg.mode == "distill" and cfg.teacher_model == teacher
+  assert cfg.model == student and cfg.teacher_model in MODEL_NAMES
+  assert cfg.optimizer == "sgd" and not cfg.sgd_nesterov
+  assert cfg.sgd_momentum == 0.9 and cfg.lr_schedule == "step"
+  assert cfg.lr_decay_rate == 0.1 and cfg.warmup_steps == 0
+  cifar = flagfile.parent.name == "cifar100"
+  epoch = 782 if cifar else 2503  # ceil(train images / batch)
+  assert cfg.batch_size == (64 if cifar else 512)
+  assert cfg.num_steps == (240 if cifar else 100) * epoch
+  stages = (150, 180, 210) if cifar else (30, 60, 90)
+  assert cfg.lr_decay_boundaries == tuple(e * epoch for e in stages)
+  assert cfg.weight_decay == (5e-4 if cifar else 1e-4)
+  small = student.startswith(("shufflenet", "mobilenetv2"))
+  assert cfg.learning_rate == (0.2 if not cifar else 0.01 if small else 0.05)
+  assert cfg.dataset == ("tfds:cifar100" if cifar else "tfds:imagenet2012")
+  assert cfg.teacher_torch_checkpoint.endswith(".pth")
+  if cifar:
+    assert cfg.augment == "crop:4,flip"
+    assert cfg.teacher_torch_checkpoint.startswith(
+        "download_ckpts/cifar_teachers/")
+  kw = dict(cfg.loss_kwargs)
+  if method == "kd":
+    assert (cfg.temperature, cfg.ce_weight, cfg.kd_weight) == (
+        (4, 0.1, 0.9) if cifar else (1, 0.5, 0.5))
+  elif method == "kd_standardized":
+    assert cfg.standardize_logits
+    assert (cfg.temperature, cfg.ce_weight, cfg.kd_weight) == (2, 0.1, 9)
+  else:
+    assert cfg.loss == "dkd" and cfg.ce_weight == 1 and kw["alpha"] == 1
+    if cifar:
+      beta = {"resnet20": 2, "resnet32": 2, "wrn_16_2": 6, "wrn_40_1": 6,
+              "vgg8": 6}.get(student, 6 if teacher == "vgg13" else 8)
+      assert kw["beta"] == beta and cfg.temperature == 4
+      # 0.05 -> 1 over 19 epochs: mdistiller's min(epoch / 20, 1) at every
+      # epoch start.
+      assert (cfg.kd_weight, cfg.kd_weight_end, cfg.kd_weight_schedule,
+              cfg.kd_weight_schedule_steps) == (0.05, 1, "linear", 19 * 782)
+    else:
+      assert kw["beta"] == (0.5 if student == "resnet18" else 2.0)
+      assert cfg.temperature == 1 and cfg.kd_weight == 1
+      assert cfg.kd_weight_schedule == "constant"
+  # The schedule the runner builds from these flags.
+  sched = jtrain.make_schedule(
+      cfg.learning_rate, schedule=cfg.lr_schedule, num_steps=cfg.num_steps,
+      warmup_steps=cfg.warmup_steps,
+      decay_boundaries=cfg.lr_decay_boundaries, decay_rate=cfg.lr_decay_rate)
+  b = cfg.lr_decay_boundaries
+  np.testing.assert_allclose(
+      [sched(0), sched(b[0] - 1), sched(b[0]), sched(b[1]), sched(b[2]),
+       sched(cfg.num_steps - 1)],
+      cfg.learning_rate * np.array([1, 1, .1, .01, .001, .001]), rtol=1e-6)
+
+
+def _split(stem):
+  for method in ("kd_standardized", "dkd", "kd"):
+    if stem.endswith("_" + method):
+      pair = stem[:-len(method) - 1]
+      break
+  for teacher in ("resnet50_cifar", "resnet32x4", "resnet110", "resnet56",
+                  "resnet34", "resnet50", "wrn_40_2", "vgg13"):
+    if pair.startswith(teacher + "_"):
+      return teacher, pair[len(teacher) + 1:], method
+  raise AssertionError(stem)
+
+
+def _mock_cifar100_run(tmp_path, flagfile, teacher, *extra):
+  """Runs ``flagfile`` in-process on mock CIFAR-100 (32x32x3 uint8 images,
+  100 classes) with a PyTorch-layout teacher written by jdistill."""
+  tfds = pytest.importorskip("tensorflow_datasets")
+  from flax import nnx
+  from safetensors.numpy import save_file
+
+  from experiments import run as run_lib
+  from jdistill.models import create_model, torch_state_dict
+
+  path = tmp_path / f"{teacher}.safetensors"
+  model = create_model(teacher, num_classes=100, input_shape=(32, 32, 3),
+                       rngs=nnx.Rngs(0))
+  save_file(torch_state_dict(model), str(path))
+  cfg = _config(f"--flagfile={flagfile}", f"--teacher_torch_checkpoint={path}",
+                f"--workdir={tmp_path / 'run'}", f"--data_dir={tmp_path}",
+                "--num_steps=3", "--batch_size=8", "--eval_batch_size=16",
+                "--log_every=1", "--eval_every=3", "--checkpoint_every=3",
+                "--lr_decay_boundaries=1,2,1000", *extra)
+  # The cifar100 builder's own features (image 32x32x3 uint8, label 100
+  # classes), random values (this tfds' mock_data takes no features=).
+  with tfds.testing.mock_data(num_examples=32,
+                              policy=tfds.testing.MockPolicy.USE_CODE):
+    run_lib.run(cfg)
+  records = [json.loads(l) for l in
+             (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+  return cfg, records
+
+
+def test_cifar100_dkd_recipe_runs_a_few_steps(tmp_path):
+  cfg, records = _mock_cifar100_run(
+      tmp_path, FLAGS / "cifar100" / "resnet32x4_resnet8x4_dkd.flags",
+      "resnet32x4")
+  assert cfg.model == "resnet8x4"
+  train = [r for r in records if r.get("split") == "train"]
+  assert train and all(np.isfinite(r["loss"]) for r in train if "loss" in r)
+  assert any(r.get("split") == "test" and r.get("step") == 3
+             for r in records), records
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("stem, teacher", [
+    ("wrn_40_2_wrn_16_2_kd", "wrn_40_2"),
+    ("vgg13_mobilenetv2_kd_standardized", "vgg13"),
+    ("resnet32x4_shufflenetv2_dkd", "resnet32x4"),
+])
+def test_more_cifar100_recipes_run_a_few_steps(tmp_path, stem, teacher):
+  _, records = _mock_cifar100_run(tmp_path, FLAGS / "cifar100" /
+                                  f"{stem}.flags", teacher)
+  assert any(r.get("split") == "test" and r.get("step") == 3
+             for r in records), records
