@@ -73,6 +73,10 @@ def check(cfg: Config) -> str:
                                       dataset_flag=cfg.dataset)
     setup.build_model(spec, 0, flag=flag, abstract=True)
     checked.append(f"teacher {spec['name']} ({path})")
+  if cfg.teacher_torch_checkpoint:
+    teachers.load_torch_teacher(cfg, dataset, mesh, check_only=True)
+    checked.append(f"teacher {cfg.teacher_model} "
+                   f"({cfg.teacher_torch_checkpoint})")
   header = (f"# --dry_run: checked {'; '.join(checked)}; nothing written.\n"
             f"# {machine.one_line()}\n")
   return header + f"--mode={cfg.mode}\n" + "".join(

@@ -88,8 +88,12 @@ def define_flags(flag_values: flags.FlagValues) -> None:
                        "online_distill hold several peers: export peer k "
                        "(0: the online teacher, 1: its student).",
                        lower_bound=0, flag_values=flag_values)
-  flags.DEFINE_enum("format", "jdistill", ["jdistill", "hf"],
-                    "jdistill: model.json + orbax variables; hf: a Hugging "
+  flags.DEFINE_enum("format", "jdistill", ["jdistill", "hf", "torch"],
+                    "jdistill: model.json + orbax variables; torch: the same "
+                    "plus model.safetensors, the student's PyTorch state "
+                    "dict (the vision zoo under mdistiller's / "
+                    "torchvision's names, loadable with load_state_dict); "
+                    "hf: a Hugging "
                     "Face checkpoint directory (config.json, safetensors, "
                     "tokenizer) of a decoder student, which transformers "
                     "loads with from_pretrained (LoRA adapters merged).",
@@ -341,6 +345,26 @@ def _write_export(directory: str, spec: dict, variables: dict) -> None:
   fsync_path(directory)
 
 
+TORCH_FILE = "model.safetensors"
+
+
+def _write_torch_state_dict(path: str, spec: dict, variables: dict) -> None:
+  """``--format=torch``: the model's weights as a PyTorch state dict
+  (`jdistill.models.torch_state_dict`) in a safetensors file."""
+  from flax import nnx
+  from safetensors.numpy import save_file
+
+  from jdistill import train as jtrain
+  from jdistill.models import create_model, torch_state_dict
+  abstract = nnx.eval_shape(lambda: create_model(
+      spec["name"], num_classes=spec["num_classes"],
+      input_shape=tuple(spec["input_shape"]), rngs=nnx.Rngs(0),
+      **spec["kwargs"]))
+  functional, _, _ = jtrain.FunctionalModel.split(abstract)
+  model = functional.merge(variables["params"], variables["model_state"])
+  save_file(torch_state_dict(model), path)
+
+
 def _move_into_place(tmp: str, out: str) -> None:
   """Renames the complete export ``tmp`` to ``out``; an earlier export at
   ``out`` is first renamed aside, then deleted once ``out`` is the new
@@ -363,7 +387,8 @@ def export_run(workdir: str, out: str, *, step: int | None = None,
                export_format: str = "jdistill",
                tokenizer: str | None = None, hf_lora: str = "merge") -> dict:
   """Exports the student of run ``workdir`` to ``out`` (``export_format``
-  ``"hf"``: a Hugging Face checkpoint directory, `_export_hf`).
+  ``"hf"``: a Hugging Face checkpoint directory, `_export_hf`; ``"torch"``:
+  the jdistill export plus ``model.safetensors``, its PyTorch state dict).
 
   Args:
     workdir: the run's ``--workdir``.
@@ -433,7 +458,12 @@ def export_run(workdir: str, out: str, *, step: int | None = None,
     umask = os.umask(0)
     os.umask(umask)
     os.chmod(tmp, 0o777 & ~umask)  # mkdtemp's 0700 would stay on --out.
+    if export_format == "torch":
+      export_spec["torch_state_dict"] = TORCH_FILE
     _write_export(tmp, export_spec, variables)
+    if export_format == "torch":
+      _write_torch_state_dict(os.path.join(tmp, TORCH_FILE), export_spec,
+                              variables)
     # Checked again: --out may have changed while the variables were read.
     check_out(out, workdir, overwrite=overwrite)
     _move_into_place(tmp, path)

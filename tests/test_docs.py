@@ -125,7 +125,28 @@ def _write_export(namespace: dict, workdir: pathlib.Path) -> None:
 
 # (doc, text in the block) -> what runs before that block, in its namespace
 # and working directory: inputs a reader brings (a run's export).
-SETUPS = {("docs/recipes.md", "exports/my_student"): _write_export}
+def _write_torch_teacher(namespace: dict, workdir: pathlib.Path) -> None:
+  """``resnet32x4_vanilla.safetensors``: a random resnet32x4 in PyTorch's
+  layout, standing in for mdistiller's teacher (docs/vision_zoo.md)."""
+  del namespace
+  from flax import nnx
+  from safetensors.numpy import save_file
+
+  from jdistill.models import create_model, torch_state_dict_shapes
+  model = nnx.eval_shape(lambda: create_model(
+      "resnet32x4", num_classes=100, input_shape=(32, 32, 3),
+      rngs=nnx.Rngs(0)))
+  rng = np.random.default_rng(0)
+  save_file({k: (rng.uniform(0.5, 1.5, s) if k.endswith("running_var") else
+                 rng.standard_normal(s) * 0.05).astype(np.float32)
+             for k, s in torch_state_dict_shapes(model).items()
+             if not k.endswith("num_batches_tracked")},
+            str(workdir / "resnet32x4_vanilla.safetensors"))
+
+
+SETUPS = {("docs/recipes.md", "exports/my_student"): _write_export,
+          ("docs/vision_zoo.md", "resnet32x4_vanilla.safetensors"):
+              _write_torch_teacher}
 
 _SNAPSHOTS: dict[str, list[dict]] = {}  # doc -> namespace after each block
 _WORKDIRS: dict[str, pathlib.Path] = {}

@@ -15,6 +15,7 @@ from jdistill.models.remat import REMAT_NAMES as REMAT_POLICIES
 from jdistill.train import sharding as sharding_lib
 from jdistill.train.optim import OPTIMIZERS, SCHEDULES, check_step_schedule
 
+TFDS_NORMALIZATIONS = ("minus_one_one", "unit", "cifar100", "imagenet")
 MODES = ("train", "distill", "compare", "tune", "kip", "distill_lm", "cache_lm",
          "born_again", "mutual", "online_distill")
 # Modes that train several peers in one state (jdistill.train.mutual).
@@ -136,6 +137,13 @@ class DataSection(Section):
   tfds_label_key: str = option(
       "label", "str",
       "TFDS label feature.")
+  tfds_normalization: str = option(
+      "minus_one_one", "enum",
+      "How uint8 TFDS images become floats, (x/255 - mean)/std: "
+      "minus_one_one ([-1, 1]), unit ([0, 1]), cifar100 or imagenet "
+      "(the per-channel constants a PyTorch teacher was trained with: "
+      "mdistiller's CIFAR-100 teachers, torchvision's ImageNet weights).",
+      choices=TFDS_NORMALIZATIONS)
   validation_fraction: float = option(
       0.0, "float",
       "Hold out this share of the training set (stratified) and "
@@ -146,6 +154,7 @@ class DataSection(Section):
   def validate(self) -> None:
     check(0 <= self.validation_fraction < 1, "--validation_fraction",
           self.validation_fraction, "a number in [0, 1)")
+    one_of(self, "tfds_normalization", TFDS_NORMALIZATIONS)
 
 
 @dataclasses.dataclass(frozen=True)

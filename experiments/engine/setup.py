@@ -66,7 +66,8 @@ def _load_full_data(cfg: Config) -> jdata.Dataset:
       **({"train_split": cfg.tfds_train_split,
           "test_split": cfg.tfds_test_split,
           "input_key": cfg.tfds_input_key,
-          "label_key": cfg.tfds_label_key}
+          "label_key": cfg.tfds_label_key,
+          "normalization": cfg.tfds_normalization}
          if cfg.dataset.startswith("tfds:") else {}))
 
 

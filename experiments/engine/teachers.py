@@ -55,11 +55,12 @@ def load_teacher_at(path: str, dataset: jdata.Dataset, mesh, *,
 
 
 def load_torch_teacher(cfg: Config, dataset: jdata.Dataset, mesh, *,
-                       abstract: bool = False):
+                       abstract: bool = False, check_only: bool = False):
   """``(FunctionalModel, variables, spec)`` of ``--teacher_model`` holding
   the weights of the PyTorch checkpoint ``--teacher_torch_checkpoint``
   (`jdistill.models.from_torch_state_dict`), placed like a workdir
-  teacher's."""
+  teacher's. ``check_only`` (``--dry_run``): the file is read and checked
+  against the model, nothing is placed on devices (returns ``None``)."""
   flag = "--teacher_torch_checkpoint"
   path = cfg.teacher_torch_checkpoint
   spec = setup.model_spec(cfg.teacher_model, cfg.teacher_model_kwargs,
@@ -83,6 +84,8 @@ def load_torch_teacher(cfg: Config, dataset: jdata.Dataset, mesh, *,
     raise ValueError(f"{what} (--teacher_model={spec['name']}): "
                      f"{e}") from None
   jmodels.torch_import.check_filled(module, spec["name"])
+  if check_only:
+    return None
   _, params, model_state = jtrain.FunctionalModel.split(module)
   loaded = {"params": params, "model_state": model_state}
   variables = jax.tree.map(

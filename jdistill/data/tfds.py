@@ -15,16 +15,30 @@ import numpy as np
 from jdistill.data.sources import Dataset
 
 
+# uint8 image -> float32: ``(x / 255 - mean) / std`` per channel. Match a
+# teacher's training: mdistiller's CIFAR-100 teachers saw ``cifar100`` (CRD's
+# constants), torchvision's ImageNet weights ``imagenet``.
+NORMALIZATIONS: dict[str, tuple[tuple[float, ...], tuple[float, ...]]] = {
+    "minus_one_one": ((0.5,), (0.5,)),
+    "unit": ((0.0,), (1.0,)),
+    "cifar100": ((0.5071, 0.4867, 0.4408), (0.2675, 0.2565, 0.2761)),
+    "imagenet": ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)),
+}
+
+
 @dataclasses.dataclass(frozen=True)
 class TFDSSource:
   """A TFDS random-access data source, decoded into ``{"x", "y"}`` batches.
 
-  Images (uint8) are scaled to [-1, 1]; other inputs are cast to float32.
+  Images (uint8) are scaled per ``normalization`` (a key of
+  ``NORMALIZATIONS``; default ``[-1, 1]``); other inputs are cast to
+  float32.
   """
 
   data_source: object
   input_key: str
   label_key: str
+  normalization: str = "minus_one_one"
 
   def __len__(self) -> int:
     return len(self.data_source)
@@ -35,7 +49,9 @@ class TFDSSource:
     records = [self.data_source[int(i)] for i in indices]
     x = np.stack([np.asarray(r[self.input_key]) for r in records])
     if x.dtype == np.uint8:
-      x = x.astype(np.float32) / 127.5 - 1.0
+      mean, std = NORMALIZATIONS[self.normalization]
+      x = ((x.astype(np.float32) / 255.0 - np.asarray(mean, np.float32))
+           / np.asarray(std, np.float32))
     else:
       x = x.astype(np.float32)
     y = np.asarray([r[self.label_key] for r in records], dtype=np.int32)
@@ -44,7 +60,8 @@ class TFDSSource:
 
 def load_tfds(name: str, *, data_dir: str | None, train_split: str = "train",
               test_split: str = "test", input_key: str = "image",
-              label_key: str = "label") -> Dataset:
+              label_key: str = "label",
+              normalization: str = "minus_one_one") -> Dataset:
   """Opens a prepared TFDS dataset as random-access train and test sources.
 
   Args:
@@ -53,6 +70,8 @@ def load_tfds(name: str, *, data_dir: str | None, train_split: str = "train",
     train_split, test_split: TFDS split names (slices such as
       ``train[:90%]`` are allowed).
     input_key, label_key: feature names of the input and the label.
+    normalization: how uint8 images become floats (``NORMALIZATIONS``:
+      ``minus_one_one``, ``unit``, ``cifar100``, ``imagenet``).
 
   Raises:
     ValueError: with the flag to fix, if the dataset is not prepared, a key
@@ -60,6 +79,9 @@ def load_tfds(name: str, *, data_dir: str | None, train_split: str = "train",
   """
   import tensorflow_datasets as tfds
 
+  if normalization not in NORMALIZATIONS:
+    raise ValueError(f"--tfds_normalization={normalization}: expected one of "
+                     f"{', '.join(NORMALIZATIONS)}")
   if data_dir is not None and not os.path.isdir(data_dir):
     what = ("is not a directory" if os.path.exists(data_dir)
             else "does not exist")
@@ -90,10 +112,15 @@ def load_tfds(name: str, *, data_dir: str | None, train_split: str = "train",
   if any(d is None or d < 0 for d in input_shape):
     raise ValueError(f"--tfds_input_key={input_key}: dataset '{name}' has "
                      f"variable input shape {input_shape}; expected fixed")
+  channels = len(NORMALIZATIONS[normalization][0])
+  if channels > 1 and input_shape[-1:] != (channels,):
+    raise ValueError(f"--tfds_normalization={normalization}: has {channels} "
+                     f"channel means but dataset '{name}' has inputs of "
+                     f"shape {input_shape}")
   return Dataset(
       name=f"tfds:{name}",
-      train=TFDSSource(train, input_key, label_key),
-      test=TFDSSource(test, input_key, label_key),
+      train=TFDSSource(train, input_key, label_key, normalization),
+      test=TFDSSource(test, input_key, label_key, normalization),
       num_classes=int(num_classes),
       input_shape=input_shape,
   )

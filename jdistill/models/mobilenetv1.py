@@ -26,6 +26,7 @@ from flax import nnx
 from jdistill.models.batchnorm import TorchBatchNorm
 from jdistill.models.conv import conv_fn
 from jdistill.models.imagenet_resnet import torch_linear
+from jdistill.models.zoo import check_build_args
 from jdistill.models.remat import check_remat, remat_block
 
 NAMES: tuple[str, ...] = ("mobilenetv1",)
@@ -172,7 +173,6 @@ class MobileNetV1(nnx.Module):
     return logits, feats
 
 
-_BUILD_OPTIONS = ("param_dtype", "conv_impl", "remat")
 
 
 def build(name: str, *, num_classes: int, input_shape: tuple[int, ...],
@@ -190,15 +190,6 @@ def build(name: str, *, num_classes: int, input_shape: tuple[int, ...],
   if name not in NAMES:
     raise ValueError(f"unknown MobileNet {name!r}; expected one of: "
                      f"{', '.join(NAMES)}")
-  input_shape = tuple(int(s) for s in input_shape)
-  if len(input_shape) != 3 or min(input_shape) < 1:
-    raise ValueError(f"model {name!r} expects input_shape (H, W, C) but got "
-                     f"{input_shape}")
-  unknown = sorted(set(kwargs) - set(_BUILD_OPTIONS))
-  if unknown:
-    raise ValueError(f"model {name!r}: unknown options {unknown}; expected "
-                     f"{', '.join(o + '=' for o in _BUILD_OPTIONS)}")
-  if "param_dtype" in kwargs:
-    kwargs["param_dtype"] = jnp.dtype(kwargs["param_dtype"])
+  input_shape, kwargs = check_build_args(name, input_shape, kwargs)
   return MobileNetV1(num_classes=num_classes, in_channels=input_shape[2],
                      rngs=rngs, dtype=dtype, **kwargs)

@@ -19,12 +19,12 @@ from flax import nnx
 
 from jdistill.models.batchnorm import TorchBatchNorm
 from jdistill.models.conv import conv_fn
+from jdistill.models.zoo import check_build_args
 from jdistill.models.remat import check_remat, remat_block
 
 NAMES: tuple[str, ...] = ("resnet18_cifar", "resnet50_cifar")
 _CONFIGS = {"resnet18_cifar": ("basic", (2, 2, 2, 2)),
             "resnet50_cifar": ("bottleneck", (3, 4, 6, 3))}
-_OPTIONS = ("param_dtype", "conv_impl", "remat")
 
 # Reference: kaiming_normal_(mode='fan_out', nonlinearity='relu') for convs;
 # BN weight 1, bias 0; nn.Linear left at PyTorch's default,
@@ -223,16 +223,7 @@ def build(name: str, *, num_classes: int, input_shape: tuple[int, ...],
   if name not in _CONFIGS:
     raise ValueError(f"unknown model {name!r}; expected one of: "
                      f"{', '.join(NAMES)}")
-  input_shape = tuple(int(s) for s in input_shape)
-  if len(input_shape) != 3:
-    raise ValueError(f"model {name!r} expects input_shape (H, W, C) but got "
-                     f"{input_shape}")
-  unknown = sorted(set(kwargs) - set(_OPTIONS))
-  if unknown:
-    raise ValueError(f"model {name!r}: unknown options {unknown}; expected "
-                     f"{', '.join(o + '=' for o in _OPTIONS)}")
-  if "param_dtype" in kwargs:
-    kwargs["param_dtype"] = jnp.dtype(kwargs["param_dtype"])
+  input_shape, kwargs = check_build_args(name, input_shape, kwargs)
   block, num_blocks = _CONFIGS[name]
   return ResNet(block, num_blocks, num_classes, input_shape[2], rngs=rngs,
                 dtype=dtype, **kwargs)

@@ -21,10 +21,10 @@ from flax import nnx
 
 from jdistill.models.batchnorm import TorchBatchNorm
 from jdistill.models.conv import conv_fn
+from jdistill.models.zoo import check_build_args
 from jdistill.models.remat import check_remat, remat_block
 
 NAMES: tuple[str, ...] = ("shufflenetv1", "shufflenetv2")
-_OPTIONS = ("param_dtype", "conv_impl", "remat")
 
 # The reference sets no initialisation: PyTorch's defaults, i.e.
 # kaiming_uniform_(a=√5) = U(±1/√fan_in) for conv and linear weights
@@ -360,16 +360,7 @@ def build(name: str, *, num_classes: int, input_shape: tuple[int, ...],
   if name not in NAMES:
     raise ValueError(f"unknown model {name!r}; expected one of: "
                      f"{', '.join(NAMES)}")
-  input_shape = tuple(int(s) for s in input_shape)
-  if len(input_shape) != 3:
-    raise ValueError(f"model {name!r} expects input_shape (H, W, C) but got "
-                     f"{input_shape}")
-  unknown = sorted(set(kwargs) - set(_OPTIONS))
-  if unknown:
-    raise ValueError(f"model {name!r}: unknown options {unknown}; expected "
-                     f"{', '.join(o + '=' for o in _OPTIONS)}")
-  if "param_dtype" in kwargs:
-    kwargs["param_dtype"] = jnp.dtype(kwargs["param_dtype"])
+  input_shape, kwargs = check_build_args(name, input_shape, kwargs)
   common = dict(num_classes=num_classes, in_channels=input_shape[2],
                 rngs=rngs, dtype=dtype, **kwargs)
   if name == "shufflenetv1":

@@ -20,6 +20,7 @@ from flax import nnx
 
 from jdistill.models.batchnorm import TorchBatchNorm
 from jdistill.models.conv import conv_fn
+from jdistill.models.zoo import check_build_args
 from jdistill.models.remat import check_remat, remat_block
 
 # Conv widths of block0 ... block4 (no "M" entries are used by mdistiller).
@@ -33,7 +34,6 @@ VGG_CFGS: dict[str, tuple[tuple[int, ...], ...]] = {
               (512, 512, 512, 512), (512, 512, 512, 512)),
 }
 NAMES: tuple[str, ...] = tuple(VGG_CFGS)
-_OPTIONS = ("param_dtype", "conv_impl", "remat")
 
 # mdistiller _initialize_weights: conv ~ N(0, 2 / (k·k·out)), bias 0;
 # BN weight 1, bias 0; Linear ~ N(0, 0.01²), bias 0.
@@ -158,15 +158,6 @@ def build(name: str, *, num_classes: int, input_shape: tuple[int, ...],
   if name not in VGG_CFGS:
     raise ValueError(f"unknown model {name!r}; expected one of: "
                      f"{', '.join(NAMES)}")
-  input_shape = tuple(int(s) for s in input_shape)
-  if len(input_shape) != 3:
-    raise ValueError(f"model {name!r} expects input_shape (H, W, C) but got "
-                     f"{input_shape}")
-  unknown = sorted(set(kwargs) - set(_OPTIONS))
-  if unknown:
-    raise ValueError(f"model {name!r}: unknown options {unknown}; expected "
-                     f"{', '.join(o + '=' for o in _OPTIONS)}")
-  if "param_dtype" in kwargs:
-    kwargs["param_dtype"] = jnp.dtype(kwargs["param_dtype"])
+  input_shape, kwargs = check_build_args(name, input_shape, kwargs)
   return VGG(VGG_CFGS[name], num_classes, input_shape[2], rngs=rngs,
              dtype=dtype, **kwargs)

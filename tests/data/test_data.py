@@ -118,6 +118,34 @@ def test_tfds_array_record_path_with_mock_data(tmp_path):
       data.load_tfds("mnist", data_dir=str(tmp_path), label_key="nolabel")
 
 
+def test_tfds_normalizations_follow_the_torchvision_formula(tmp_path):
+  """(x / 255 - mean) / std per channel, in float64 numpy."""
+  from jdistill.data.tfds import NORMALIZATIONS, TFDSSource
+
+  rng = np.random.default_rng(0)
+  images = rng.integers(0, 256, (5, 4, 4, 3), dtype=np.uint8)
+  records = [{"image": im, "label": i} for i, im in enumerate(images)]
+  for name, (mean, std) in NORMALIZATIONS.items():
+    got = TFDSSource(records, "image", "label", name).get_batch(
+        np.arange(5))["x"]
+    want = (images / 255.0 - np.asarray(mean)) / np.asarray(std)
+    np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-6)
+    assert got.dtype == np.float32
+  np.testing.assert_allclose(
+      TFDSSource(records, "image", "label").get_batch([0])["x"],
+      images[:1] / 127.5 - 1.0, atol=1e-6)  # the default: [-1, 1]
+  tfds = pytest.importorskip("tensorflow_datasets")
+  with tfds.testing.mock_data(num_examples=4,
+                              policy=tfds.testing.MockPolicy.USE_CODE):
+    with pytest.raises(ValueError, match=r"--tfds_normalization=cifar100: "
+                       r"has 3 channel means but dataset 'mnist' has inputs "
+                       r"of shape \(28, 28, 1\)"):
+      data.load_tfds("mnist", data_dir=str(tmp_path),
+                     normalization="cifar100")
+    with pytest.raises(ValueError, match="--tfds_normalization=z: expected"):
+      data.load_tfds("mnist", data_dir=str(tmp_path), normalization="z")
+
+
 def test_tfds_missing_dataset_names_the_flags(tmp_path):
   with pytest.raises(ValueError, match=r"--tfds_name=mnist.*--data_dir="):
     data.load_tfds("mnist", data_dir=str(tmp_path))

@@ -291,3 +291,29 @@ def test_load_exported_stays_importable_from_the_program():
 def test_load_exported_rejects_a_directory_that_is_no_export(tmp_path):
   with pytest.raises(ValueError, match="is not a jdistill export"):
     load_exported(tmp_path)
+
+
+def test_torch_format_adds_the_pytorch_state_dict(runs, tmp_path):
+  """--format=torch: the jdistill export plus model.safetensors in
+  PyTorch's layout, which reads back into the same model."""
+  from jdistill.models import (create_model, load_torch_state_dict,
+                               read_torch_checkpoint)
+  out = tmp_path / "torch_export"
+  assert _export(f"--workdir={runs / 'bn'}", f"--out={out}",
+                 "--format=torch") == 0
+  assert sorted(os.listdir(out)) == ["model.json", "model.safetensors",
+                                     "variables"]
+  spec = json.loads((out / "model.json").read_text())
+  assert spec["torch_state_dict"] == "model.safetensors"
+  state_dict = read_torch_checkpoint(str(out / "model.safetensors"))
+  # OIHW conv kernels and running statistics, as PyTorch stores them.
+  kernels = [v for k, v in state_dict.items() if v.ndim == 4]
+  assert kernels and all(v.shape[2:] == (3, 3) for v in kernels)
+  assert any(k.endswith("running_var") for k in state_dict)
+  model = create_model(spec["name"], num_classes=10, input_shape=(8, 8, 1),
+                       rngs=nnx.Rngs(1), **spec["kwargs"])
+  load_torch_state_dict(model, state_dict)
+  x = _test_inputs()
+  np.testing.assert_allclose(np.asarray(model(x, train=False)[0]),
+                             _training_side_logits(runs / "bn", x),
+                             rtol=1e-5, atol=1e-5)

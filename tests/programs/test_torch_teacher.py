@@ -107,3 +107,17 @@ def test_pth_without_torch_says_how_to_convert(tmp_path):
   _one_line_error(proc, f"--teacher_torch_checkpoint={pth}: reading a .pth "
                         "file needs PyTorch")
   assert pth.read_bytes() == b"\x80\x02}q\x00."
+
+
+def test_dry_run_reads_and_checks_the_torch_checkpoint(torch_teacher,
+                                                       tmp_path):
+  path, _ = torch_teacher
+  common = ("--mode=distill", "--dataset=digits", "--model=mlp",
+            "--dry_run", f"--teacher_torch_checkpoint={path}",
+            f"--workdir={tmp_path / 'run'}")
+  proc = _main(*common, "--teacher_model=resnet8")
+  assert proc.returncode == 0, proc.stderr[-2000:]
+  assert f"teacher resnet8 ({path})" in proc.stdout
+  proc = _main(*common, "--teacher_model=resnet20")
+  _one_line_error(proc, "state dict is missing key 'layer1.1.bn1.weight'")
+  assert not (tmp_path / "run").exists()
