@@ -113,7 +113,14 @@ def main():
   names = []
   for item in a.models.split(","):
     names.extend(groups.get(item, (item,)))
-  rows = []
+  out = a.out or os.path.join(
+      ROOT, "benchmarks", "results",
+      f"zoo_throughput_{a.models.replace(',', '_')}_"
+      f"{machine.cpu_model().split()[0]}.json")
+  result = {"machine": {"cpu": machine.cpu_model(), "isa": machine.xla_isa(),
+                        "cores": os.cpu_count(), "jax": jax.__version__},
+            "rows": []}
+  rows = result["rows"]
   for name in names:
     imagenet = name in IMAGENET_ZOO_NAMES
     row = measure(name, (224, 224, 3) if imagenet else (32, 32, 3),
@@ -123,16 +130,9 @@ def main():
     print(f"| {name} | {row['params']:,} | {row['batch']} | "
           f"{row['train_samples_per_s']:.1f} | "
           f"{row['eval_samples_per_s']:.1f} | {row['load']} |", flush=True)
-  result = {"machine": {"cpu": machine.cpu_model(), "isa": machine.xla_isa(),
-                        "cores": os.cpu_count(), "jax": jax.__version__},
-            "rows": rows}
-  out = a.out or os.path.join(
-      ROOT, "benchmarks", "results",
-      f"zoo_throughput_{a.models.replace(',', '_')}_"
-      f"{machine.cpu_model().split()[0]}.json")
-  with open(out, "w") as f:
-    json.dump(result, f, indent=1)
-    f.write("\n")
+    with open(out, "w") as f:  # After each model: a partial run keeps rows.
+      json.dump(result, f, indent=1)
+      f.write("\n")
   print(f"wrote {out}")
 
 
