@@ -285,8 +285,6 @@ class ImageNetResNet(nnx.Module):
     return logits, feats
 
 
-
-
 def build(name: str, *, num_classes: int, input_shape: tuple[int, ...],
           rngs: nnx.Rngs, dtype: Any = jnp.float32,
           **kwargs: Any) -> nnx.Module:

@@ -173,8 +173,6 @@ class MobileNetV1(nnx.Module):
     return logits, feats
 
 
-
-
 def build(name: str, *, num_classes: int, input_shape: tuple[int, ...],
           rngs: nnx.Rngs, dtype: Any = jnp.float32,
           **kwargs: Any) -> nnx.Module:
