@@ -11,14 +11,14 @@ indices and ``None`` where the reference has a ReLU.
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from jdistill.models.batchnorm import TorchBatchNorm
-from jdistill.models.conv import conv_fn
+from jdistill.models import zoo
 from jdistill.models.zoo import check_build_args
 from jdistill.models.remat import check_remat, remat_block
 
@@ -35,24 +35,7 @@ SETTING = ((1, 16, 1, 1), ("T", 24, 2, 1), ("T", 32, 3, 2), ("T", 64, 4, 2),
            ("T", 96, 3, 1), ("T", 160, 3, 2), ("T", 320, 1, 1))
 
 
-class _Layers:
-  """Keyword arguments shared by the layers of one model."""
-
-  def __init__(self, rngs, dtype, param_dtype, conv_impl):
-    self.kw = dict(rngs=rngs, dtype=dtype, param_dtype=param_dtype)
-    self.conv_general_dilated = conv_fn(conv_impl)
-
-  def conv(self, cin: int, cout: int, k: int, stride: int = 1, pad: int = 0,
-           groups: int = 1) -> nnx.Conv:
-    return nnx.Conv(cin, cout, (k, k), strides=(stride, stride),
-                    padding=((pad, pad), (pad, pad)),
-                    feature_group_count=groups, use_bias=False,
-                    kernel_init=_conv_init,
-                    conv_general_dilated=self.conv_general_dilated,
-                    **self.kw)
-
-  def bn(self, c: int) -> TorchBatchNorm:
-    return TorchBatchNorm(c, **self.kw)
+_Layers = functools.partial(zoo.Layers, conv_init=_conv_init)
 
 
 class InvertedResidual(nnx.Module):

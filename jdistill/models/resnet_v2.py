@@ -17,8 +17,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from jdistill.models.batchnorm import TorchBatchNorm
-from jdistill.models.conv import conv_fn
+from jdistill.models import zoo
 from jdistill.models.zoo import check_build_args
 from jdistill.models.remat import check_remat, remat_block
 
@@ -33,23 +32,12 @@ _conv_init = nnx.initializers.variance_scaling(2.0, "fan_out", "normal")
 _linear_init = nnx.initializers.variance_scaling(1 / 3, "fan_in", "uniform")
 
 
-class _Layers:
-  """Keyword arguments shared by the layers of one model."""
+class _Layers(zoo.Layers):
+  """`zoo.Layers` with the reference's initialiser and its shortcut."""
 
   def __init__(self, rngs, dtype, param_dtype, conv_impl):
-    self.kw = dict(rngs=rngs, dtype=dtype, param_dtype=param_dtype)
-    self.conv_general_dilated = conv_fn(conv_impl)
-
-  def conv(self, cin: int, cout: int, k: int, stride: int = 1, pad: int = 0
-           ) -> nnx.Conv:
-    return nnx.Conv(cin, cout, (k, k), strides=(stride, stride),
-                    padding=((pad, pad), (pad, pad)), use_bias=False,
-                    kernel_init=_conv_init,
-                    conv_general_dilated=self.conv_general_dilated,
-                    **self.kw)
-
-  def bn(self, c: int) -> TorchBatchNorm:
-    return TorchBatchNorm(c, **self.kw)
+    super().__init__(rngs, dtype, param_dtype, conv_impl,
+                     conv_init=_conv_init)
 
   def shortcut(self, cin: int, cout: int, stride: int) -> nnx.List | None:
     """``nn.Sequential(conv1×1(stride), BN)`` when the shape changes, else

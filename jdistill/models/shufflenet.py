@@ -13,14 +13,14 @@ Attribute paths mirror the PyTorch ``state_dict()`` module names
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from jdistill.models.batchnorm import TorchBatchNorm
-from jdistill.models.conv import conv_fn
+from jdistill.models import zoo
 from jdistill.models.zoo import check_build_args
 from jdistill.models.remat import check_remat, remat_block
 
@@ -55,24 +55,7 @@ def channel_shuffle(x: jax.Array, groups: int) -> jax.Array:
   return jnp.reshape(jnp.swapaxes(x, -1, -2), (*lead, c))
 
 
-class _Layers:
-  """Keyword arguments shared by the layers of one model."""
-
-  def __init__(self, rngs, dtype, param_dtype, conv_impl):
-    self.kw = dict(rngs=rngs, dtype=dtype, param_dtype=param_dtype)
-    self.conv_general_dilated = conv_fn(conv_impl)
-
-  def conv(self, cin: int, cout: int, k: int = 1, stride: int = 1,
-           pad: int = 0, groups: int = 1) -> nnx.Conv:
-    return nnx.Conv(cin, cout, (k, k), strides=(stride, stride),
-                    padding=((pad, pad), (pad, pad)),
-                    feature_group_count=groups, use_bias=False,
-                    kernel_init=_torch_default_init,
-                    conv_general_dilated=self.conv_general_dilated,
-                    **self.kw)
-
-  def bn(self, c: int) -> TorchBatchNorm:
-    return TorchBatchNorm(c, **self.kw)
+_Layers = functools.partial(zoo.Layers, conv_init=_torch_default_init)
 
 
 # --------------------------------------------------------------------------

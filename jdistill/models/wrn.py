@@ -9,14 +9,14 @@ checkpoints import one to one (`jdistill.models.torch_import`).
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from jdistill.models.batchnorm import TorchBatchNorm
-from jdistill.models.conv import conv_fn
+from jdistill.models import zoo
 from jdistill.models.remat import check_remat, remat_block
 
 NAMES: tuple[str, ...] = ("wrn_16_1", "wrn_16_2", "wrn_40_1", "wrn_40_2")
@@ -31,23 +31,7 @@ _conv_init = nnx.initializers.variance_scaling(2.0, "fan_out", "normal")
 _linear_init = nnx.initializers.variance_scaling(1 / 3, "fan_in", "uniform")
 
 
-class _Layers:
-  """Keyword arguments shared by the layers of one model."""
-
-  def __init__(self, rngs, dtype, param_dtype, conv_impl):
-    self.kw = dict(rngs=rngs, dtype=dtype, param_dtype=param_dtype)
-    self.conv_general_dilated = conv_fn(conv_impl)
-
-  def conv(self, cin: int, cout: int, k: int, stride: int, pad: int
-           ) -> nnx.Conv:
-    return nnx.Conv(cin, cout, (k, k), strides=(stride, stride),
-                    padding=((pad, pad), (pad, pad)), use_bias=False,
-                    kernel_init=_conv_init,
-                    conv_general_dilated=self.conv_general_dilated,
-                    **self.kw)
-
-  def bn(self, c: int) -> TorchBatchNorm:
-    return TorchBatchNorm(c, **self.kw)
+_Layers = functools.partial(zoo.Layers, conv_init=_conv_init)
 
 
 class WRNBlock(nnx.Module):

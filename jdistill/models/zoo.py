@@ -7,6 +7,10 @@ from __future__ import annotations
 from typing import Any
 
 import jax.numpy as jnp
+from flax import nnx
+
+from jdistill.models.batchnorm import TorchBatchNorm
+from jdistill.models.conv import conv_fn
 
 # The options every zoo model takes besides num_classes, rngs and dtype.
 BUILD_OPTIONS = ("param_dtype", "conv_impl", "remat")
@@ -34,3 +38,28 @@ def check_build_args(name: str, input_shape: tuple[int, ...],
   if "param_dtype" in kwargs:
     kwargs["param_dtype"] = jnp.dtype(kwargs["param_dtype"])
   return input_shape, kwargs
+
+
+class Layers:
+  """Builds one model's convolutions and BatchNorms with its shared
+  arguments: PyTorch's padding (explicit, symmetric), no conv bias,
+  ``conv_init`` (the reference's initialiser), ``conv_impl``'s
+  ``conv_general_dilated``, and `TorchBatchNorm`."""
+
+  def __init__(self, rngs: nnx.Rngs, dtype: Any, param_dtype: Any,
+               conv_impl: Any, *, conv_init: Any):
+    self.kw = dict(rngs=rngs, dtype=dtype, param_dtype=param_dtype)
+    self.conv_general_dilated = conv_fn(conv_impl)
+    self.conv_init = conv_init
+
+  def conv(self, cin: int, cout: int, k: int = 1, stride: int = 1,
+           pad: int = 0, groups: int = 1) -> nnx.Conv:
+    return nnx.Conv(cin, cout, (k, k), strides=(stride, stride),
+                    padding=((pad, pad), (pad, pad)),
+                    feature_group_count=groups, use_bias=False,
+                    kernel_init=self.conv_init,
+                    conv_general_dilated=self.conv_general_dilated,
+                    **self.kw)
+
+  def bn(self, c: int) -> TorchBatchNorm:
+    return TorchBatchNorm(c, **self.kw)
