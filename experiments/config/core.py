@@ -10,12 +10,14 @@ from experiments.config.options import Section, check, one_of, option
 
 import math
 
+from jdistill.data.images import IMAGE_PIPELINES as IMAGE_PIPELINE_AUGMENTS
 from jdistill.models import MODEL_NAMES
 from jdistill.models.remat import REMAT_NAMES as REMAT_POLICIES
 from jdistill.train import sharding as sharding_lib
 from jdistill.train.optim import OPTIMIZERS, SCHEDULES, check_step_schedule
 
 TFDS_NORMALIZATIONS = ("minus_one_one", "unit", "cifar100", "imagenet")
+IMAGE_PIPELINES = ("off", *IMAGE_PIPELINE_AUGMENTS)
 MODES = ("train", "distill", "compare", "tune", "kip", "distill_lm", "cache_lm",
          "born_again", "mutual", "online_distill")
 # Modes that train several peers in one state (jdistill.train.mutual).
@@ -144,6 +146,26 @@ class DataSection(Section):
       "(the per-channel constants a PyTorch teacher was trained with: "
       "mdistiller's CIFAR-100 teachers, torchvision's ImageNet weights).",
       choices=TFDS_NORMALIZATIONS)
+  image_pipeline: str = option(
+      "off", "enum",
+      "tfds:<name> image datasets: decode (JPEG/PNG, no TensorFlow) and "
+      "augment the images on the host in --data_workers Grain processes, "
+      "as torchvision does: cifar (train: zero-pad 4, random crop, flip; "
+      "eval: as stored), imagenet (train: random-resized crop to "
+      "--image_size, flip; eval: resize to --image_size*256/224, centre "
+      "crop), center_crop (the eval view for both). off: records are "
+      "stacked as stored (fixed-shape uint8 arrays), augmented on device "
+      "by --augment.",
+      choices=IMAGE_PIPELINES)
+  image_size: int = option(
+      0, "int",
+      "--image_pipeline: side of the square images the model sees; 0: the "
+      "stored size (which must then be fixed and square).")
+  data_workers: str = option(
+      "auto", "str",
+      "--image_pipeline: Grain worker processes per host decoding and "
+      "augmenting: a number (0: in the training process) or auto (one per "
+      "CPU core this process may use). The batches do not depend on it.")
   validation_fraction: float = option(
       0.0, "float",
       "Hold out this share of the training set (stratified) and "
@@ -155,6 +177,22 @@ class DataSection(Section):
     check(0 <= self.validation_fraction < 1, "--validation_fraction",
           self.validation_fraction, "a number in [0, 1)")
     one_of(self, "tfds_normalization", TFDS_NORMALIZATIONS)
+    one_of(self, "image_pipeline", IMAGE_PIPELINES)
+    if self.image_pipeline != "off":
+      check(self.dataset.startswith("tfds:"), "--image_pipeline",
+            self.image_pipeline, "used with --dataset=tfds:<name> (the "
+            "embedded datasets are arrays; use --augment)")
+    check(self.image_size >= 0, "--image_size", self.image_size,
+          "a positive side in pixels, or 0 for the stored size")
+    check(self.data_workers == "auto" or self.data_workers.isdigit(),
+          "--data_workers", self.data_workers,
+          "auto (one per core) or a number of processes (0: in the training "
+          "process)")
+
+  @property
+  def worker_count(self) -> int:
+    """``--data_workers`` as a number (-1: one per core)."""
+    return -1 if self.data_workers == "auto" else int(self.data_workers)
 
 
 @dataclasses.dataclass(frozen=True)

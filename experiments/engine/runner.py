@@ -176,7 +176,7 @@ def run_job(cfg: Config, dataset: jdata.Dataset, mesh, job: Job
     timing = summary["timing"]
     if job.teacher_forward is not None and summary["steps_run"]:
       teacher_s = _seconds_per_call(
-          job.teacher_forward, jtrain.put_batch(batches.local_batch(0), mesh))
+          job.teacher_forward, jtrain.put_batch(_first_batch(batches), mesh))
       timing["teacher_forward_s"] = min(teacher_s * (summary["steps_run"] - 1),
                                         timing["step_s"])
       timing["student_step_s"] = timing["step_s"] - timing["teacher_forward_s"]
@@ -184,6 +184,7 @@ def run_job(cfg: Config, dataset: jdata.Dataset, mesh, job: Job
                   "steps_run": summary["steps_run"],
                   "wall_s": summary["wall_s"], **timing})
   finally:
+    getattr(batches, "close", lambda: None)()  # The image workers.
     checkpointer.close()
     if writer is not None:
       writer.close()
@@ -319,6 +320,14 @@ def format_timing(timing: dict) -> str:
                     f"eval {timing['eval_s']:.1f}s"])
 
 
+def _first_batch(batches) -> dict:
+  """This process's examples of step 0, read in this process (no worker
+  pipeline is started for it)."""
+  lo = batches.process_index * batches.local_batch_size
+  return batches.source.get_batch(
+      batches.global_indices(0)[lo:lo + batches.local_batch_size])
+
+
 def _seconds_per_call(fn: Callable, batch, repeats: int = 5) -> float:
   """Median wall time of ``fn(batch)`` after one warm-up call."""
   jax.block_until_ready(fn(batch))
@@ -332,8 +341,8 @@ def _seconds_per_call(fn: Callable, batch, repeats: int = 5) -> float:
 
 def make_batches_and_optimizer(cfg: Config, dataset: jdata.Dataset, mesh):
   index, count = jtrain.local_batch_slice(mesh)
-  batches = jdata.TrainBatches(dataset.train, cfg.batch_size, cfg.seed,
-                               process_index=index, process_count=count)
+  batches = jdata.train_batches(dataset.train, cfg.batch_size, cfg.seed,
+                                process_index=index, process_count=count)
   schedule = jtrain.make_schedule(cfg.learning_rate, schedule=cfg.lr_schedule,
                                   num_steps=cfg.num_steps,
                                   warmup_steps=cfg.warmup_steps,

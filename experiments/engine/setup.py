@@ -67,7 +67,10 @@ def _load_full_data(cfg: Config) -> jdata.Dataset:
           "test_split": cfg.tfds_test_split,
           "input_key": cfg.tfds_input_key,
           "label_key": cfg.tfds_label_key,
-          "normalization": cfg.tfds_normalization}
+          "normalization": cfg.tfds_normalization,
+          "image_pipeline": cfg.image_pipeline,
+          "image_size": cfg.image_size,
+          "workers": cfg.section("data").worker_count}
          if cfg.dataset.startswith("tfds:") else {}))
 
 

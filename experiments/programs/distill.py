@@ -9,7 +9,6 @@ import dataclasses
 import time
 
 import jax
-import numpy as np
 
 from experiments.config import Config
 from experiments.engine import runner, setup, teachers
@@ -43,7 +42,8 @@ def run(cfg: Config, dataset: jdata.Dataset | None = None) -> dict:
   return runner.run_job(cfg, dataset, mesh, build(cfg, dataset, mesh))
 
 
-def cache_teacher_logits(cfg: Config, objective, augment=None) -> bool:
+def cache_teacher_logits(cfg: Config, objective, augment=None,
+                         dataset: jdata.Dataset | None = None) -> bool:
   """Whether a single-teacher run precomputes the teacher's logits
   (``--teacher_logits``). Never with augmentation: the teacher must see
   each step's augmented inputs (function matching), which no cache
@@ -54,6 +54,9 @@ def cache_teacher_logits(cfg: Config, objective, augment=None) -> bool:
   if augment:
     reason = (f"--augment={cfg.augment} shows the teacher new inputs in "
               "every step")
+  elif dataset is not None and getattr(dataset.train, "random", False):
+    reason = (f"--image_pipeline={cfg.image_pipeline} shows the teacher new "
+              "crops in every step")
   elif objective.feature_terms:
     reason = "feature terms need the teacher's features in every step"
   elif jax.process_count() != 1:
@@ -101,7 +104,8 @@ def build_single(cfg: Config, dataset: jdata.Dataset, mesh, *,
       variables["params"], variables["model_state"], batch["x"],
       train=False)[0])
   train_data = None
-  if not abstract and cache_teacher_logits(cfg, objective, augment):
+  if not abstract and cache_teacher_logits(cfg, objective, augment,
+                                             dataset):
     teacher_forward = None  # Not part of the step.
     # The training inputs are never augmented, so the teacher's logits are
     # fixed: one pass here replaces a teacher forward in every step.
@@ -115,19 +119,21 @@ def build_single(cfg: Config, dataset: jdata.Dataset, mesh, *,
         f"computed once in {time.perf_counter() - start:.1f}s "
         f"(--teacher_logits={cfg.teacher_logits})")
   summary = {"teacher": tspec["name"]}
-  if (not abstract and cfg.teacher_torch_checkpoint
-      and jax.process_count() == 1):
+  if not abstract and cfg.teacher_torch_checkpoint:
     # An imported teacher's accuracy here is the check that the import
     # kept its function (compare it with the accuracy in PyTorch).
-    logits = jtrain.predict_logits(teacher, variables, dataset.test,
-                                   batch_size=cfg.eval_batch_size, mesh=mesh)
-    accuracy = float(np.mean(np.argmax(logits, -1) == np.asarray(
-        dataset.test.get_batch(np.arange(len(dataset.test)))["y"])))
+    # (Through the evaluation pipeline: the labels are never read apart.)
+    result = jtrain.evaluate(
+        jtrain.compile_step(jtrain.make_eval_step(teacher), mesh,
+                            donate_state=False),
+        variables["params"], variables["model_state"], dataset.test,
+        batch_size=cfg.eval_batch_size, mesh=mesh)
+    accuracy = result["accuracy"]
     summary.update(teacher_torch_checkpoint=cfg.teacher_torch_checkpoint,
                    teacher_test_accuracy=accuracy)
     log(f"[distill] teacher {tspec['name']} from "
         f"--teacher_torch_checkpoint={cfg.teacher_torch_checkpoint}: test "
-        f"accuracy={accuracy:.4f} ({len(logits)} examples)")
+        f"accuracy={accuracy:.4f} ({result['count']} examples)")
   return runner.Job(
       name=f"distill {cfg.model}<-{tspec['name']}", spec=spec,
       make_step=make_step, init_extras=init_extras,

@@ -1,13 +1,13 @@
 """Data: embedded datasets, TFDS array_record sources, deterministic batching."""
 
 from jdistill.data.embedded import load_digits, load_mnist1d
-from jdistill.data.pipeline import TrainBatches, eval_batches
+from jdistill.data.pipeline import TrainBatches, eval_batches, train_batches
 from jdistill.data.sources import (ArraySource, Dataset, Source, SubsetSource,
                                    NamedArraysSource, ZippedSource,
                                    hold_out_validation)
 from jdistill.data.teacher_cache import (TeacherCache, TeacherCacheWriter,
                                          cache_layout, layout_bytes_per_token)
-from jdistill.data.tfds import TFDSSource, load_tfds
+from jdistill.data.tfds import TFDSSource, load_tfds, load_tfds_images
 
 EMBEDDED_DATASETS = ("mnist1d", "digits", "digits_flat", "digits32")
 
@@ -36,5 +36,5 @@ __all__ = [
     "TFDSSource", "TeacherCache", "TeacherCacheWriter", "ZippedSource", "NamedArraysSource",
     "cache_layout", "hold_out_validation", "layout_bytes_per_token",
     "TrainBatches", "eval_batches", "load_dataset", "load_digits",
-    "load_mnist1d", "load_tfds",
+    "load_mnist1d", "load_tfds", "load_tfds_images", "train_batches",
 ]

@@ -58,6 +58,13 @@ CIFAR100_MEAN = (0.5071, 0.4867, 0.4408)
 CIFAR100_STD = (0.2675, 0.2565, 0.2761)
 
 AUGMENTATIONS = ("none", "cifar_train", "imagenet_train", "imagenet_eval")
+# The programs' --image_pipeline: (training augmentation, evaluation
+# transform). ``center_crop`` trains on the evaluation view (no randomness).
+IMAGE_PIPELINES: dict[str, tuple[str, str]] = {
+    "cifar": ("cifar_train", "none"),
+    "imagenet": ("imagenet_train", "imagenet_eval"),
+    "center_crop": ("imagenet_eval", "imagenet_eval"),
+}
 
 
 # ----------------------------------------------------------------- sources
@@ -134,6 +141,8 @@ class TFDSImages:
   channels: int
   encoded: bool
   name: str
+  shape: tuple[int | None, ...] = ()  # the stored feature's; None: varies
+  num_classes: int | None = None  # of a ClassLabel label feature
 
   def __len__(self) -> int:
     return len(self.data_source)
@@ -193,8 +202,12 @@ def open_tfds_images(name: str, *, split: str, data_dir: str | None,
         f"{where}: {prepare} ({type(e).__name__}: {first_line})") from None
   shape = tuple(image_feature.shape)
   channels = int(shape[-1]) if len(shape) == 3 and shape[-1] else 3
+  num_classes = getattr(features[label_key], "num_classes", None)
   return TFDSImages(data_source, image_key, label_key, channels, encoded,
-                    name=f"tfds:{name}/{split}")
+                    name=f"tfds:{name}/{split}",
+                    shape=tuple(None if d is None or d < 0 else int(d)
+                                for d in shape),
+                    num_classes=int(num_classes) if num_classes else None)
 
 
 # ----------------------------------------------------------- augmentations
@@ -346,6 +359,16 @@ class _Examples:
     return {"x": x.astype(self.dtype, copy=False), "y": y}
 
 
+def _make_examples(source: ImageSource, seed: int, augment: str,
+                   image_size: int, mean, std, dtype) -> _Examples:
+  std = np.asarray(std, np.float64)
+  return _Examples(
+      source, seed, augment, image_size,
+      scale=(1.0 / (255.0 * std)).astype(np.float32),
+      shift=(np.asarray(mean, np.float64) / std).astype(np.float32),
+      dtype=dtype)
+
+
 @dataclasses.dataclass(frozen=True)
 class _TrainBatch:
   """Step -> this process's slice of the global batch (`TrainBatches` order)."""
@@ -445,31 +468,12 @@ class ImagePipeline:
     return self._order.local_batch_size
 
   def _examples(self) -> _Examples:
-    std = np.asarray(self.std, np.float64)
-    return _Examples(
-        self.source, self.seed, self.augment, self.image_size,
-        scale=(1.0 / (255.0 * std)).astype(np.float32),
-        shift=(np.asarray(self.mean, np.float64) / std).astype(np.float32),
-        dtype=self.dtype)
+    return _make_examples(self.source, self.seed, self.augment,
+                          self.image_size, self.mean, self.std, self.dtype)
 
   def _iterate(self, steps, load) -> Iterator[dict[str, np.ndarray]]:
-    import grain
-
-    ds = steps.map(load).to_iter_dataset(grain.ReadOptions(
-        num_threads=1 if self.prefetch else 0,
-        prefetch_buffer_size=max(self.prefetch, 1)))
-    if self.worker_count:
-      _mark_absl_flags_parsed()
-      ds = ds.mp_prefetch(grain.MultiprocessingOptions(
-          num_workers=self.worker_count,
-          per_worker_buffer_size=max(self.prefetch, 1)))
-    it = iter(ds)
-    try:
-      yield from it
-    finally:
-      close = getattr(it, "close", None)
-      if close is not None:
-        close()
+    return _grain_iterate(steps, load, prefetch=self.prefetch,
+                          worker_count=self.worker_count)
 
   def batches(self, start_step: int = 0, num_steps: int | None = None
               ) -> Iterator[dict[str, np.ndarray]]:
@@ -491,17 +495,216 @@ class ImagePipeline:
     Like `jdistill.data.eval_batches`: the last global batch is padded with
     example 0 and ``mask=False``. Yields ``{"x", "y", "mask"}``.
     """
-    import grain
+    return _eval_iterate(self._examples(), self.global_batch_size,
+                         process_index=self.process_index,
+                         process_count=self.process_count,
+                         prefetch=self.prefetch,
+                         worker_count=self.worker_count)
 
-    if self.global_batch_size % self.process_count:
-      raise ValueError(f"--eval_batch_size={self.global_batch_size} must be "
-                       f"divisible by the number of processes "
-                       f"({self.process_count})")
-    steps = grain.MapDataset.range(
-        0, -(-len(self.source) // self.global_batch_size))
-    load = _EvalBatch(self._examples(), self.global_batch_size,
-                      self.process_index, self.process_count)
-    return self._iterate(steps, load)
+
+def _grain_iterate(steps, load, *, prefetch: int, worker_count: int
+                   ) -> Iterator[dict[str, np.ndarray]]:
+  """``load(step)`` for each of ``steps`` (a `grain.MapDataset`), in order,
+  made by ``worker_count`` processes (0: this one) ``prefetch`` ahead."""
+  import grain
+
+  ds = steps.map(load).to_iter_dataset(grain.ReadOptions(
+      num_threads=1 if prefetch else 0,
+      prefetch_buffer_size=max(prefetch, 1)))
+  if worker_count:
+    _mark_absl_flags_parsed()
+    ds = ds.mp_prefetch(grain.MultiprocessingOptions(
+        num_workers=worker_count,
+        per_worker_buffer_size=max(prefetch, 1)))
+  it = iter(ds)
+  try:
+    yield from it
+  finally:
+    close = getattr(it, "close", None)
+    if close is not None:
+      close()
+
+
+def _eval_iterate(examples: _Examples, global_batch_size: int, *,
+                  process_index: int, process_count: int, prefetch: int,
+                  worker_count: int) -> Iterator[dict[str, np.ndarray]]:
+  import grain
+
+  if global_batch_size <= 0 or global_batch_size % process_count:
+    raise ValueError(f"--eval_batch_size={global_batch_size} must be "
+                     "positive and divisible by the number of processes "
+                     f"({process_count})")
+  steps = grain.MapDataset.range(
+      0, -(-len(examples.source) // global_batch_size))
+  load = _EvalBatch(examples, global_batch_size, process_index,
+                    process_count)
+  return _grain_iterate(steps, load, prefetch=prefetch,
+                        worker_count=worker_count)
+
+
+@dataclasses.dataclass(frozen=True)
+class _SubsetImages:
+  """The images of ``source`` at ``indices``, in that order."""
+
+  source: ImageSource
+  indices: np.ndarray
+
+  def __len__(self) -> int:
+    return len(self.indices)
+
+  def __getitem__(self, index: int) -> tuple[np.ndarray, int]:
+    return self.source[int(self.indices[index])]
+
+
+class ImageTrainBatches:
+  """`jdistill.data.TrainBatches`' interface over an `ImagePipeline`.
+
+  ``local_batch(step)`` is served by the pipeline's workers: the first call,
+  or a call out of sequence (a resume, a rewind), starts an iterator at
+  that step, and consecutive steps are then read from it, prefetched. The
+  batches are those of `ImagePipeline.batches`, a pure function of
+  ``(seed, step)``. `close` stops the workers.
+  """
+
+  def __init__(self, pipeline: ImagePipeline, source: "ImageSplit"):
+    self.pipeline = pipeline
+    self.source = source  # As TrainBatches.source: get_batch(indices).
+    self._iterator: Iterator[dict[str, np.ndarray]] | None = None
+    self._next_step: int | None = None
+
+  @property
+  def global_batch_size(self) -> int:
+    return self.pipeline.global_batch_size
+
+  @property
+  def seed(self) -> int:
+    return self.pipeline.seed
+
+  @property
+  def process_index(self) -> int:
+    return self.pipeline.process_index
+
+  @property
+  def process_count(self) -> int:
+    return self.pipeline.process_count
+
+  @property
+  def steps_per_epoch(self) -> int:
+    return self.pipeline.steps_per_epoch
+
+  @property
+  def local_batch_size(self) -> int:
+    return self.pipeline.local_batch_size
+
+  def global_indices(self, step: int) -> np.ndarray:
+    return self.pipeline._order.global_indices(step)  # pylint: disable=protected-access
+
+  def local_batch(self, step: int) -> dict[str, np.ndarray]:
+    if self._iterator is None or step != self._next_step:
+      self.close()
+      self._iterator = self.pipeline.batches(start_step=step)
+    batch = next(self._iterator)
+    self._next_step = step + 1
+    return batch
+
+  def iterate(self, start_step: int = 0) -> Iterator[dict[str, np.ndarray]]:
+    return self.pipeline.batches(start_step=start_step)
+
+  def close(self) -> None:
+    if self._iterator is not None:
+      self._iterator.close()
+      self._iterator = None
+      self._next_step = None
+
+
+@dataclasses.dataclass(frozen=True)
+class ImageSplit:
+  """A split of labelled images as a jdistill `Source` (``get_batch``) whose
+  training batches and evaluation passes run through `ImagePipeline`.
+
+  `jdistill.data.train_batches` and `jdistill.data.eval_batches` use
+  `train_batches` and `eval_batches` (Grain workers; ``augment`` for
+  training, ``eval_augment`` for evaluation). ``get_batch`` (random access
+  in this process: shapes, one-off batches) always applies the
+  deterministic ``eval_augment``.
+
+  Attributes:
+    source: the images (`TFDSImages`, `ArrayImages`).
+    augment: the training augmentation (`AUGMENTATIONS`).
+    eval_augment: a deterministic transform (``none`` or
+      ``imagenet_eval``).
+    image_size: side of the square images produced.
+    mean, std: per-channel normalisation, ``(uint8 / 255 - mean) / std``.
+    worker_count: Grain worker processes (0: in this process).
+    prefetch: batches each worker prepares ahead.
+  """
+
+  source: ImageSource
+  augment: str
+  eval_augment: str
+  image_size: int
+  mean: tuple[float, ...] = IMAGENET_MEAN
+  std: tuple[float, ...] = IMAGENET_STD
+  worker_count: int = 0
+  prefetch: int = 2
+
+  def __post_init__(self):
+    for name in ("augment", "eval_augment"):
+      if getattr(self, name) not in AUGMENTATIONS:
+        raise ValueError(f"{name}={getattr(self, name)!r}: expected one of "
+                         f"{', '.join(AUGMENTATIONS)}")
+    if self.eval_augment not in ("none", "imagenet_eval"):
+      raise ValueError(f"eval_augment={self.eval_augment!r}: expected a "
+                       "deterministic transform, none or imagenet_eval")
+    if self.image_size <= 0:
+      raise ValueError(f"image_size={self.image_size}: expected a positive "
+                       "side in pixels")
+
+  def __len__(self) -> int:
+    return len(self.source)
+
+  @property
+  def random(self) -> bool:
+    """Whether training batches are randomly augmented (then no fixed
+    per-example output, e.g. teacher logits, can be cached)."""
+    return self.augment not in ("none", "imagenet_eval")
+
+  def _eval_examples(self) -> _Examples:
+    return _make_examples(self.source, 0, self.eval_augment, self.image_size,
+                          self.mean, self.std, np.float32)
+
+  def get_batch(self, indices: np.ndarray) -> dict[str, np.ndarray]:
+    return self._eval_examples().batch(np.asarray(indices), epoch=0)
+
+  def _pipeline(self, global_batch_size: int, seed: int, augment: str,
+                process_index: int, process_count: int) -> ImagePipeline:
+    return ImagePipeline(
+        self.source, global_batch_size, seed, augment, self.image_size,
+        mean=self.mean, std=self.std, worker_count=self.worker_count,
+        prefetch=self.prefetch, process_index=process_index,
+        process_count=process_count)
+
+  def train_batches(self, global_batch_size: int, seed: int, *,
+                    process_index: int = 0,
+                    process_count: int = 1) -> ImageTrainBatches:
+    return ImageTrainBatches(self._pipeline(
+        global_batch_size, seed, self.augment, process_index, process_count),
+                             self)
+
+  def eval_batches(self, global_batch_size: int, *, process_index: int = 0,
+                   process_count: int = 1
+                   ) -> Iterator[dict[str, np.ndarray]]:
+    return _eval_iterate(
+        self._eval_examples(), global_batch_size, process_index=process_index,
+        process_count=process_count, prefetch=self.prefetch,
+        worker_count=self.worker_count)
+
+  def subset(self, indices: np.ndarray, *, evaluation: bool) -> "ImageSplit":
+    """The images at ``indices``; ``evaluation``: trained on nothing, so
+    its training augmentation becomes the evaluation transform."""
+    return dataclasses.replace(
+        self, source=_SubsetImages(self.source, np.asarray(indices)),
+        augment=self.eval_augment if evaluation else self.augment)
 
 
 def _mark_absl_flags_parsed() -> None:

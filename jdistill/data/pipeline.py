@@ -83,6 +83,21 @@ class TrainBatches:
       step += 1
 
 
+def train_batches(source: Source, global_batch_size: int, seed: int, *,
+                  process_index: int = 0, process_count: int = 1):
+  """The training order of ``source``: its own ``train_batches`` if it has
+  one (`jdistill.data.images.ImageSplit`: augmented by worker processes),
+  else `TrainBatches`. Both serve ``local_batch(step)`` as a pure function
+  of ``(seed, step)``."""
+  own = getattr(source, "train_batches", None)
+  if own is not None:
+    return own(global_batch_size, seed, process_index=process_index,
+               process_count=process_count)
+  return TrainBatches(source, global_batch_size, seed,
+                      process_index=process_index,
+                      process_count=process_count)
+
+
 def eval_batches(source: Source, global_batch_size: int, *,
                  process_index: int = 0, process_count: int = 1
                  ) -> Iterator[dict[str, np.ndarray]]:
@@ -90,11 +105,18 @@ def eval_batches(source: Source, global_batch_size: int, *,
 
   The last global batch is padded with copies of example 0 and
   ``mask=False`` so that every batch has the same shape (one compilation) and
-  padded examples are excluded from the metrics.
+  padded examples are excluded from the metrics. A source with its own
+  ``eval_batches`` (`jdistill.data.images.ImageSplit`) makes them itself,
+  the same way.
 
   Yields:
     ``{"x", "y", "mask"}`` with this process's slice of each global batch.
   """
+  own = getattr(source, "eval_batches", None)
+  if own is not None:
+    yield from own(global_batch_size, process_index=process_index,
+                   process_count=process_count)
+    return
   if global_batch_size % process_count:
     raise ValueError(f"--eval_batch_size={global_batch_size} must be "
                      f"divisible by the number of processes ({process_count})")

@@ -183,10 +183,17 @@ def hold_out_validation(dataset: Dataset, fraction: float, *,
         f"--validation_fraction={fraction:g} holds out {held_out} of the "
         f"{n} training examples of '{dataset.name}'; expected a fraction "
         "that leaves examples in both the training and validation splits")
+  subset = getattr(dataset.train, "subset", None)  # ImageSplit
+  if subset is not None:
+    train = subset(np.flatnonzero(~is_val), evaluation=False)
+    test = subset(np.flatnonzero(is_val), evaluation=True)
+  else:
+    train = SubsetSource(dataset.train, np.flatnonzero(~is_val))
+    test = SubsetSource(dataset.train, np.flatnonzero(is_val))
   return Dataset(
       name=f"{dataset.name}[validation {fraction:g}]",
-      train=SubsetSource(dataset.train, np.flatnonzero(~is_val)),
-      test=SubsetSource(dataset.train, np.flatnonzero(is_val)),
+      train=train,
+      test=test,
       num_classes=dataset.num_classes,
       input_shape=dataset.input_shape,
   )

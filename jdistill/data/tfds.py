@@ -61,8 +61,14 @@ class TFDSSource:
 def load_tfds(name: str, *, data_dir: str | None, train_split: str = "train",
               test_split: str = "test", input_key: str = "image",
               label_key: str = "label",
-              normalization: str = "minus_one_one") -> Dataset:
+              normalization: str = "minus_one_one",
+              image_pipeline: str = "off", image_size: int = 0,
+              workers: int = 0) -> Dataset:
   """Opens a prepared TFDS dataset as random-access train and test sources.
+
+  With ``image_pipeline`` other than ``off``, the images are decoded
+  (JPEG/PNG, without TensorFlow) and augmented on the host by Grain worker
+  processes: see `load_tfds_images`.
 
   Args:
     name: TFDS name, e.g. ``mnist``, ``cifar10``, ``imagenet2012``.
@@ -79,14 +85,13 @@ def load_tfds(name: str, *, data_dir: str | None, train_split: str = "train",
   """
   import tensorflow_datasets as tfds
 
-  if normalization not in NORMALIZATIONS:
-    raise ValueError(f"--tfds_normalization={normalization}: expected one of "
-                     f"{', '.join(NORMALIZATIONS)}")
-  if data_dir is not None and not os.path.isdir(data_dir):
-    what = ("is not a directory" if os.path.exists(data_dir)
-            else "does not exist")
-    raise ValueError(f"--data_dir={data_dir} {what}; expected a directory "
-                     "holding prepared TFDS datasets")
+  _check_normalization_and_dir(normalization, data_dir)
+  if image_pipeline != "off":
+    return load_tfds_images(
+        name, data_dir=data_dir, train_split=train_split,
+        test_split=test_split, image_key=input_key, label_key=label_key,
+        normalization=normalization, pipeline=image_pipeline,
+        image_size=image_size, workers=workers)
   try:
     train = tfds.data_source(name, split=train_split, data_dir=data_dir,
                              download=False)
@@ -108,10 +113,13 @@ def load_tfds(name: str, *, data_dir: str | None, train_split: str = "train",
   if not num_classes:
     raise ValueError(f"--tfds_label_key={label_key}: feature of dataset "
                      f"'{name}' is not a ClassLabel with num_classes")
-  input_shape = tuple(int(d) for d in features[input_key].shape)
+  input_shape = tuple(features[input_key].shape)
   if any(d is None or d < 0 for d in input_shape):
     raise ValueError(f"--tfds_input_key={input_key}: dataset '{name}' has "
-                     f"variable input shape {input_shape}; expected fixed")
+                     f"variable input shape {input_shape}; expected fixed, "
+                     "or decode and crop its images with --image_pipeline="
+                     "imagenet --image_size=224")
+  input_shape = tuple(int(d) for d in input_shape)
   channels = len(NORMALIZATIONS[normalization][0])
   if channels > 1 and input_shape[-1:] != (channels,):
     raise ValueError(f"--tfds_normalization={normalization}: has {channels} "
@@ -123,4 +131,102 @@ def load_tfds(name: str, *, data_dir: str | None, train_split: str = "train",
       test=TFDSSource(test, input_key, label_key, normalization),
       num_classes=int(num_classes),
       input_shape=input_shape,
+  )
+
+
+def _check_normalization_and_dir(normalization: str,
+                                 data_dir: str | None) -> None:
+  if normalization not in NORMALIZATIONS:
+    raise ValueError(f"--tfds_normalization={normalization}: expected one of "
+                     f"{', '.join(NORMALIZATIONS)}")
+  if data_dir is not None and not os.path.isdir(data_dir):
+    what = ("is not a directory" if os.path.exists(data_dir)
+            else "does not exist")
+    raise ValueError(f"--data_dir={data_dir} {what}; expected a directory "
+                     "holding prepared TFDS datasets")
+
+
+def load_tfds_images(name: str, *, data_dir: str | None, pipeline: str,
+                     train_split: str = "train", test_split: str = "test",
+                     image_key: str = "image", label_key: str = "label",
+                     normalization: str = "imagenet", image_size: int = 0,
+                     workers: int = 0) -> Dataset:
+  """A prepared TFDS image dataset read through the Grain image pipeline.
+
+  Each split is a `jdistill.data.images.ImageSplit`: the programs' training
+  batches and evaluation passes are decoded, augmented (``pipeline``, a key
+  of `IMAGE_PIPELINES`: ``cifar`` pad-4 crop + flip, ``imagenet``
+  random-resized crop + flip and resize + centre crop for evaluation,
+  ``center_crop`` the evaluation view for both) and normalised by
+  ``workers`` processes (0: this process; -1: one per core this process may
+  use), in the deterministic, resumable order of `TrainBatches`.
+
+  Args:
+    image_size: side of the square images the model sees; 0: the stored
+      size (the images must all be that square size).
+
+  Raises:
+    ValueError: one line naming the flag (``--image_size``,
+      ``--image_pipeline``, ``--data_workers``, ``--tfds_*``) when the
+      dataset is not prepared or does not fit the options.
+  """
+  from jdistill.data import images
+
+  _check_normalization_and_dir(normalization, data_dir)
+  if pipeline not in images.IMAGE_PIPELINES:
+    raise ValueError(f"--image_pipeline={pipeline}: expected off or one of "
+                     f"{', '.join(images.IMAGE_PIPELINES)}")
+  if workers < -1:
+    raise ValueError(f"--data_workers={workers}: expected auto (-1: one per "
+                     "core), 0 (in this process) or a positive number")
+  if image_size < 0:
+    raise ValueError(f"--image_size={image_size}: expected a positive side "
+                     "in pixels, or 0 for the stored size")
+  try:
+    train, test = (images.open_tfds_images(name, split=split,
+                                           data_dir=data_dir,
+                                           image_key=image_key,
+                                           label_key=label_key)
+                   for split in (train_split, test_split))
+  except ValueError as e:
+    raise ValueError(f"--dataset=tfds:{name}: {e}") from None
+  if not train.num_classes:
+    raise ValueError(f"--tfds_label_key={label_key}: feature of dataset "
+                     f"'{name}' is not a ClassLabel with num_classes")
+  stored = train.shape
+  fixed = (len(stored) == 3 and stored[0] is not None
+           and stored[0] == stored[1])
+  if image_size == 0:
+    if not fixed:
+      raise ValueError(
+          f"--image_size=0: dataset '{name}' has images of shape "
+          f"{stored} (None: varies); expected --image_size=N, the side "
+          "of the crops (224 for ImageNet)")
+    image_size = int(stored[0])
+  augment, eval_augment = images.IMAGE_PIPELINES[pipeline]
+  for what in (augment, eval_augment):
+    if what in ("cifar_train", "none") and stored[:2] != (image_size,) * 2:
+      raise ValueError(
+          f"--image_pipeline={pipeline} keeps the stored image size, but "
+          f"dataset '{name}' has images of shape {stored} and --image_size="
+          f"{image_size}; expected images of {image_size}x{image_size} or "
+          "--image_pipeline=imagenet/center_crop, which resize")
+  mean, std = NORMALIZATIONS[normalization]
+  channels = train.channels
+  if len(mean) not in (1, channels):
+    raise ValueError(f"--tfds_normalization={normalization}: has {len(mean)} "
+                     f"channel means but dataset '{name}' has {channels}-"
+                     "channel images")
+  mean, std = (tuple(v) * (channels if len(v) == 1 else 1)
+               for v in (mean, std))
+  if workers == -1:
+    workers = images.default_worker_count()
+  common = dict(image_size=image_size, mean=mean, std=std,
+                worker_count=workers)
+  return Dataset(
+      name=f"tfds:{name}",
+      train=images.ImageSplit(train, augment, eval_augment, **common),
+      test=images.ImageSplit(test, eval_augment, eval_augment, **common),
+      num_classes=int(train.num_classes),
+      input_shape=(image_size, image_size, channels),
   )

@@ -395,3 +395,111 @@ def test_random_resized_crop_keeps_a_sensible_scale_distribution():
     areas.append(h * w / (375 * 500))
   assert 0.4 < np.mean(areas) < 0.54
   assert min(areas) >= 0.07 and max(areas) <= 1.0
+
+
+# ------------------------------------------------ the programs' image splits
+
+
+def _split(source, **kwargs):
+  kwargs = {"augment": "imagenet_train", "eval_augment": "imagenet_eval",
+            "image_size": 32, **kwargs}
+  return I.ImageSplit(source, **kwargs)
+
+
+def test_image_split_trains_through_the_pipeline_and_resumes_anywhere(
+    jpeg_dir):
+  from jdistill import data as jdata
+
+  source = I.open_tfds_images("jdistill_test_jpegs", split="train",
+                              data_dir=jpeg_dir)
+  split = _split(source)
+  batches = jdata.train_batches(split, 8, 5)
+  assert isinstance(batches, I.ImageTrainBatches) and split.random
+  expected = list(I.ImagePipeline(source, 8, 5, "imagenet_train", 32
+                                  ).batches(num_steps=5))
+  # In order, then out of order (a resume, a rewind): always batch s.
+  got = [batches.local_batch(s) for s in (0, 1, 2, 4, 1, 2, 3)]
+  batches.close()
+  _assert_same(got, [expected[s] for s in (0, 1, 2, 4, 1, 2, 3)])
+  np.testing.assert_array_equal(batches.global_indices(3),
+                                TrainBatches(source, 8, 5).global_indices(3))
+  # A plain Source still gets TrainBatches.
+  plain = jdata.ArraySource(np.zeros((10, 2), np.float32),
+                            np.zeros(10, np.int32))
+  assert type(jdata.train_batches(plain, 5, 0)) is TrainBatches
+
+
+def test_image_split_evaluates_and_reads_the_deterministic_view(jpeg_dir):
+  from jdistill import data as jdata
+
+  source = I.open_tfds_images("jdistill_test_jpegs", split="train",
+                              data_dir=jpeg_dir)
+  split = _split(source)
+  evals = list(jdata.eval_batches(split, 16))  # 24 images: 2 batches.
+  assert [b["mask"].sum() for b in evals] == [16, 8]
+  rows = split.get_batch(np.arange(24))
+  x = np.concatenate([b["x"] for b in evals])[:24]
+  np.testing.assert_array_equal(x, rows["x"])
+  np.testing.assert_array_equal(np.concatenate([b["y"] for b in evals])[:24],
+                                np.arange(24) % 10)
+  # The evaluation view is resize + centre crop, in float64 numpy terms.
+  for k in (0, 7):
+    image, _ = source[k]
+    crop = I.resize_center_crop(image, resize=round(32 * 256 / 224), size=32)
+    np.testing.assert_allclose(rows["x"][k], _normalise64(
+        crop, I.IMAGENET_MEAN, I.IMAGENET_STD), atol=1e-5)
+  # Two processes: each evaluates its half of every global batch.
+  halves = [list(jdata.eval_batches(split, 16, process_index=p,
+                                    process_count=2)) for p in (0, 1)]
+  for b, (h0, h1) in enumerate(zip(*halves)):
+    np.testing.assert_array_equal(np.concatenate([h0["x"], h1["x"]]),
+                                  evals[b]["x"])
+
+
+def test_held_out_images_are_evaluated_on_the_evaluation_view(jpeg_dir):
+  from jdistill import data as jdata
+
+  source = I.open_tfds_images("jdistill_test_jpegs", split="train",
+                              data_dir=jpeg_dir)
+  dataset = jdata.Dataset("tfds:jdistill_test_jpegs", _split(source),
+                          _split(source, augment="imagenet_eval"), 10,
+                          (32, 32, 3))
+  held = jdata.hold_out_validation(dataset, 0.25)
+  assert held.train.random and not held.test.random
+  assert len(held.train) + len(held.test) == 24
+  idx = held.test.source.indices
+  np.testing.assert_array_equal(held.test.get_batch(np.arange(len(idx)))["x"],
+                                dataset.train.get_batch(idx)["x"])
+
+
+def test_load_tfds_images_builds_the_splits_and_checks_its_options(jpeg_dir):
+  from jdistill import data as jdata
+
+  dataset = jdata.load_tfds(
+      "jdistill_test_jpegs", data_dir=jpeg_dir, test_split="corrupt[:4]",
+      normalization="minus_one_one", image_pipeline="imagenet",
+      image_size=48)
+  assert dataset.input_shape == (48, 48, 3) and dataset.num_classes == 10
+  assert dataset.train.augment == "imagenet_train" and dataset.train.random
+  assert dataset.test.augment == dataset.test.eval_augment == "imagenet_eval"
+  assert dataset.train.mean == (0.5,) * 3 and dataset.train.worker_count == 0
+  x = dataset.test.get_batch(np.arange(2))["x"]
+  assert x.shape == (2, 48, 48, 3) and -1 <= x.min() and x.max() <= 1
+
+  def error(**kwargs):
+    kwargs = {"image_pipeline": "imagenet", "image_size": 48, **kwargs}
+    with pytest.raises(ValueError) as e:
+      jdata.load_tfds("jdistill_test_jpegs", data_dir=jpeg_dir,
+                      test_split="corrupt", **kwargs)
+    assert "\n" not in str(e.value)
+    return str(e.value)
+
+  assert "--image_size=0" in error(image_size=0) and "varies" in error(
+      image_size=0)
+  assert "--image_pipeline=cifar keeps the stored image size" in error(
+      image_pipeline="cifar")
+  assert "--image_pipeline=bad" in error(image_pipeline="bad")
+  assert "--data_workers=-2" in error(workers=-2)
+  assert "--dataset=tfds:nope" in (
+      pytest.raises(ValueError, jdata.load_tfds, "nope", data_dir=jpeg_dir,
+                    image_pipeline="imagenet", image_size=8).value.args[0])
