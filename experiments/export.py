@@ -1,8 +1,12 @@
-r"""Export the trained student of a run for use outside jdistill's training.
+r"""Export the trained student of a run for use outside jdistill's training,
+or convert a PyTorch checkpoint into a run workdir that jdistill uses as a
+teacher.
 
   python -m experiments.export --workdir=runs/my_run --out=exports/my_model
+  python -m experiments.export --torch_checkpoint=resnet32x4.safetensors \
+      --model=resnet32x4 --dataset=tfds:cifar100 --out=teachers/resnet32x4
 
-Writes ``--out`` as::
+An export (``--workdir``) writes ``--out`` as::
 
   out/
     model.json    {"format": "jdistill-export", "version": 1, "name",
@@ -20,16 +24,45 @@ feature projectors, loss state and teachers are not part of an export.
 exports; this program writes them); ``docs/export_example.py`` shows the same
 steps in plain user code.
 
-Nothing already written is lost or half-written: the export is built in a
-hidden sibling directory of ``--out`` and renamed into place once complete.
+A conversion (``--torch_checkpoint=PATH --model=NAME --dataset=D``, with
+``--model_kwargs`` and training's other data flags: ``--data_dir``,
+``--tfds_normalization``, ...) reads the PyTorch state dict
+(`jdistill.models.read_torch_checkpoint`: ``.safetensors`` and ``.npz``
+without torch, ``.pth``/``.pt``/``.tar``/``.bin`` where torch is
+installed), fills ``--model`` with it (`jdistill.models.load_torch_state_dict`:
+every key, every shape checked) and writes ``--out`` as the workdir of a
+finished ``--mode=train`` run of that model on that data, which
+``--teacher_checkpoint=OUT`` (and ``--workdir=OUT`` here, for an export)
+reads unchanged::
+
+  out/
+    model.json            as a --mode=train run of --model on --dataset
+                          writes it (`jdistill.train.write_model_spec`)
+    checkpoints/0/        the run checkpoint (`jdistill.train.Checkpointer`)
+                          at step 0: its ``model`` item holds the imported
+                          {"params", "model_state"}; its ``train`` item no
+                          optimizer state (the workdir is a teacher, not a
+                          run to resume)
+    checkpoint_digests/0.json
+    conversion.json       {"format": "jdistill-torch-conversion", "version":
+                          1, "torch_checkpoint" (absolute path), "sha256" (of
+                          that file), "name", "kwargs", "dataset",
+                          "num_classes", "input_shape", "step", "param_count"}
+
+Nothing already written is lost or half-written: the export (or
+conversion) is built in a hidden sibling directory of ``--out`` and renamed
+into place once complete.
 An existing non-empty ``--out`` is refused unless ``--overwrite`` is given
-and it is an earlier export, which is replaced only after the new one is
-complete. An interrupted export leaves ``--out`` as it was (and, if killed
-hard, a ``.<name>.export-tmp-*`` sibling that may be deleted).
+and it is an earlier export (an earlier conversion, for a conversion), which
+is replaced only after the new one is complete. An interrupted export or
+conversion leaves ``--out`` as it was (and, if killed hard, a
+``.<name>.export-tmp-*`` sibling that may be deleted).
 
 Bad input exits with status 2 and one line on stderr, ``jdistill: error:
-...``, naming the flag at fault; an unanticipated exception is a bug (status
-1, ``jdistill: internal error: ...``); ``--debug`` shows the traceback.
+...``, naming the flag at fault (``--workdir`` and ``--torch_checkpoint``
+exclude each other, and each refuses the other's flags); an unanticipated
+exception is a bug (status 1, ``jdistill: internal error: ...``);
+``--debug`` shows the traceback.
 
 The run's checkpoint digest (``checkpoint_digests/<step>.json``) covers the
 ``model`` and ``train`` items together, so it cannot be checked without
@@ -41,7 +74,9 @@ the model that ``model.json`` describes.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import gc
+import hashlib
 import json
 import logging as pylogging
 import math
@@ -50,7 +85,7 @@ import shutil
 import sys
 import tempfile
 import time
-from typing import Any
+from typing import Any, Callable
 
 from absl import flags, logging
 
@@ -74,15 +109,40 @@ _RUN_KINDS = "a --mode=train or --mode=distill run"
 
 def define_flags(flag_values: flags.FlagValues) -> None:
   """Defines the export's flags in ``flag_values``."""
-  flags.DEFINE_string("workdir", None, "The run's --workdir (required).",
+  flags.DEFINE_string("workdir", None, "The run's --workdir: export its "
+                      "student (this or --torch_checkpoint is required).",
                       flag_values=flag_values)
-  flags.DEFINE_string("out", None, "Directory to write the export to "
-                      "(required); must be new, empty, or an earlier export "
-                      "with --overwrite.", flag_values=flag_values)
+  flags.DEFINE_string("torch_checkpoint", None, "A PyTorch checkpoint of "
+                      "--model to convert into a jdistill workdir at --out "
+                      "(for --teacher_checkpoint=OUT) instead of exporting "
+                      "a run: .safetensors or .npz (no torch needed), "
+                      ".pth/.pt/.tar/.bin (torch.load, weights only). With "
+                      "--model and --dataset (and training's other data "
+                      "flags, e.g. --data_dir, --tfds_normalization).",
+                      flag_values=flag_values)
+  flags.DEFINE_string("out", None, "Directory to write the export (or the "
+                      "converted workdir) to (required); must be new, empty, "
+                      "or an earlier export (conversion) with --overwrite.",
+                      flag_values=flag_values)
+  flags.DEFINE_string("model", None, "--torch_checkpoint: the jdistill "
+                      "model the checkpoint holds (resnet32x4, wrn_40_2, "
+                      "resnet50, ...), as --teacher_model would name it.",
+                      flag_values=flag_values)
+  flags.DEFINE_string("model_kwargs", "", "--torch_checkpoint: JSON object "
+                      "of --model's options, as --teacher_model_kwargs.",
+                      flag_values=flag_values)
+  # --torch_checkpoint: the data flags of training (--dataset, --data_dir,
+  # --tfds_*, ...), read as a training run reads them: the dataset's
+  # classes and input shape go into model.json as such a run's, so that
+  # --teacher_checkpoint=OUT with the same data flags accepts it.
+  from experiments.config import options as options_lib
+  for field in _data_fields():
+    options_lib.define_flag(field, flag_values)
   flags.DEFINE_integer("step", None, "Checkpoint step to export (default: "
                        "the latest).", lower_bound=0, flag_values=flag_values)
-  flags.DEFINE_boolean("overwrite", False, "Replace an earlier export at "
-                       "--out (only once the new one is complete).",
+  flags.DEFINE_boolean("overwrite", False, "Replace an earlier export (or "
+                       "conversion) at --out (only once the new one is "
+                       "complete).",
                        flag_values=flag_values)
   flags.DEFINE_integer("peer", None, "Runs of --mode=mutual or "
                        "online_distill hold several peers: export peer k "
@@ -110,6 +170,14 @@ def define_flags(flag_values: flags.FlagValues) -> None:
                     flag_values=flag_values)
   flags.DEFINE_boolean("debug", False, "Show full tracebacks for errors.",
                        flag_values=flag_values)
+
+
+def _data_fields() -> tuple[dataclasses.Field, ...]:
+  """The data settings of training that a conversion reads (all but
+  --validation_fraction, which does not change the data's shapes)."""
+  from experiments.config import DataSection
+  return tuple(f for f in dataclasses.fields(DataSection)
+               if f.name != "validation_fraction")
 
 
 def _steps_text(steps: list[int]) -> str:
@@ -168,6 +236,10 @@ def _flatten(tree: Any, prefix: tuple = ()) -> dict[tuple, Any]:
       out.update(_flatten(value, prefix + (str(key),)))
     return out
   return {prefix: tree}
+
+
+def _param_count(params: Any) -> int:
+  return int(sum(math.prod(x.shape) for x in _flatten(params).values()))
 
 
 def _describe(leaf: Any) -> str:
@@ -295,39 +367,58 @@ def _is_within(path: str, directory: str) -> bool:
   return path == directory or path.startswith(directory.rstrip(os.sep) + os.sep)
 
 
-def check_out(out: str, workdir: str, *, overwrite: bool) -> None:
-  """Raises `ValueError` (naming ``--out``) unless an export may be written
-  to ``out``: outside the run's managed directories, not containing the run,
-  not a file, and new, empty, or (with ``overwrite``) an earlier export."""
+@dataclasses.dataclass(frozen=True)
+class OutKind:
+  """What ``--out`` receives, for `check_out`'s rules and messages."""
+  noun: str  # "export", "conversion"
+  is_earlier: Callable[[str], bool]  # whether a directory is an earlier one
+  marker: str  # what makes it one, for the message that it is not
+  source_flag: str  # the flag naming what is read, which --out may not hold
+  source_noun: str
+  managed: tuple[str, ...] = ()  # source subdirectories --out may not be in
+
+
+EXPORT = OutKind("export", is_export,
+                 f"no {MODEL_FILE} with \"format\": \"{EXPORT_FORMAT}\"",
+                 "--workdir", "the run", _RUN_MANAGED_SUBDIRS)
+
+
+def check_out(out: str, source: str, *, overwrite: bool,
+              kind: OutKind = EXPORT) -> None:
+  """Raises `ValueError` (naming ``--out``) unless ``kind`` (default: an
+  export of run ``source``) may be written to ``out``: outside the source's
+  managed directories, not containing the source, not a file, and new,
+  empty, or (with ``overwrite``) an earlier one of the same kind."""
   path = os.path.abspath(out)
   real_out = os.path.realpath(path)
-  real_workdir = os.path.realpath(workdir)
-  for sub in _RUN_MANAGED_SUBDIRS:
-    if _is_within(real_out, os.path.join(real_workdir, sub)):
+  real_source = os.path.realpath(source)
+  for sub in kind.managed:
+    if _is_within(real_out, os.path.join(real_source, sub)):
       raise ValueError(f"--out={out} is inside the run's {sub}/ directory, "
                        "which the run manages; expected a directory outside "
-                       "it (e.g. a sibling of --workdir)")
-  if _is_within(real_workdir, real_out):
-    raise ValueError(f"--out={out} is or contains --workdir={workdir}; "
-                     "expected a directory that does not hold the run")
+                       f"it (e.g. a sibling of {kind.source_flag})")
+  if _is_within(real_source, real_out):
+    raise ValueError(f"--out={out} is or contains {kind.source_flag}="
+                     f"{source}; expected a directory that does not hold "
+                     f"{kind.source_noun}")
   from experiments.config import existing_ancestor
   existing = existing_ancestor(path)
   if existing and not os.path.isdir(existing):
     where = ("is a file" if existing == path else
              f"is under {existing}, which is a file")
     raise ValueError(f"--out={out} {where}; expected a directory (new, "
-                     "empty, or an earlier export with --overwrite)")
+                     f"empty, or an earlier {kind.noun} with --overwrite)")
   if existing != path or not os.listdir(path):
     return
   if not overwrite:
     raise ValueError(f"--out={out} is not empty; expected a new or empty "
-                     "directory, or --overwrite to replace an earlier export")
-  if not is_export(path):
+                     f"directory, or --overwrite to replace an earlier "
+                     f"{kind.noun}")
+  if not kind.is_earlier(path):
     raise ValueError(
-        f"--out={out} is not empty and is not a jdistill export (no "
-        f"{MODEL_FILE} with \"format\": \"{EXPORT_FORMAT}\"); --overwrite "
-        "replaces only an earlier export: expected such a directory or a new "
-        "one")
+        f"--out={out} is not empty and is not a jdistill {kind.noun} "
+        f"({kind.marker}); --overwrite replaces only an earlier {kind.noun}: "
+        "expected such a directory or a new one")
 
 
 def _write_export(directory: str, spec: dict, variables: dict) -> None:
@@ -380,6 +471,29 @@ def _move_into_place(tmp: str, out: str) -> None:
   fsync_path(parent)
   if old is not None:
     shutil.rmtree(old)
+
+
+def _write_beside(out: str, write: Callable[[str], None],
+                  check: Callable[[], None]) -> None:
+  """Writes ``out`` whole or not at all: ``write(tmp)`` fills a hidden
+  sibling directory, ``check()`` runs again the checks of ``--out`` (it may
+  have changed meanwhile), and `_move_into_place` renames the sibling to
+  ``out``; the sibling is removed whatever fails."""
+  path = os.path.abspath(out)
+  parent = os.path.dirname(path)
+  os.makedirs(parent, exist_ok=True)
+  tmp = tempfile.mkdtemp(dir=parent,
+                         prefix=f".{os.path.basename(path)}.export-tmp-")
+  try:
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o777 & ~umask)  # mkdtemp's 0700 would stay on --out.
+    write(tmp)
+    check()
+    _move_into_place(tmp, path)
+  finally:
+    if os.path.exists(tmp):
+      shutil.rmtree(tmp, ignore_errors=True)
 
 
 def export_run(workdir: str, out: str, *, step: int | None = None,
@@ -446,31 +560,150 @@ def export_run(workdir: str, out: str, *, step: int | None = None,
       "num_classes": spec["num_classes"], "input_shape": spec["input_shape"],
       "dataset": spec.get("dataset"), "step": int(step),
       "source_workdir": os.path.abspath(workdir),
-      "param_count": int(sum(math.prod(x.shape) for x in
-                             _flatten(variables["params"]).values())),
+      "param_count": _param_count(variables["params"]),
   }
-  path = os.path.abspath(out)
-  parent = os.path.dirname(path)
-  os.makedirs(parent, exist_ok=True)
-  tmp = tempfile.mkdtemp(dir=parent,
-                         prefix=f".{os.path.basename(path)}.export-tmp-")
-  try:
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o777 & ~umask)  # mkdtemp's 0700 would stay on --out.
-    if export_format == "torch":
-      export_spec["torch_state_dict"] = TORCH_FILE
+  if export_format == "torch":
+    export_spec["torch_state_dict"] = TORCH_FILE
+
+  def write(tmp):
     _write_export(tmp, export_spec, variables)
     if export_format == "torch":
       _write_torch_state_dict(os.path.join(tmp, TORCH_FILE), export_spec,
                               variables)
-    # Checked again: --out may have changed while the variables were read.
-    check_out(out, workdir, overwrite=overwrite)
-    _move_into_place(tmp, path)
-  finally:
-    if os.path.exists(tmp):
-      shutil.rmtree(tmp, ignore_errors=True)
+
+  _write_beside(out, write,
+                lambda: check_out(out, workdir, overwrite=overwrite))
   return export_spec
+
+
+# ----------------------------------------------------------------------------
+# Converting a PyTorch checkpoint into a workdir.
+
+CONVERSION_FILE = "conversion.json"
+CONVERSION_FORMAT = "jdistill-torch-conversion"
+CONVERSION_VERSION = 1
+
+
+def is_conversion(path: str) -> bool:
+  """Whether ``path`` holds a conversion's ``conversion.json``."""
+  try:
+    with open(os.path.join(path, CONVERSION_FILE), encoding="utf-8") as f:
+      record = json.load(f)
+  except (OSError, ValueError):
+    return False
+  return isinstance(record, dict) and (
+      record.get("format") == CONVERSION_FORMAT)
+
+
+CONVERSION = OutKind(
+    "conversion", is_conversion,
+    f"no {CONVERSION_FILE} with \"format\": \"{CONVERSION_FORMAT}\"",
+    "--torch_checkpoint", "the checkpoint")
+
+
+def _file_sha256(path: str) -> str:
+  h = hashlib.sha256()
+  with open(path, "rb") as f:
+    for block in iter(lambda: f.read(1 << 20), b""):
+      h.update(block)
+  return h.hexdigest()
+
+
+def _write_workdir(directory: str, spec: dict, variables: dict,
+                   record: dict) -> None:
+  """Writes into ``directory`` what a finished run leaves for a teacher:
+  ``model.json`` and a checkpoint at step 0 (with the run's writers), and
+  ``conversion.json``."""
+  import jax
+  import jax.numpy as jnp
+
+  from jdistill import train as jtrain
+  from jdistill.data.teacher_cache import fsync_path
+  # The train item holds no optimizer state: the workdir is read as a
+  # teacher (its model item), never resumed.
+  state = jtrain.TrainState(
+      step=jnp.zeros((), jnp.int32), params=variables["params"],
+      model_state=variables["model_state"], opt_state={},
+      rng=jax.random.key_data(jax.random.key(0)))
+  checkpointer = jtrain.Checkpointer(directory, max_to_keep=1)
+  try:
+    checkpointer.save(state, force=True)
+  finally:
+    checkpointer.close()  # Waits for orbax's write to be committed.
+  jtrain.write_model_spec(directory, spec)
+  with open(os.path.join(directory, CONVERSION_FILE), "w",
+            encoding="utf-8") as f:
+    json.dump(record, f, indent=2)
+    f.write("\n")
+    f.flush()
+    os.fsync(f.fileno())
+  fsync_path(directory)
+
+
+def convert_torch_checkpoint(torch_checkpoint: str, out: str, *, model: str,
+                             dataset: str, model_kwargs: str = "",
+                             overwrite: bool = False, **data: Any) -> dict:
+  """Converts the PyTorch checkpoint ``torch_checkpoint`` of ``model`` into
+  a jdistill workdir at ``out`` that ``--teacher_checkpoint`` reads (see
+  the module docstring).
+
+  Args:
+    torch_checkpoint: the state dict's file (`read_torch_checkpoint`).
+    out: the workdir to write.
+    model: the jdistill model name (``--teacher_model`` of
+      ``--teacher_torch_checkpoint``).
+    dataset: the ``--dataset`` the teacher is for: its classes and input
+      shape build the model and go into ``model.json`` as a training run of
+      that dataset records them.
+    model_kwargs: ``--model_kwargs`` (a JSON object, ``""`` for none).
+    overwrite: replace an earlier conversion at ``out``.
+    **data: training's other data settings (``data_dir``,
+      ``tfds_normalization``, ...: fields of
+      `experiments.config.DataSection`), as `Config` takes them.
+
+  Returns:
+    The conversion's ``conversion.json`` as a dict.
+
+  Raises:
+    ValueError: bad input, one line naming the flag (``--torch_checkpoint``,
+      ``--model``, ``--model_kwargs``, ``--dataset``, ``--out``); nothing at
+      ``out`` is changed.
+  """
+  from flax import nnx
+
+  from experiments.config import Config, parse_json_kwargs
+  from experiments.engine import setup as setup_lib
+  from jdistill import models as jmodels
+  from jdistill import train as jtrain
+  check_out(out, torch_checkpoint, overwrite=overwrite, kind=CONVERSION)
+  kwargs = parse_json_kwargs("--model_kwargs", model_kwargs)
+  # The spec that a --mode=train run of the model on the data writes, its
+  # data loaded as that run loads it.
+  data = setup_lib.load_data(Config(dataset=dataset, **data))
+  spec = json.loads(json.dumps(setup_lib.model_spec(model, kwargs, data)))
+  with setup_lib.model_errors(spec, "--model"):
+    module = nnx.eval_shape(setup_lib.model_constructor(spec, 0))
+  what = f"--torch_checkpoint={torch_checkpoint}"
+  state_dict = jmodels.read_torch_checkpoint(torch_checkpoint, what=what)
+  try:
+    jmodels.load_torch_state_dict(module, state_dict, model_name=model)
+    jmodels.torch_import.check_filled(module, model)
+  except ValueError as e:
+    raise ValueError(f"{what} (--model={model}): {e}") from None
+  _, params, model_state = jtrain.FunctionalModel.split(module)
+  variables = {"params": params, "model_state": model_state}
+  record = {
+      "format": CONVERSION_FORMAT, "version": CONVERSION_VERSION,
+      "torch_checkpoint": os.path.abspath(torch_checkpoint),
+      "sha256": _file_sha256(torch_checkpoint),
+      **{k: spec[k] for k in ("name", "kwargs", "dataset", "num_classes",
+                              "input_shape")},
+      "step": 0, "param_count": _param_count(params),
+  }
+  _write_beside(out, lambda tmp: _write_workdir(tmp, spec, variables, record),
+                lambda: check_out(out, torch_checkpoint, overwrite=overwrite,
+                                  kind=CONVERSION))
+  return record
 
 
 # ----------------------------------------------------------------------------
@@ -545,8 +778,50 @@ def _export_hf(workdir: str, out: str, spec: dict, variables: dict,
   return {"name": "decoder", "format": "hf", "step": int(step),
           "source_workdir": os.path.abspath(workdir),
           "tokenizer": tokenizer,
-          "param_count": int(sum(math.prod(x.shape) for x in _flatten(
-              hf.merge_lora(variables["params"])).values()))}
+          "param_count": _param_count(hf.merge_lora(variables["params"]))}
+
+
+# The flags that only a conversion (--torch_checkpoint) or only an export
+# (--workdir) reads.
+_CONVERSION_FLAGS = ("model", "model_kwargs")  # And `_data_fields`.
+_EXPORT_FLAGS = ("step", "peer", "format", "tokenizer", "hf_lora")
+
+
+def check_mode_flags(flag_values: flags.FlagValues) -> None:
+  """Raises `ValueError` (one line naming the flag) unless exactly one of
+  ``--workdir`` and ``--torch_checkpoint`` is given, with the flags its
+  mode needs and none of the other mode's."""
+  workdir, torch_checkpoint = (flag_values.workdir,
+                               flag_values.torch_checkpoint)
+  if workdir and torch_checkpoint:
+    raise ValueError(
+        f"--torch_checkpoint={torch_checkpoint}: expected unset with "
+        f"--workdir={workdir}; give --workdir to export a run, or "
+        "--torch_checkpoint to convert a PyTorch checkpoint, not both")
+  if not (workdir or torch_checkpoint):
+    raise ValueError(f"--workdir: required; expected the workdir of "
+                     f"{_RUN_KINDS} to export, or --torch_checkpoint=PATH to "
+                     "convert a PyTorch checkpoint into a workdir")
+  if torch_checkpoint:
+    for name in _EXPORT_FLAGS:
+      if flag_values[name].present:
+        raise ValueError(
+            f"--{name}: applies to an export of --workdir, not to a "
+            "conversion of --torch_checkpoint (which writes a workdir: "
+            "export that afterwards)")
+    for name, what in (("model", "the jdistill model the checkpoint holds "
+                                 "(e.g. resnet32x4)"),
+                       ("dataset", "the dataset the teacher is for (e.g. "
+                                   "tfds:cifar100)")):
+      if not flag_values[name].present:
+        raise ValueError(f"--{name}: required with --torch_checkpoint; "
+                         f"expected {what}")
+    return
+  for name in (*_CONVERSION_FLAGS, *(f.name for f in _data_fields())):
+    if flag_values[name].present:
+      raise ValueError(
+          f"--{name}: applies to a conversion of --torch_checkpoint, not to "
+          f"an export of --workdir (whose model.json describes the model)")
 
 
 def run_export(argv: list[str],
@@ -569,12 +844,23 @@ def run_export(argv: list[str],
     logging.set_verbosity(logging.WARNING)  # orbax logs at INFO.
   result = {}
 
+  converting = bool(flag_values.torch_checkpoint)
+
   def body():
-    for name in ("workdir", "out"):
-      if not flag_values[name].value:
-        raise ValueError(f"--{name}: required; expected "
-                         + (f"the workdir of {_RUN_KINDS}" if name == "workdir"
-                            else "the directory to write the export to"))
+    check_mode_flags(flag_values)
+    if not flag_values.out:
+      raise ValueError("--out: required; expected the directory to write the "
+                       + ("converted workdir" if converting else "export")
+                       + " to")
+    if converting:
+      from experiments.config import options as options_lib
+      data = {f.name: options_lib.from_flag(f, flag_values[f.name].value)
+              for f in _data_fields()}
+      result["spec"] = convert_torch_checkpoint(
+          flag_values.torch_checkpoint, flag_values.out,
+          model=flag_values.model, model_kwargs=flag_values.model_kwargs,
+          overwrite=flag_values.overwrite, **data)
+      return
     result["spec"] = export_run(
         flag_values.workdir, flag_values.out, step=flag_values.step,
         overwrite=flag_values.overwrite, peer=flag_values.peer,
@@ -585,9 +871,15 @@ def run_export(argv: list[str],
   if status:
     return status
   spec = result["spec"]
+  out = os.path.abspath(flag_values.out)
+  if converting:
+    print(f"converted {spec['name']} ({spec['param_count']} parameters) of "
+          f"{spec['torch_checkpoint']} (sha256 {spec['sha256']}) -> {out}; "
+          f"distill from it with --teacher_checkpoint={out} "
+          f"--dataset={spec['dataset']}")
+    return 0
   print(f"exported {spec['name']} ({spec['param_count']} parameters) at step "
-        f"{spec['step']} of {spec['source_workdir']} -> "
-        f"{os.path.abspath(flag_values.out)}")
+        f"{spec['step']} of {spec['source_workdir']} -> {out}")
   return 0
 
 
