@@ -35,12 +35,13 @@ def _config(*argv):
 
 def test_the_recipe_set_is_complete():
   names = {p.stem for p in CIFAR}
-  assert len(names) == 11 * 3, sorted(names)
-  for method in ("kd", "dkd", "kd_standardized"):
+  assert len(names) == 11 * 4, sorted(names)
+  for method in ("kd", "dkd", "kd_standardized", "dist"):
     assert f"resnet32x4_resnet8x4_{method}" in names
   assert {p.stem for p in IMAGENET} == {
-      "resnet34_resnet18_kd", "resnet34_resnet18_dkd",
-      "resnet50_mobilenetv1_kd", "resnet50_mobilenetv1_dkd"}
+      f"{pair}_{method}" for pair in ("resnet34_resnet18",
+                                      "resnet50_mobilenetv1")
+      for method in ("kd", "dkd", "dist")}
 
 
 @pytest.mark.parametrize("flagfile", CIFAR + IMAGENET,
@@ -53,18 +54,24 @@ def test_recipe_flagfiles_are_valid_configs(flagfile):
   teacher, student, method = _split(flagfile.stem)
   assert cfg.mode == "distill" and cfg.teacher_model == teacher
   assert cfg.model == student and cfg.teacher_model in MODEL_NAMES
-  assert cfg.optimizer == "sgd" and not cfg.sgd_nesterov
+  cifar = flagfile.parent.name == "cifar100"
+  dist = method == "dist"  # DIST's own recipe; the others mdistiller's.
+  assert cfg.optimizer == "sgd"
+  assert cfg.sgd_nesterov == (dist and not cifar)
   assert cfg.sgd_momentum == 0.9 and cfg.lr_schedule == "step"
   assert cfg.lr_decay_rate == 0.1 and cfg.warmup_steps == 0
-  cifar = flagfile.parent.name == "cifar100"
-  epoch = 782 if cifar else 2503  # ceil(train images / batch)
-  assert cfg.batch_size == (64 if cifar else 512)
+  batch = 64 if cifar else 256 if dist else 512
+  images = 50_000 if cifar else 1_281_167
+  # mdistiller keeps the last partial batch, DIST's loader drops it.
+  epoch = images // batch if dist else -(-images // batch)
+  assert cfg.batch_size == batch
   assert cfg.num_steps == (240 if cifar else 100) * epoch
   stages = (150, 180, 210) if cifar else (30, 60, 90)
   assert cfg.lr_decay_boundaries == tuple(e * epoch for e in stages)
   assert cfg.weight_decay == (5e-4 if cifar else 1e-4)
   small = student.startswith(("shufflenet", "mobilenetv2"))
-  assert cfg.learning_rate == (0.2 if not cifar else 0.01 if small else 0.05)
+  assert cfg.learning_rate == (0.01 if cifar and small else 0.05 if cifar
+                               else 0.1 if dist else 0.2)
   assert cfg.dataset == ("tfds:cifar100" if cifar else "tfds:imagenet2012")
   assert cfg.teacher_torch_checkpoint.endswith(".pth")
   assert cfg.image_pipeline == ("cifar" if cifar else "imagenet")
@@ -76,9 +83,17 @@ def test_recipe_flagfiles_are_valid_configs(flagfile):
   if method == "kd":
     assert (cfg.temperature, cfg.ce_weight, cfg.kd_weight) == (
         (4, 0.1, 0.9) if cifar else (1, 0.5, 0.5))
+  elif dist:
+    assert cfg.loss == "dist" and kw == {"beta": 1, "gamma": 1}
+    assert (cfg.temperature, cfg.ce_weight, cfg.kd_weight) == (
+        4 if cifar else 1, 1, 2)
   elif method == "kd_standardized":
     assert cfg.standardize_logits
-    assert (cfg.temperature, cfg.ce_weight, cfg.kd_weight) == (2, 0.1, 9)
+    # Base temperature and KD weight of the pair's published log.
+    t, w = {"vgg8": (3, 9), "mobilenetv2": (3, 1 if teacher ==
+                                            "resnet50_cifar" else 9)
+            }.get(student, (2, 9))
+    assert (cfg.temperature, cfg.ce_weight, cfg.kd_weight) == (t, 0.1, w)
   else:
     assert cfg.loss == "dkd" and cfg.ce_weight == 1 and kw["alpha"] == 1
     if cifar:
@@ -106,7 +121,7 @@ def test_recipe_flagfiles_are_valid_configs(flagfile):
 
 
 def _split(stem):
-  for method in ("kd_standardized", "dkd", "kd"):
+  for method in ("kd_standardized", "dkd", "dist", "kd"):
     if stem.endswith("_" + method):
       pair = stem[:-len(method) - 1]
       break
@@ -186,6 +201,7 @@ def test_imagenet_recipe_runs_a_few_steps_with_workers(tmp_path, recipe_data):
     ("cifar100/wrn_40_2_wrn_16_2_kd", "wrn_40_2"),
     ("cifar100/vgg13_mobilenetv2_kd_standardized", "vgg13"),
     ("cifar100/resnet32x4_shufflenetv2_dkd", "resnet32x4"),
+    ("cifar100/resnet56_resnet20_dist", "resnet56"),
     ("imagenet/resnet34_resnet18_kd", "resnet34"),
     ("imagenet/resnet50_mobilenetv1_dkd", "resnet50"),
 ])
