@@ -197,15 +197,11 @@ def test_imagenet_recipe_runs_a_few_steps_with_workers(tmp_path, recipe_data):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("stem, teacher", [
-    ("cifar100/wrn_40_2_wrn_16_2_kd", "wrn_40_2"),
-    ("cifar100/vgg13_mobilenetv2_kd_standardized", "vgg13"),
-    ("cifar100/resnet32x4_shufflenetv2_dkd", "resnet32x4"),
-    ("cifar100/resnet56_resnet20_dist", "resnet56"),
-    ("imagenet/resnet34_resnet18_kd", "resnet34"),
-    ("imagenet/resnet50_mobilenetv1_dkd", "resnet50"),
-])
-def test_more_recipes_run_a_few_steps(tmp_path, recipe_data, stem, teacher):
-  _, records = _recipe_run(tmp_path, recipe_data, FLAGS / f"{stem}.flags",
-                           teacher)
+@pytest.mark.parametrize("flagfile", CIFAR + IMAGENET,
+                         ids=lambda p: f"{p.parent.name}/{p.stem}")
+def test_every_recipe_runs_a_few_steps(tmp_path, recipe_data, flagfile):
+  """Each recipe, as shipped (ImageNet at 224x224), with its teacher
+  imported from a PyTorch-layout file."""
+  teacher, _, _ = _split(flagfile.stem)
+  _, records = _recipe_run(tmp_path, recipe_data, flagfile, teacher)
   _ran(records)
