@@ -22,7 +22,6 @@ from jdistill.models.remat import check_remat, remat_block
 NAMES: tuple[str, ...] = ("wrn_16_1", "wrn_16_2", "wrn_40_1", "wrn_40_2")
 _DEPTH_WIDEN = {"wrn_16_1": (16, 1), "wrn_16_2": (16, 2),
                 "wrn_40_1": (40, 1), "wrn_40_2": (40, 2)}
-_OPTIONS = ("param_dtype", "conv_impl", "remat")
 
 # mdistiller: conv weight ~ N(0, 2 / (k·k·out_channels)) (He, fan_out).
 _conv_init = nnx.initializers.variance_scaling(2.0, "fan_out", "normal")
@@ -171,13 +170,6 @@ class WideResNet(nnx.Module):
     return self.fc(h).astype(jnp.float32), feats
 
 
-def _check_options(name: str, kwargs: dict[str, Any]) -> None:
-  unknown = sorted(set(kwargs) - set(_OPTIONS))
-  if unknown:
-    raise ValueError(f"model {name!r}: unknown options {unknown}; expected "
-                     f"{', '.join(o + '=' for o in _OPTIONS)}")
-
-
 def build_wrn(name: str, *, num_classes: int, in_channels: int,
               rngs: nnx.Rngs, dtype: Any = jnp.float32,
               **kwargs: Any) -> WideResNet:
@@ -186,9 +178,7 @@ def build_wrn(name: str, *, num_classes: int, in_channels: int,
   if name not in _DEPTH_WIDEN:
     raise ValueError(f"unknown model {name!r}; expected one of: "
                      f"{', '.join(NAMES)}")
-  _check_options(name, kwargs)
-  if "param_dtype" in kwargs:
-    kwargs["param_dtype"] = jnp.dtype(kwargs["param_dtype"])
+  _, kwargs = zoo.check_build_args(name, (1, 1, in_channels), kwargs)
   depth, widen = _DEPTH_WIDEN[name]
   return WideResNet(depth, widen, num_classes, in_channels, rngs=rngs,
                     dtype=dtype, **kwargs)
@@ -199,9 +189,6 @@ def build(name: str, *, num_classes: int, input_shape: tuple[int, ...],
           **kwargs: Any) -> WideResNet:
   """Builds ``name`` (one of ``NAMES``) for per-example ``input_shape``
   ``(H, W, C)``; ``kwargs``: ``param_dtype``, ``conv_impl``, ``remat``."""
-  input_shape = tuple(int(s) for s in input_shape)
-  if len(input_shape) != 3:
-    raise ValueError(f"model {name!r} expects input_shape (H, W, C) but got "
-                     f"{input_shape}")
+  input_shape, kwargs = zoo.check_build_args(name, input_shape, kwargs)
   return build_wrn(name, num_classes=num_classes, in_channels=input_shape[2],
                    rngs=rngs, dtype=dtype, **kwargs)
