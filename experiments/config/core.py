@@ -14,7 +14,8 @@ from jdistill.data.images import IMAGE_PIPELINES as IMAGE_PIPELINE_AUGMENTS
 from jdistill.models import MODEL_NAMES
 from jdistill.models.remat import REMAT_NAMES as REMAT_POLICIES
 from jdistill.train import sharding as sharding_lib
-from jdistill.train.optim import OPTIMIZERS, SCHEDULES, check_step_schedule
+from jdistill.train.optim import (OPTIMIZERS, SCHEDULES, WEIGHT_DECAY_FILTERS,
+                                  check_step_schedule)
 
 TFDS_NORMALIZATIONS = ("minus_one_one", "unit", "cifar100", "imagenet")
 IMAGE_PIPELINES = ("off", *IMAGE_PIPELINE_AUGMENTS)
@@ -272,6 +273,12 @@ class OptimSection(Section):
   weight_decay: float = option(
       1e-4, "float",
       "Weight decay.")
+  weight_decay_filter: str = option(
+      "none", "enum",
+      "Parameters --weight_decay leaves alone: none, or bias_and_norm "
+      "(every parameter of at most one dimension: biases, BatchNorm and "
+      "LayerNorm scales and offsets; timm's filter_bias_and_bn).",
+      choices=WEIGHT_DECAY_FILTERS)
   lr_schedule: str = option(
       "cosine", "str",
       "constant, cosine, or step (piecewise constant: times "
@@ -315,6 +322,7 @@ class OptimSection(Section):
             "a non-negative integer")
     one_of(self, "optimizer", OPTIMIZERS)
     one_of(self, "lr_schedule", SCHEDULES)
+    one_of(self, "weight_decay_filter", WEIGHT_DECAY_FILTERS)
     check_step_schedule(self.lr_schedule, self.lr_decay_boundaries,
                         self.lr_decay_rate, warmup_steps=self.warmup_steps)
     check(0 <= self.sgd_momentum < 1, "--sgd_momentum", self.sgd_momentum,

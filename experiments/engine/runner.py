@@ -352,5 +352,6 @@ def make_batches_and_optimizer(cfg: Config, dataset: jdata.Dataset, mesh):
                              weight_decay=cfg.weight_decay,
                              momentum=cfg.sgd_momentum,
                              nesterov=cfg.sgd_nesterov,
+                             weight_decay_filter=cfg.weight_decay_filter,
                              grad_clip_norm=cfg.grad_clip_norm)
   return batches, tx

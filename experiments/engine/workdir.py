@@ -30,6 +30,8 @@ RESUMABLE = {"num_steps", "log_every", "eval_every", "checkpoint_every",
               "lm_fused_chunk",
               "num_processes", "process_id", "eval_batch_size", "workdir",
               "teacher_num_steps", "seeds", "data_dir",
+              # The image batches do not depend on how many make them.
+              "data_workers",
               # Which rows a comparison or tuning has: not a run's setting.
               "methods", "tune_grid", "tune_output_dir", "generations"}
 

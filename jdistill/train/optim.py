@@ -4,10 +4,16 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+import jax
+import jax.numpy as jnp
 import optax
 
 OPTIMIZERS = ("adamw", "adam", "sgd")
 SCHEDULES = ("constant", "cosine", "step")
+# Which parameters --weight_decay applies to: all, or all but the biases
+# and normalisation scales/offsets (the parameters of at most one
+# dimension; timm's filter_bias_and_bn, used by DIST's ImageNet recipe).
+WEIGHT_DECAY_FILTERS = ("none", "bias_and_norm")
 
 
 def check_step_schedule(schedule: str, boundaries: Sequence[int],
@@ -79,28 +85,43 @@ def make_schedule(learning_rate: float, *, schedule: str, num_steps: int,
   return optax.join_schedules([warmup, main], [warmup_steps])
 
 
+def weight_decay_mask(weight_decay_filter: str):
+  """``None`` (decay every parameter) or the optax mask function of
+  ``weight_decay_filter`` (`WEIGHT_DECAY_FILTERS`)."""
+  if weight_decay_filter == "none":
+    return None
+  if weight_decay_filter == "bias_and_norm":
+    return lambda params: jax.tree.map(lambda p: jnp.ndim(p) > 1, params)
+  raise ValueError(f"--weight_decay_filter={weight_decay_filter}: expected "
+                   f"one of {', '.join(WEIGHT_DECAY_FILTERS)}")
+
+
 def make_optimizer(name: str, schedule: optax.Schedule, *,
                    weight_decay: float = 0.0, momentum: float = 0.9,
-                   nesterov: bool = True, grad_clip_norm: float = 0.0
+                   nesterov: bool = True, grad_clip_norm: float = 0.0,
+                   weight_decay_filter: str = "none"
                    ) -> optax.GradientTransformation:
   """``adamw`` (decoupled decay), ``adam``, or ``sgd`` with (by default
   Nesterov) momentum and L2 decay added to the gradient before the momentum
-  (as PyTorch's SGD ``weight_decay``).
+  (as PyTorch's SGD ``weight_decay``). ``weight_decay_filter``:
+  ``bias_and_norm`` exempts the parameters of at most one dimension
+  (biases, normalisation scales and offsets) from the decay.
 
   ``sgd`` with ``nesterov=False`` is ``torch.optim.SGD(lr, momentum,
   weight_decay)`` (dampening 0), mdistiller's/CRD's optimiser:
   ``g = grad + wd * p; buf = momentum * buf + g`` (``buf = g`` at the first
   step); ``p -= lr * buf``. ``momentum=0`` is plain SGD.
   """
+  mask = weight_decay_mask(weight_decay_filter)
   if name == "adamw":
-    tx = optax.adamw(schedule, weight_decay=weight_decay)
+    tx = optax.adamw(schedule, weight_decay=weight_decay, mask=mask)
   elif name == "adam":
     tx = optax.adam(schedule)
   elif name == "sgd":
     if not 0 <= momentum < 1:
       raise ValueError(f"--sgd_momentum={momentum}: expected a number in "
                        "[0, 1)")
-    tx = optax.chain(optax.add_decayed_weights(weight_decay),
+    tx = optax.chain(optax.add_decayed_weights(weight_decay, mask=mask),
                      optax.sgd(schedule, momentum=momentum,
                                nesterov=nesterov))
   else:

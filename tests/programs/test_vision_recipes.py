@@ -58,6 +58,8 @@ def test_recipe_flagfiles_are_valid_configs(flagfile):
   dist = method == "dist"  # DIST's own recipe; the others mdistiller's.
   assert cfg.optimizer == "sgd"
   assert cfg.sgd_nesterov == (dist and not cifar)
+  assert cfg.weight_decay_filter == (
+      "bias_and_norm" if dist and not cifar else "none")
   assert cfg.sgd_momentum == 0.9 and cfg.lr_schedule == "step"
   assert cfg.lr_decay_rate == 0.1 and cfg.warmup_steps == 0
   batch = 64 if cifar else 256 if dist else 512
@@ -205,3 +207,26 @@ def test_every_recipe_runs_a_few_steps(tmp_path, recipe_data, flagfile):
   teacher, _, _ = _split(flagfile.stem)
   _, records = _recipe_run(tmp_path, recipe_data, flagfile, teacher)
   _ran(records)
+
+
+def test_image_pipeline_run_resumes_to_the_uninterrupted_result(
+    tmp_path, recipe_data):
+  """--image_pipeline=cifar: a run stopped at step 3 and resumed (with
+  another --data_workers) ends where an uninterrupted run ends, across an
+  epoch boundary (32 images, batch 8)."""
+  from experiments import run as run_lib
+  from experiments.config import Config
+
+  base = Config(mode="train", dataset="tfds:fake_cifar100",
+                data_dir=recipe_data, image_pipeline="cifar",
+                tfds_normalization="cifar100", model="resnet8", batch_size=8,
+                eval_batch_size=16, num_steps=6, log_every=3,
+                checkpoint_every=3, eval_every=6, seed=2,
+                lr_schedule="constant", data_workers="0")
+  full = run_lib.run_train(base.replace(workdir=str(tmp_path / "full")))
+  run_lib.run_train(base.replace(workdir=str(tmp_path / "split"),
+                                 num_steps=3))
+  resumed = run_lib.run_train(base.replace(workdir=str(tmp_path / "split"),
+                                           data_workers="1"))
+  assert resumed["start_step"] == 3
+  assert resumed["test"] == full["test"]

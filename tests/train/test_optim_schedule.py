@@ -123,3 +123,38 @@ def test_config_flags_for_the_step_schedule():
     OptimSection(lr_schedule="step", lr_decay_boundaries=(20, 10)).validate()
   with pytest.raises(ValueError, match=r"^--sgd_momentum=-0.1"):
     OptimSection(sgd_momentum=-0.1).validate()
+
+
+@pytest.mark.parametrize("name", ["sgd", "adamw"])
+def test_weight_decay_filter_exempts_biases_and_norms(name):
+  """bias_and_norm: the 1-D parameters get the update of weight decay 0,
+  the others that of the full decay (float64)."""
+  rng = np.random.default_rng(1)
+  params = {"conv": rng.normal(size=(3, 3, 2, 4)), "bias": rng.normal(size=4),
+            "bn": {"scale": rng.normal(size=4)}}
+  grads = [jax.tree.map(lambda a: rng.normal(size=a.shape), params)
+           for _ in range(2)]
+
+  def run(weight_decay, weight_decay_filter):
+    tx = jtrain.make_optimizer(name, optax.constant_schedule(0.1),
+                               weight_decay=weight_decay, momentum=0.9,
+                               nesterov=True,
+                               weight_decay_filter=weight_decay_filter)
+    with jax.enable_x64(True):
+      p = jax.tree.map(lambda a: jnp.asarray(a, jnp.float64), params)
+      state = tx.init(p)
+      for g in grads:
+        g = jax.tree.map(lambda a: jnp.asarray(a, jnp.float64), g)
+        updates, state = tx.update(g, state, p)
+        p = optax.apply_updates(p, updates)
+      return jax.tree.map(np.asarray, p)
+
+  filtered = run(0.05, "bias_and_norm")
+  decayed, undecayed = run(0.05, "none"), run(0.0, "none")
+  np.testing.assert_allclose(filtered["conv"], decayed["conv"], rtol=1e-12)
+  for got, want in ((filtered["bias"], undecayed["bias"]),
+                    (filtered["bn"]["scale"], undecayed["bn"]["scale"])):
+    np.testing.assert_allclose(got, want, rtol=1e-12)
+  assert not np.allclose(decayed["bias"], undecayed["bias"], rtol=1e-9)
+  with pytest.raises(ValueError, match=r"^--weight_decay_filter=bn: expected"):
+    jtrain.make_optimizer(name, 0.1, weight_decay_filter="bn")
