@@ -39,6 +39,7 @@ References:
 from __future__ import annotations
 
 import dataclasses
+import functools
 import io
 import math
 import os
@@ -556,65 +557,47 @@ class _SubsetImages:
     return self.source[int(self.indices[index])]
 
 
-class ImageTrainBatches:
-  """`jdistill.data.TrainBatches`' interface over an `ImagePipeline`.
+@dataclasses.dataclass(frozen=True)
+class ImageTrainBatches(TrainBatches):
+  """`TrainBatches` of an `ImageSplit` (``source``) whose batches the
+  split's `ImagePipeline` workers make.
 
-  ``local_batch(step)`` is served by the pipeline's workers: the first call,
-  or a call out of sequence (a resume, a rewind), starts an iterator at
-  that step, and consecutive steps are then read from it, prefetched. The
-  batches are those of `ImagePipeline.batches`, a pure function of
-  ``(seed, step)``. `close` stops the workers.
+  ``local_batch(step)``: the first call, or a call out of sequence (a
+  resume, a rewind), starts a worker iterator at that step; consecutive
+  steps are then read from it, prefetched. The batches are those of
+  `ImagePipeline.batches`, a pure function of ``(seed, step)``, in this
+  order. `close` stops the workers.
   """
 
-  def __init__(self, pipeline: ImagePipeline, source: "ImageSplit"):
-    self.pipeline = pipeline
-    self.source = source  # As TrainBatches.source: get_batch(indices).
-    self._iterator: Iterator[dict[str, np.ndarray]] | None = None
-    self._next_step: int | None = None
+  # The live iterator ("iterator") and the step it yields next ("next").
+  _live: dict = dataclasses.field(default_factory=dict, init=False,
+                                  repr=False, compare=False)
 
-  @property
-  def global_batch_size(self) -> int:
-    return self.pipeline.global_batch_size
-
-  @property
-  def seed(self) -> int:
-    return self.pipeline.seed
-
-  @property
-  def process_index(self) -> int:
-    return self.pipeline.process_index
-
-  @property
-  def process_count(self) -> int:
-    return self.pipeline.process_count
-
-  @property
-  def steps_per_epoch(self) -> int:
-    return self.pipeline.steps_per_epoch
-
-  @property
-  def local_batch_size(self) -> int:
-    return self.pipeline.local_batch_size
-
-  def global_indices(self, step: int) -> np.ndarray:
-    return self.pipeline._order.global_indices(step)  # pylint: disable=protected-access
+  @functools.cached_property
+  def pipeline(self) -> ImagePipeline:
+    split = self.source
+    return ImagePipeline(
+        split.source, self.global_batch_size, self.seed, split.augment,
+        split.image_size, mean=split.mean, std=split.std,
+        worker_count=split.worker_count, prefetch=split.prefetch,
+        process_index=self.process_index, process_count=self.process_count)
 
   def local_batch(self, step: int) -> dict[str, np.ndarray]:
-    if self._iterator is None or step != self._next_step:
+    if self._live.get("next") != step:
       self.close()
-      self._iterator = self.pipeline.batches(start_step=step)
-    batch = next(self._iterator)
-    self._next_step = step + 1
+      self._live["iterator"] = self.pipeline.batches(start_step=step)
+    batch = next(self._live["iterator"])
+    self._live["next"] = step + 1
     return batch
 
   def iterate(self, start_step: int = 0) -> Iterator[dict[str, np.ndarray]]:
     return self.pipeline.batches(start_step=start_step)
 
   def close(self) -> None:
-    if self._iterator is not None:
-      self._iterator.close()
-      self._iterator = None
-      self._next_step = None
+    iterator = self._live.pop("iterator", None)
+    self._live.pop("next", None)
+    if iterator is not None:
+      iterator.close()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -676,20 +659,12 @@ class ImageSplit:
   def get_batch(self, indices: np.ndarray) -> dict[str, np.ndarray]:
     return self._eval_examples().batch(np.asarray(indices), epoch=0)
 
-  def _pipeline(self, global_batch_size: int, seed: int, augment: str,
-                process_index: int, process_count: int) -> ImagePipeline:
-    return ImagePipeline(
-        self.source, global_batch_size, seed, augment, self.image_size,
-        mean=self.mean, std=self.std, worker_count=self.worker_count,
-        prefetch=self.prefetch, process_index=process_index,
-        process_count=process_count)
-
   def train_batches(self, global_batch_size: int, seed: int, *,
                     process_index: int = 0,
                     process_count: int = 1) -> ImageTrainBatches:
-    return ImageTrainBatches(self._pipeline(
-        global_batch_size, seed, self.augment, process_index, process_count),
-                             self)
+    return ImageTrainBatches(self, global_batch_size, seed,
+                             process_index=process_index,
+                             process_count=process_count)
 
   def eval_batches(self, global_batch_size: int, *, process_index: int = 0,
                    process_count: int = 1

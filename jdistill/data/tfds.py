@@ -85,13 +85,13 @@ def load_tfds(name: str, *, data_dir: str | None, train_split: str = "train",
   """
   import tensorflow_datasets as tfds
 
-  _check_normalization_and_dir(normalization, data_dir)
   if image_pipeline != "off":
     return load_tfds_images(
         name, data_dir=data_dir, train_split=train_split,
         test_split=test_split, image_key=input_key, label_key=label_key,
         normalization=normalization, pipeline=image_pipeline,
         image_size=image_size, workers=workers)
+  _check_normalization_and_dir(normalization, data_dir)
   try:
     train = tfds.data_source(name, split=train_split, data_dir=data_dir,
                              download=False)
