@@ -147,10 +147,7 @@ def prepare_data(data_dir: str, train_examples: int) -> None:
 
   from experiments import fake_tfds
   tfds.disable_progress_bar()
-  fake_tfds.FakeCifar100.SIZES = {"train": train_examples, "test": 16}
-  fake_tfds.FakeImagenet2012.SIZES = {"train": train_examples,
-                                      "validation": 8}
-  fake_tfds.prepare(data_dir)
+  fake_tfds.prepare(data_dir, train_examples=train_examples)
 
 
 def plan_command(recipe: str, target: str, data_dir: str, workdir: str
