@@ -93,7 +93,7 @@ from absl import flags, logging
 # importable from here for earlier callers.
 from jdistill.export import (  # noqa: F401  (load_exported re-exported)
     EXPORT_FORMAT, EXPORT_VERSION, MODEL_FILE, VARIABLES_DIR, error_reason,
-    is_export,
+    has_format, is_export,
     load_exported)
 
 ERROR_STATUS = 2
@@ -428,12 +428,17 @@ def _write_export(directory: str, spec: dict, variables: dict) -> None:
   with ocp.StandardCheckpointer() as checkpointer:
     checkpointer.save(os.path.join(directory, VARIABLES_DIR), variables)
     checkpointer.wait_until_finished()
-  with open(os.path.join(directory, MODEL_FILE), "w", encoding="utf-8") as f:
-    json.dump(spec, f, indent=2)
+  _write_json(os.path.join(directory, MODEL_FILE), spec)
+  fsync_path(directory)
+
+
+def _write_json(path: str, record: dict) -> None:
+  """``record`` as indented JSON at ``path``, flushed to disk."""
+  with open(path, "w", encoding="utf-8") as f:
+    json.dump(record, f, indent=2)
     f.write("\n")
     f.flush()
     os.fsync(f.fileno())
-  fsync_path(directory)
 
 
 TORCH_FILE = "model.safetensors"
@@ -586,13 +591,7 @@ CONVERSION_VERSION = 1
 
 def is_conversion(path: str) -> bool:
   """Whether ``path`` holds a conversion's ``conversion.json``."""
-  try:
-    with open(os.path.join(path, CONVERSION_FILE), encoding="utf-8") as f:
-      record = json.load(f)
-  except (OSError, ValueError):
-    return False
-  return isinstance(record, dict) and (
-      record.get("format") == CONVERSION_FORMAT)
+  return has_format(path, CONVERSION_FILE, CONVERSION_FORMAT)
 
 
 CONVERSION = OutKind(
@@ -631,12 +630,7 @@ def _write_workdir(directory: str, spec: dict, variables: dict,
   finally:
     checkpointer.close()  # Waits for orbax's write to be committed.
   jtrain.write_model_spec(directory, spec)
-  with open(os.path.join(directory, CONVERSION_FILE), "w",
-            encoding="utf-8") as f:
-    json.dump(record, f, indent=2)
-    f.write("\n")
-    f.flush()
-    os.fsync(f.fileno())
+  _write_json(os.path.join(directory, CONVERSION_FILE), record)
   fsync_path(directory)
 
 

@@ -42,14 +42,19 @@ def error_reason(e: BaseException) -> str:
   return f"{type(e).__name__}: {_one_line(first)[:300]}"
 
 
-def is_export(path: str) -> bool:
-  """Whether ``path`` holds an export's ``model.json``."""
+def has_format(path: str, filename: str, fmt: str) -> bool:
+  """Whether ``path/filename`` is a JSON object with ``"format": fmt``."""
   try:
-    with open(os.path.join(path, MODEL_FILE), encoding="utf-8") as f:
-      spec = json.load(f)
+    with open(os.path.join(path, filename), encoding="utf-8") as f:
+      record = json.load(f)
   except (OSError, ValueError):
     return False
-  return isinstance(spec, dict) and spec.get("format") == EXPORT_FORMAT
+  return isinstance(record, dict) and record.get("format") == fmt
+
+
+def is_export(path: str) -> bool:
+  """Whether ``path`` holds an export's ``model.json``."""
+  return has_format(path, MODEL_FILE, EXPORT_FORMAT)
 
 
 def load_exported(path: str):

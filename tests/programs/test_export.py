@@ -2,7 +2,6 @@
 the export's layout, its predictions against the training side's,
 projectors left out, bad input and --overwrite."""
 
-import hashlib
 import importlib.util
 import json
 import os
@@ -22,6 +21,7 @@ from experiments.config import Config
 from jdistill import data as jdata
 from jdistill import train as jtrain
 from jdistill.export import load_exported
+from tests.programs.test_experiments import _tree_digest
 
 pytestmark = pytest.mark.e2e
 
@@ -55,18 +55,6 @@ def runs(tmp_path_factory):
 
 def _export(*args):
   return export_lib.run_export(["export", *args])
-
-
-def _tree_digest(path):
-  h = hashlib.sha256()
-  for root, dirs, files in sorted(os.walk(path)):
-    dirs.sort()
-    h.update(os.path.relpath(root, path).encode())
-    for name in sorted(files):
-      h.update(name.encode())
-      with open(os.path.join(root, name), "rb") as f:
-        h.update(f.read())
-  return h.hexdigest()
 
 
 def _test_inputs(n=32):

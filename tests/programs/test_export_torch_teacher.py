@@ -18,6 +18,7 @@ from experiments.engine import teachers
 from jdistill import data as jdata
 from jdistill import models as jmodels
 from jdistill.train import sharding as jsharding
+from tests.programs.test_export import _export, _tree_digest
 
 pytestmark = pytest.mark.e2e
 
@@ -25,25 +26,9 @@ MODEL = "resnet8"
 DATASET = "digits32"  # 10 classes, 32x32x3: CIFAR's shapes, embedded.
 
 
-def _export(*args):
-  return export_lib.run_export(["export", *args])
-
-
 def _convert(path, out, *args):
   return _export(f"--torch_checkpoint={path}", f"--model={MODEL}",
                  f"--dataset={DATASET}", f"--out={out}", *args)
-
-
-def _tree_digest(path):
-  h = hashlib.sha256()
-  for root, dirs, files in sorted(os.walk(path)):
-    dirs.sort()
-    h.update(os.path.relpath(root, path).encode())
-    for name in sorted(files):
-      h.update(name.encode())
-      with open(os.path.join(root, name), "rb") as f:
-        h.update(f.read())
-  return h.hexdigest()
 
 
 def _state_dict(seed=0):

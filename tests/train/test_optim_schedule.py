@@ -76,6 +76,18 @@ def _torch_sgd_numpy(params, grads, *, lr, momentum, weight_decay, nesterov):
   return p
 
 
+def _apply_float64(tx, params, grads):
+  """``params`` after ``tx``'s updates for each of ``grads``, in float64."""
+  with jax.enable_x64(True):
+    p = jax.tree.map(lambda a: jnp.asarray(a, jnp.float64), params)
+    state = tx.init(p)
+    for g in grads:
+      g = jax.tree.map(lambda a: jnp.asarray(a, jnp.float64), g)
+      updates, state = tx.update(g, state, p)
+      p = optax.apply_updates(p, updates)
+    return jax.tree.map(np.asarray, p)
+
+
 @pytest.mark.parametrize("nesterov", [False, True])
 def test_sgd_matches_torch_sgd_update_rule_for_three_steps(nesterov):
   rng = np.random.default_rng(0)
@@ -87,14 +99,7 @@ def test_sgd_matches_torch_sgd_update_rule_for_three_steps(nesterov):
                                decay_boundaries=(2,), decay_rate=0.1)
   tx = jtrain.make_optimizer("sgd", sched, weight_decay=5e-4, momentum=0.9,
                              nesterov=nesterov)
-  with jax.enable_x64(True):
-    p = jax.tree.map(lambda a: jnp.asarray(a, jnp.float64), params)
-    state = tx.init(p)
-    for g in grads:
-      g = jax.tree.map(lambda a: jnp.asarray(a, jnp.float64), g)
-      updates, state = tx.update(g, state, p)
-      p = optax.apply_updates(p, updates)
-    got = jax.tree.map(np.asarray, p)
+  got = _apply_float64(tx, params, grads)
   want = _torch_sgd_numpy(params, grads, lr=[0.05, 0.05, 0.005],
                           momentum=0.9, weight_decay=5e-4, nesterov=nesterov)
   for k in params:
@@ -140,14 +145,7 @@ def test_weight_decay_filter_exempts_biases_and_norms(name):
                                weight_decay=weight_decay, momentum=0.9,
                                nesterov=True,
                                weight_decay_filter=weight_decay_filter)
-    with jax.enable_x64(True):
-      p = jax.tree.map(lambda a: jnp.asarray(a, jnp.float64), params)
-      state = tx.init(p)
-      for g in grads:
-        g = jax.tree.map(lambda a: jnp.asarray(a, jnp.float64), g)
-        updates, state = tx.update(g, state, p)
-        p = optax.apply_updates(p, updates)
-      return jax.tree.map(np.asarray, p)
+    return _apply_float64(tx, params, grads)
 
   filtered = run(0.05, "bias_and_norm")
   decayed, undecayed = run(0.05, "none"), run(0.0, "none")
